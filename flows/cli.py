@@ -1,0 +1,208 @@
+"""`entcal`: run studies, manage the local stack, simulate the theory, benchmark the kernels.
+
+A user mistake (bad config, missing file, unreachable service) prints one line on stderr and
+exits 2; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEMO_MODEL = {"name": "smollm2-135m"}
+DEMO_DATASETS = [{"name": "python-docs"}, {"name": "python-stdlib"}]
+
+
+def demo_config(quick: bool) -> dict:
+    """The embedded default study: SmolLM2-135M on both built-in corpora at three temperatures."""
+    if quick:
+        size = dict(num_examples=8, prompt_tokens=32, max_new_tokens=48, min_reference_tokens=48, horizon=48,
+                    batch_size=8)
+    else:
+        size = dict(num_examples=24, prompt_tokens=64, max_new_tokens=160, min_reference_tokens=160,
+                    horizon=160, batch_size=12)
+    return {"name": "demo-quick" if quick else "demo", "models": [DEMO_MODEL], "datasets": DEMO_DATASETS,
+            "decodings": [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}], "seed": 0, **size}
+
+
+class UserErrorFilter(logging.Filter):
+    """Drop tracebacks of user mistakes from log records (Prefect logs task failures with exc_info)."""
+
+    def __init__(self, kinds: tuple[type, ...]):
+        super().__init__()
+        self.kinds = kinds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.kinds):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _environment() -> None:
+    """Prefect's home and results stay under the project's state dir unless the user set them."""
+    from storage.settings import from_env
+
+    settings = from_env()
+    os.environ.setdefault("PREFECT_HOME", str(settings.state_dir / "prefect"))
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(settings.state_dir / "results"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if settings.prefect_api and "PREFECT_API_URL" not in os.environ:
+        from storage.stack import health, read_stack_file
+
+        if health(read_stack_file(settings.state_dir), "prefect"):
+            os.environ["PREFECT_API_URL"] = settings.prefect_api
+
+
+def user_errors() -> tuple[type, ...]:
+    from storage.s3 import StorageError
+    from storage.stack import StackError
+    from storage.tracking import TrackingError
+    from tasks.config import ConfigError
+    from tasks.generate import NonFiniteLogits
+
+    return (ConfigError, StorageError, StackError, TrackingError, NonFiniteLogits)
+
+
+def print_result(result: dict) -> None:
+    print("\nEntCE = H̄ − L̄ (nats/token), 95% bootstrap CI over examples:")
+    for r in result["rows"]:
+        print(f"  {r['model']:<14} {r['dataset']:<14} {r['decoding']:<10} EntCE {r['entce']:+.3f} "
+              f"[{r['entce_ci_low']:+.3f}, {r['entce_ci_high']:+.3f}]  H̄ {r['entropy']:.3f}  L̄ {r['logloss']:.3f}")
+    print(f"\nMLflow run: {result['run_url']}")
+    print(f"Report:     {result['report']}")
+    if result["cached"]:
+        print(f"Served from cache: {len(result['cached'])} stages; ran: {len(result['ran'])}")
+
+
+def cmd_study(cfg_dict: dict | None, args) -> int:
+    from flows.study import study
+    from storage.stack import ensure
+    from tasks.config import load_config, parse_config
+
+    overrides = {k: v for k, v in (("num_examples", args.num_examples), ("max_new_tokens", args.max_new_tokens),
+                                   ("horizon", args.horizon), ("seed", args.seed)) if v is not None}
+    if cfg_dict is None:
+        config = load_config(args.config, overrides)
+    else:
+        config = parse_config({**cfg_dict, **overrides}, source="demo config")
+    with ensure(("s3", "mlflow")):
+        result = study(config, out=args.out)
+    print_result(result)
+    return 0
+
+
+def cmd_stack(args) -> int:
+    from storage.stack import Stack
+
+    stack = Stack()
+    if args.action == "up":
+        started = stack.up()
+        print(f"started: {', '.join(started) or 'nothing (all healthy)'}", file=sys.stderr)
+    elif args.action == "down":
+        stopped = stack.down()
+        print(f"stopped: {', '.join(stopped) or 'nothing'}", file=sys.stderr)
+    st = stack.status()
+    if args.json:
+        print(json.dumps(st))
+    else:
+        for name in ("s3", "mlflow", "prefect"):
+            print(f"{name:<8} {'healthy' if st['healthy'][name] else 'down':<8} {st[name] or '-'}")
+        print(f"bucket   {st['bucket']}  artifacts: {st['artifact_root']}  state: {st['state_dir']}")
+    return 0 if args.action == "down" or all(st["healthy"].values()) else 1
+
+
+def cmd_theory(args) -> int:
+    from tasks import scaling
+
+    alphas = args.alpha or [1.2, 1.5, 2.0, 3.0]
+    results = scaling.theory_results(alphas)
+    if args.json:
+        print(json.dumps({"results": results}))
+        return 0
+    print(f"{'alpha':>6} {'fitted':>9} {'predicted 1/α−1':>16}")
+    for r in results:
+        print(f"{r['alpha']:>6.2f} {r['fitted_exponent']:>9.3f} {r['predicted_exponent']:>16.3f}")
+    if args.plot:
+        path = scaling.plot_theory(scaling.theory_curves(alphas), args.plot)
+        print(f"plot: {path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.what}.py"
+    if not script.is_file():
+        raise SystemExit(f"entcal bench {args.what}: {script} not found (benchmarks live in the source checkout)")
+    sys.argv = [str(script)] + (["--json"] if args.json else [])
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="entcal", description="Is your language model's entropy calibrated?")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def study_flags(sp):
+        sp.add_argument("--out", help="also write tables, summary.json and the report to this directory")
+        sp.add_argument("--num-examples", type=int, help="override num_examples")
+        sp.add_argument("--max-new-tokens", type=int, help="override max_new_tokens")
+        sp.add_argument("--horizon", type=int, help="override horizon T")
+        sp.add_argument("--seed", type=int, help="override seed")
+
+    d = sub.add_parser("demo", help="study SmolLM2-135M on the built-in corpora (local S3 + MLflow)")
+    d.add_argument("--quick", action="store_true", help="a smaller study (about 2 minutes on 2 CPU cores)")
+    study_flags(d)
+    r = sub.add_parser("run", help="run a study from a YAML config")
+    r.add_argument("--config", required=True, help="YAML study config (see docs/example-study.yaml)")
+    study_flags(r)
+    s = sub.add_parser("stack", help="local services: S3 (rclone), MLflow, Prefect on 127.0.0.1")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--json", action="store_true")
+    t = sub.add_parser("theory", help="simulate the simplified setting; fitted vs predicted exponents")
+    t.add_argument("--alpha", type=float, action="append", help="power-law exponent(s) of the data")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--plot", help="write a PNG of the curves here")
+    b = sub.add_parser("bench", help="benchmarks (GPU figures need CUDA)")
+    b.add_argument("what", choices=["kernels", "generate"])
+    b.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "botocore", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _environment()
+    kinds = user_errors()
+    if not args.debug:
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(UserErrorFilter(kinds))
+    try:
+        if args.command == "demo":
+            return cmd_study(demo_config(args.quick), args)
+        if args.command == "run":
+            return cmd_study(None, args)
+        if args.command == "stack":
+            return cmd_stack(args)
+        if args.command == "theory":
+            return cmd_theory(args)
+        return cmd_bench(args)
+    except kinds as err:
+        if args.debug:
+            raise
+        print(f"entcal: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("entcal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The math of one logits row, fast.
+
+Public API (DESIGN.md):
+
+    token_stats(logits[N, V], targets[N] | None, *, temperature, top_k, top_p, min_p, top_nsigma,
+                impl="auto") -> TokenStats(entropy[N], logsumexp[N], target_logprob[N])
+    fused_token_stats(hidden[N, D], weight[V, D], targets[N] | None, *, temperature, impl="auto")
+
+All outputs are float32, in nats. ``impl="auto"`` runs Triton on CUDA and the PyTorch
+reference elsewhere; ``impl="triton"`` also runs on CPU under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+from kernels.reference import TokenStats
+
+
+IMPLS = ("auto", "triton", "reference")
+
+
+def _resolve(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "reference"
+    return impl
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a dependency, but keep CPU-only installs working
+        return False
+    try:
+        from kernels import stats  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check(logits: torch.Tensor, targets, temperature, top_k, top_p, min_p, top_nsigma) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected a 2-D tensor [N, V], got shape {tuple(logits.shape)}")
+    if targets is not None and targets.shape != logits.shape[:1]:
+        raise ValueError(f"targets: expected shape [{logits.shape[0]}], got {tuple(targets.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k: expected >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
+    if not 0 <= min_p < 1:
+        raise ValueError(f"min_p: expected in [0, 1), got {min_p}")
+    if top_nsigma < 0:
+        raise ValueError(f"top_nsigma: expected >= 0 (0 = off), got {top_nsigma}")
+
+
+def token_stats(
+    logits: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    top_nsigma: float = 0.0,
+    impl: str = "auto",
+) -> TokenStats:
+    """Entropy, logsumexp and target log-prob of q = truncate(softmax(logits / temperature))."""
+    _check(logits, targets, temperature, top_k, top_p, min_p, top_nsigma)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, top_nsigma=top_nsigma)
+    if _resolve(impl, logits.device) == "triton":
+        truncated = top_k > 0 or top_p < 1.0 or min_p > 0.0 or top_nsigma > 0.0
+        if truncated:
+            from kernels.truncation import truncated_token_stats
+
+            return truncated_token_stats(logits, targets, **kw)
+        from kernels.stats import token_stats as triton_token_stats
+
+        return triton_token_stats(logits, targets, temperature=temperature)
+    return reference.token_stats(logits, targets, **kw)
+
+
+def fused_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    impl: str = "auto",
+) -> TokenStats:
+    """token_stats(hidden @ weight.T, targets) without materialising the [N, V] logits."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden[N, D] and weight[V, D]: expected matching D, got {tuple(hidden.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    if _resolve(impl, hidden.device) == "triton":
+        from kernels.fused_head import fused_token_stats as triton_fused
+
+        return triton_fused(hidden, weight, targets, temperature=temperature)
+    return reference.fused_token_stats(hidden, weight, targets, temperature=temperature)
+
+
+__all__ = ["TokenStats", "token_stats", "fused_token_stats", "IMPLS"]

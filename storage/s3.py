@@ -1,0 +1,84 @@
+"""boto3 against any S3-compatible store: path-style addressing, retries, bucket bootstrap."""
+from __future__ import annotations
+
+import logging
+import time
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from storage.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(RuntimeError):
+    """S3 is unreachable, refuses the credentials, or lacks the bucket: the message says which."""
+
+
+def client(settings: Settings, *, attempts: int = 8):
+    if not settings.s3_endpoint:
+        raise StorageError("S3: no endpoint (set ENTCAL_S3_ENDPOINT_URL, or run `entcal stack up`)")
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint,
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        region_name=settings.region,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": attempts, "mode": "standard"},
+                      connect_timeout=5, read_timeout=60),
+    )
+
+
+def explain(err: Exception, settings: Settings) -> str:
+    """One line for an S3 failure: unreachable, bad credentials, or missing bucket."""
+    if isinstance(err, EndpointConnectionError):
+        return f"S3 endpoint {settings.s3_endpoint} is unreachable (is the server up? `entcal stack status`)"
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
+            return f"S3 at {settings.s3_endpoint} refused the credentials ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        if code in ("NoSuchBucket", "404", "NotFound"):
+            return f"S3 bucket {settings.bucket!r} does not exist at {settings.s3_endpoint} (create it or set ENTCAL_BUCKET)"
+        return f"S3 error {code} at {settings.s3_endpoint}: {err}"
+    return f"S3 at {settings.s3_endpoint}: {err.__class__.__name__}: {err}"
+
+
+def ensure_bucket(settings: Settings, *, create: bool = True) -> None:
+    s3 = client(settings)
+    try:
+        s3.head_bucket(Bucket=settings.bucket)
+        return
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code not in ("404", "NoSuchBucket", "NotFound") or not create:
+            raise StorageError(explain(err, settings)) from None
+    except BotoCoreError as err:
+        raise StorageError(explain(err, settings)) from None
+    s3.create_bucket(Bucket=settings.bucket)
+    log.info("created bucket %s at %s", settings.bucket, settings.s3_endpoint)
+
+
+def list_keys(settings: Settings, prefix: str = "") -> list[str]:
+    s3 = client(settings)
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=prefix):
+        keys.extend(o["Key"] for o in page.get("Contents", []))
+    return keys
+
+
+def wait_until_up(settings: Settings, timeout_s: float = 30.0) -> None:
+    """Poll the endpoint until it answers (any S3 reply, even an error, means it is up)."""
+    deadline = time.monotonic() + timeout_s
+    s3 = client(settings, attempts=1)
+    while True:
+        try:
+            s3.list_buckets()
+            return
+        except ClientError:
+            return
+        except BotoCoreError as err:
+            if time.monotonic() > deadline:
+                raise StorageError(explain(err, settings)) from None
+            time.sleep(0.3)

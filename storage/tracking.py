@@ -1,0 +1,100 @@
+"""MLflow: a parent run per study, a child run per (model, dataset, decoding).
+
+Stable metric names for MLflow's comparison views: ``entce``, ``entropy_mean``, ``logloss_mean``,
+``entce_ci_low``, ``entce_ci_high`` (and per-step curves ``step_entropy`` / ``step_logloss``,
+logged with ``log_batch`` in chunks because one HTTP call per step is slow).
+Uses ``MlflowClient`` with explicit run ids, so nothing depends on a thread-local active run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
+
+
+class TrackingError(RuntimeError):
+    """MLflow is unreachable or refused a write: the message names the server."""
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri.rstrip("/")
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        except MlflowException as err:
+            raise TrackingError(f"MLflow at {uri}: {str(err).splitlines()[0][:200]}") from None
+        except Exception as err:  # connection errors surface as requests/urllib3 exceptions
+            raise TrackingError(f"MLflow at {uri} is unreachable ({err.__class__.__name__}); "
+                                "is the server up? `entcal stack status`") from None
+
+    def run_url(self, run_id: str) -> str:
+        return f"{self.uri}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def start(self, name: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        tags = dict(tags or {})
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_tags(self, run_id: str, tags: dict) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + BATCH])
+
+    def log_curves(self, run_id: str, curves: dict[str, list[float]]) -> None:
+        """Per-step curves as step metrics (NaN steps skipped), in batches."""
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, t) for name, values in curves.items()
+                 for t, v in enumerate(values) if v is not None and v == v]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + BATCH])
+
+    def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_table(self, run_id: str, df: pl.DataFrame, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / f"{name}.parquet"
+            df.write_parquet(p)
+            self.client.log_artifact(run_id, str(p), "tables")
+
+    def log_json(self, run_id: str, obj: dict, name: str) -> None:
+        self.client.log_dict(run_id, obj, name)
+
+    def log_input_table(self, run_id: str, df: pl.DataFrame, name: str, digest: str) -> None:
+        """Record the prompts table as an MLflow dataset input (shown in the run's 'Datasets')."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        schema = json.dumps({"mlflow_colspec": [{"name": c, "type": str(t)} for c, t in df.schema.items()]})
+        ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"table": name}),
+                     schema=schema, profile=json.dumps({"num_rows": df.height}))
+        self.client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "eval")])])
+
+    def artifact_uri(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.artifact_uri

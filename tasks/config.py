@@ -1,0 +1,238 @@
+"""Typed, closed study configuration.
+
+The same pydantic models are the Prefect flow's parameters (the Prefect UI renders them as a
+form), the YAML schema (`entcal run --config FILE`) and what the CLI flags fill in. Unknown keys
+are errors (``extra="forbid"``): a typo fails in a second, not after an hour of generation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_MODELS = ("smollm2-135m",)
+BUILTIN_DATASETS = ("python-docs", "python-stdlib")
+PRESETS = ("wikitext-103", "writingprompts", "codecontests")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the message is one line that says what to fix."""
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Closed):
+    """Which model to study. Give exactly one source: a built-in ``name``, ``hf``, ``path`` or ``gguf``."""
+
+    name: str | None = Field(None, description="built-in alias (smollm2-135m) or a label for the run")
+    hf: str | None = Field(None, description="Hugging Face hub id, e.g. Qwen/Qwen2.5-0.5B (needs network)")
+    path: str | None = Field(None, description="local directory saved with save_pretrained")
+    gguf: str | None = Field(None, description="path to a .gguf file (dequantised on load)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    family: str | None = Field(None, description="model family, for scaling fits")
+    params: float | None = Field(None, description="parameter count (counted from weights if unset)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        sources = [s for s in ("hf", "path", "gguf") if getattr(self, s)]
+        if len(sources) > 1:
+            raise ValueError(f"give one of hf/path/gguf, got {sources}")
+        if not sources:
+            if not self.name:
+                raise ValueError("give a model: name (built-in alias), hf, path or gguf")
+            if self.name not in BUILTIN_MODELS:
+                raise ValueError(
+                    f"unknown built-in model {self.name!r}; built-ins are {list(BUILTIN_MODELS)} "
+                    "(for other models set hf:, path: or gguf:)"
+                )
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        src = self.hf or self.path or self.gguf or "model"
+        return Path(src.rstrip("/")).name.removesuffix(".gguf")
+
+
+class DatasetSpec(_Closed):
+    """Human text to prompt with. One of a built-in ``name``, a local ``path``, a ``preset`` or ``hf``."""
+
+    name: str | None = Field(None, description="built-in corpus (python-docs, python-stdlib) or a label")
+    path: str | None = Field(None, description="local .txt / .jsonl / .parquet file")
+    preset: Literal["wikitext-103", "writingprompts", "codecontests"] | None = None
+    hf: str | None = Field(None, description="Hugging Face dataset id (needs network)")
+    hf_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    prompt_format: Literal["auto", "raw", "qa", "chat"] = Field(
+        "auto", description="raw text, 'Q: …\\nA: ' for base models, or the model's chat template"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DatasetSpec":
+        sources = [s for s in ("path", "preset", "hf") if getattr(self, s)]
+        if len(sources) > 1:
+            raise ValueError(f"give one of path/preset/hf, got {sources}")
+        if not sources:
+            if not self.name:
+                raise ValueError("give a dataset: name (built-in corpus), path, preset or hf")
+            if self.name not in BUILTIN_DATASETS:
+                raise ValueError(
+                    f"unknown built-in dataset {self.name!r}; built-ins are {list(BUILTIN_DATASETS)} "
+                    "(for your own text set path:)"
+                )
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        src = self.preset or self.hf or self.path or "dataset"
+        return Path(src.rstrip("/")).stem
+
+
+class DecodingSpec(_Closed):
+    """The sampling distribution: temperature, then top-k, top-p, min-p, top-nσ (transformers' order)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    top_nsigma: float = 0.0
+
+    @field_validator("temperature")
+    @classmethod
+    def _t(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"temperature must be > 0, got {v}")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _k(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {v}")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _p(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("min_p")
+    @classmethod
+    def _m(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("top_nsigma")
+    @classmethod
+    def _n(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"top_nsigma must be >= 0 (0 = off), got {v}")
+        return v
+
+    @property
+    def truncated(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0 or self.top_nsigma > 0
+
+    @property
+    def key(self) -> str:
+        """Canonical short name, e.g. ``t0.9`` or ``t1-p0.95``: the `decoding` column of tables."""
+        parts = [f"t{self.temperature:g}"]
+        for flag, value, off in (("k", self.top_k, 0), ("p", self.top_p, 1.0), ("minp", self.min_p, 0.0),
+                                 ("nsigma", self.top_nsigma, 0.0)):
+            if value != off:
+                parts.append(f"{flag}{value:g}")
+        return "-".join(parts)
+
+    def kernel_kwargs(self) -> dict:
+        return self.model_dump()
+
+
+class StudyConfig(_Closed):
+    """One study: models × datasets × decodings."""
+
+    name: str = "study"
+    models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(name="smollm2-135m")])
+    datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(name="python-docs")])
+    decodings: list[DecodingSpec] = Field(default_factory=lambda: [DecodingSpec()])
+    num_examples: int = Field(32, ge=1, description="prompts per dataset, taken in dataset order")
+    prompt_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    min_reference_tokens: int = Field(256, ge=1, description="drop examples with a shorter continuation")
+    horizon: int = Field(256, ge=1, description="T: steps pooled into H̄ and L̄")
+    samples_per_prompt: int = Field(1, ge=1)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    epsilon: float = Field(1e-4, gt=0, lt=1, description="weight of the untruncated distribution when scoring truncated decodings")
+    bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for the EntCE CI")
+    ci_level: float = Field(0.95, gt=0, lt=1)
+    smoothing: float = Field(0.2, gt=0, le=1, description="exponential smoothing of plotted curves")
+
+    @model_validator(mode="after")
+    def _nonempty(self) -> "StudyConfig":
+        for field in ("models", "datasets", "decodings"):
+            if not getattr(self, field):
+                raise ValueError(f"{field} is empty: give at least one")
+        keys = [d.key for d in self.decodings]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"decodings repeat: {keys}")
+        return self
+
+    def digest(self) -> str:
+        """A short content hash of the whole config (provenance, cache keys)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see `entcal run --help` for the fields)"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {where}: {msg}{more}"
+
+
+def parse_config(data: dict, source: str = "config") -> StudyConfig:
+    """Validate a dict into a StudyConfig; a mistake raises ConfigError with one line."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of study fields, got {type(data).__name__}")
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> StudyConfig:
+    """Read a YAML (or JSON) study config; ``overrides`` (from CLI flags) win over the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config {p}: no such file (give a YAML study config; see README 'Knobs')")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config {p}: cannot read it ({err.__class__.__name__}: {err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config {p}: not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+    if isinstance(data, dict):
+        data = {**data, **(overrides or {})}
+    return parse_config(data, source=f"config {p}")
+
+
+def config_json(cfg: StudyConfig) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)

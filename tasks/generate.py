@@ -1,0 +1,187 @@
+"""Batched sampling with a KV cache, recording the entropy of the sampling distribution per step.
+
+Not ``model.generate``: we own the loop so that, at every step, the full entropy H(q_t) of the
+distribution we sample from (temperature, top-k, top-p, min-p, top-nσ) and the sampled token's
+log-prob come out of ``kernels.token_stats`` on the same logits the token was drawn from.
+
+Reproducibility: every (example, sample) row owns a generator seeded from (seed, example_id,
+sample) that draws its uniforms up front; a token is drawn by inverting the CDF of q_t with the
+step's uniform. A row's sample therefore depends only on its own logits, not on which rows
+share its batch or on batch order. Rows are processed longest prompt first, and finished rows
+are compacted out of the batch (and out of the KV cache) so no step is spent on them.
+
+Output schema (DESIGN.md): example_id str, sample i32, decoding str, token_ids list[i32],
+step_entropy list[f32], step_logprob list[f32], finish_reason str ("eos" | "length").
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Callable
+
+import polars as pl
+import torch
+
+import kernels
+from kernels.reference import scaled_logits
+from tasks.config import DecodingSpec, ModelSpec
+from tasks.models import load_model, pad_id
+
+log = logging.getLogger(__name__)
+
+GENERATIONS_SCHEMA = {
+    "example_id": pl.String,
+    "sample": pl.Int32,
+    "decoding": pl.String,
+    "token_ids": pl.List(pl.Int32),
+    "step_entropy": pl.List(pl.Float32),
+    "step_logprob": pl.List(pl.Float32),
+    "finish_reason": pl.String,
+}
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN logits: the message names the example and the step."""
+
+
+def row_seed(seed: int, example_id: str, sample: int) -> int:
+    digest = hashlib.sha256(f"{seed}\x00{example_id}\x00{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_tokens(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from softmax(z) rows (z may hold -inf) with uniforms u[N] in [0, 1)."""
+    probs = torch.softmax(z.float(), dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
+    # side="right": the first token whose cdf exceeds the draw; zero-probability tokens never win
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp_max(z.shape[-1] - 1)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def sample_batch(
+    model,
+    prompts: list[list[int]],
+    seeds: list[int],
+    decoding: DecodingSpec,
+    *,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    on_step: Callable[[int], None] | None = None,
+    row_names: list[str] | None = None,
+) -> list[dict]:
+    """Sample one continuation per prompt. Returns per row: token_ids, step_entropy, step_logprob,
+    finish_reason. ``on_step(n_tokens)`` is called after each decode step with the tokens it made."""
+    device = next(model.parameters()).device
+    n = len(prompts)
+    uniforms = torch.stack([
+        torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        for s in seeds
+    ]).to(device)
+    ids, mask = left_pad(prompts, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    logits = out.logits[:, -1]
+    next_pos = positions[:, -1:] + 1
+    alive = torch.arange(n, device=device)  # original row index of each batch row
+    tokens = [[] for _ in range(n)]
+    entropy = [[] for _ in range(n)]
+    logprob = [[] for _ in range(n)]
+    finish = ["length"] * n
+    eos = torch.tensor(eos_ids or (-1,), device=device)
+    kw = decoding.kernel_kwargs()
+    for t in range(max_new_tokens):
+        bad = torch.isnan(logits).any(-1)
+        if bad.any():
+            row = int(alive[bad.nonzero()[0, 0]])
+            name = row_names[row] if row_names else str(row)
+            raise NonFiniteLogits(f"NaN in the model's logits for example {name} at generation step {t}")
+        z = scaled_logits(logits, **kw)
+        tok = sample_tokens(z, uniforms[alive, t])
+        stats = kernels.token_stats(logits, tok, **kw)
+        tok_l, h_l, lp_l = tok.tolist(), stats.entropy.tolist(), stats.target_logprob.tolist()
+        for j, row in enumerate(alive.tolist()):
+            tokens[row].append(tok_l[j])
+            entropy[row].append(h_l[j])
+            logprob[row].append(lp_l[j])
+        if on_step:
+            on_step(len(tok_l))
+        done = torch.isin(tok, eos)
+        for j in done.nonzero().flatten().tolist():
+            finish[int(alive[j])] = "eos"
+        if t == max_new_tokens - 1:
+            break
+        if done.any():
+            keep = (~done).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            cache.batch_select_indices(keep)
+            alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+    return [
+        {"token_ids": tokens[i], "step_entropy": entropy[i], "step_logprob": logprob[i], "finish_reason": finish[i]}
+        for i in range(n)
+    ]
+
+
+def generate_table(
+    model,
+    prompts: pl.DataFrame,
+    decoding: DecodingSpec,
+    *,
+    max_new_tokens: int,
+    samples_per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 8,
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> pl.DataFrame:
+    """The generations table for one decoding. ``progress(done_rows, total_rows)`` after each batch."""
+    jobs = [
+        (ex, s, p) for ex, p in zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list())
+        for s in range(samples_per_prompt)
+    ]
+    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][2]))  # longest first: OOM on batch one
+    results: dict[int, dict] = {}
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        rows = sample_batch(
+            model, [jobs[i][2] for i in idx], [row_seed(seed, jobs[i][0], jobs[i][1]) for i in idx],
+            decoding, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+            row_names=[jobs[i][0] for i in idx],
+        )
+        results.update(zip(idx, rows))
+        if progress:
+            progress(len(results), len(jobs))
+    data = [
+        {"example_id": ex, "sample": s, "decoding": decoding.key, **results[i]}
+        for i, (ex, s, _) in enumerate(jobs)
+    ]
+    return pl.DataFrame(data, schema=GENERATIONS_SCHEMA)
+
+
+def generate(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, *, max_new_tokens: int,
+             samples_per_prompt: int, seed: int, batch_size: int,
+             progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
+    """Load ``model`` (cached per process) and sample the generations table for one decoding."""
+    lm = load_model(model)
+    return generate_table(lm.model, prompts, decoding, max_new_tokens=max_new_tokens,
+                          samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
+                          eos_ids=lm.eos_ids, pad_id=pad_id(lm.tokenizer), progress=progress)

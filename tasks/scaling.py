@@ -1,0 +1,345 @@
+"""Scaling-law fits, the paper's simplified theory, and the power-law α of a corpus.
+
+Plain functions (no Prefect, no I/O except the two plot helpers), numpy only:
+
+    fit_scaling(params, entce, *, n_boot, seed) -> ScalingFit        # log EntCE on log N (SCIENCE.md §2)
+    expected_derail_probability(alpha, m, *, vocab=None) -> q        # E[K_{m,1}]/m, closed form
+    derail_probability(alpha, m, *, vocab, seed) -> q                # K_{m,1}/m from one sample
+    simulate_theory(alpha, ms, *, vocab, derail_entropy_gap_nats, horizon, method, seed) -> TheoryCurve
+    fit_exponent(ms, values) -> slope of log value on log m
+    theory_curves(alphas, ms) / theory_results(alphas, ms) -> one curve / one dict per α
+    corpus_alpha(units | counts, *, top) -> α of a corpus (minus the log-frequency/log-rank slope)
+    plot_scaling(params, entce, fit, path) / plot_theory(curves, path) -> PNG files
+
+The theory (SCIENCE.md §3). Data are tokens i = 1, 2, … with p_i ∝ i^(−α). A model has seen m
+training tokens and samples from their empirical counts; at each generated step it draws a token it
+saw exactly once with probability q = K_{m,1}/m (K_{m,1}: types seen exactly once), and from then on
+it is "derailed": its entropy is higher by a constant gap (nats). E[K_{m,1}]/m = Σ_i p_i (1 − p_i)^(m−1),
+which scales as m^(1/α − 1) when the vocabulary is unbounded.
+
+Miscalibration over a horizon of T steps, in closed form: the model is derailed at step t with
+probability 1 − (1 − q)^t, so EntCE(q) = gap · (1/T) Σ_{t=1..T} [1 − (1 − q)^t]
+                                       = gap · [1 − (1 − q)(1 − (1 − q)^T) / (q T)].
+For q·T ≪ 1 this is gap·q·(T + 1)/2 and inherits the exponent 1/α − 1; once q·T ≳ 1 the model
+derails early in almost every generation, EntCE saturates at the gap and its exponent tends to 0
+(for α near 1 even a large training set leaves q large: that is the paper's point).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# Defaults of the theory simulation. ms span 10^4..10^7 training tokens; the horizon is short so
+# that q·T stays small where the power law is cleanest (α ≥ 1.5); see the module docstring.
+THEORY_MS = tuple(float(m) for m in np.logspace(4, 7, 13))
+THEORY_HORIZON = 4
+THEORY_ALPHAS = (1.2, 1.5, 2.0, 3.0)
+_ZETA_HEAD = 1 << 16          # exact terms before the Euler–Maclaurin tail of ζ(α)
+_MIN_HEAD = 1 << 12           # exact terms before the analytic tail of Σ p_i (1 − p_i)^(m−1)
+_TAIL_TERMS = 60              # series terms of the lower incomplete gamma function
+
+
+# --------------------------------------------------------------------------- scaling fit (§2)
+
+@dataclass(frozen=True)
+class ScalingFit:
+    """OLS of log EntCE on log parameter count: log EntCE = intercept + slope · log N.
+
+    slope: the scaling exponent (dimensionless); intercept: log nats/token at N = 1;
+    slope_ci_low/high: 95% percentile bootstrap over models; r2: coefficient of determination.
+    """
+
+    slope: float
+    intercept: float
+    slope_ci_low: float
+    slope_ci_high: float
+    n_models: int
+    r2: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def fit_scaling(params: Sequence[float], entce: Sequence[float], *, n_boot: int = 1000,
+                seed: int = 0) -> ScalingFit:
+    """Fit EntCE ≈ exp(intercept) · N^slope over models.
+
+    params[n]: parameter counts (> 0); entce[n]: EntCE of each model, nats/token (> 0: the log of a
+    non-positive EntCE is undefined, which raises ValueError naming the model). The slope CI
+    resamples models with replacement ``n_boot`` times, skipping resamples whose parameter counts
+    are all equal; it is NaN when no resample is usable.
+    """
+    x_raw = np.asarray(params, dtype=np.float64).reshape(-1)
+    y_raw = np.asarray(entce, dtype=np.float64).reshape(-1)
+    if x_raw.shape != y_raw.shape:
+        raise ValueError(f"expected as many EntCE values as models, got {y_raw.size} for {x_raw.size}")
+    if x_raw.size < 2:
+        raise ValueError(f"scaling fit needs at least 2 models, got {x_raw.size}")
+    for i, (n, e) in enumerate(zip(x_raw, y_raw)):
+        if not (np.isfinite(n) and n > 0):
+            raise ValueError(f"parameter count must be > 0: model {i} has {n}")
+        if not (np.isfinite(e) and e > 0):
+            raise ValueError(f"EntCE must be > 0 for a log-log scaling fit: model {i} has EntCE = "
+                             f"{e:.6g} nats/token, log undefined")
+    x, y = np.log(x_raw), np.log(y_raw)
+    if np.ptp(x) == 0:
+        raise ValueError("scaling fit needs at least 2 distinct parameter counts")
+    slope, intercept = _ols(x, y)
+    resid = y - (intercept + slope * x)
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    xb, yb = x[idx], y[idx]
+    xc = xb - xb.mean(axis=1, keepdims=True)
+    var = np.sum(xc * xc, axis=1)
+    ok = var > 1e-12 * max(1.0, float(np.var(x)) * x.size)
+    if ok.any():
+        slopes = np.sum(xc[ok] * (yb[ok] - yb[ok].mean(axis=1, keepdims=True)), axis=1) / var[ok]
+        lo, hi = (float(v) for v in np.quantile(slopes, [0.025, 0.975]))
+    else:
+        lo = hi = float("nan")
+    return ScalingFit(slope=slope, intercept=intercept, slope_ci_low=lo, slope_ci_high=hi,
+                      n_models=int(x.size), r2=r2)
+
+
+def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    xc = x - x.mean()
+    slope = float(np.dot(xc, y - y.mean()) / np.dot(xc, xc))
+    return slope, float(y.mean() - slope * x.mean())
+
+
+def fit_exponent(ms: Sequence[float], values: Sequence[float]) -> float:
+    """Slope of log value on log m (OLS): the power-law exponent of values(m). Values must be > 0."""
+    m = np.asarray(ms, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    if m.shape != v.shape or m.size < 2:
+        raise ValueError(f"expected ≥ 2 matching (m, value) pairs, got {m.size} and {v.size}")
+    if np.any(m <= 0) or np.any(~(v > 0)):
+        raise ValueError("fit_exponent needs m > 0 and values > 0 (log undefined otherwise)")
+    return _ols(np.log(m), np.log(v))[0]
+
+
+# --------------------------------------------------------------------------- theory (§3)
+
+def _check_alpha(alpha: float, vocab: int | None) -> None:
+    if vocab is None and not alpha > 1:
+        raise ValueError(f"an unbounded Zipf vocabulary needs alpha > 1, got {alpha}")
+    if vocab is not None and (not alpha > 0 or int(vocab) < 1):
+        raise ValueError(f"expected alpha > 0 and vocab ≥ 1, got alpha={alpha}, vocab={vocab}")
+
+
+def zipf_probs(alpha: float, vocab: int) -> np.ndarray:
+    """p[vocab], float64: p_i = i^(−α) / Σ_{j ≤ vocab} j^(−α), i = 1..vocab (index 0 is rank 1)."""
+    _check_alpha(alpha, vocab)
+    w = np.arange(1, int(vocab) + 1, dtype=np.float64) ** -alpha
+    return w / w.sum()
+
+
+def zeta(alpha: float) -> float:
+    """Riemann ζ(α) for α > 1: an exact head plus the Euler–Maclaurin tail (relative error ≪ 1e-12)."""
+    n = _ZETA_HEAD
+    head = float(np.sum(np.arange(1, n + 1, dtype=np.float64) ** -alpha))
+    return head + n ** (1 - alpha) / (alpha - 1) - 0.5 * n ** -alpha + alpha * n ** (-alpha - 1) / 12
+
+
+def expected_derail_probability(alpha: float, m: float | Sequence[float], *,
+                                vocab: int | None = None) -> np.ndarray:
+    """E[K_{m,1}]/m = Σ_i p_i (1 − p_i)^(m−1): the expected per-step derailing chance, in [0, 1].
+
+    m: training-set size(s) in tokens (scalar or array; result has its shape, float64).
+    vocab: finite vocabulary size V (p normalised over i ≤ V, exact sum vectorised over types), or
+    None for the unbounded Zipf law (needs α > 1): an exact sum over the first H types, H chosen so
+    that (m − 1)·p_H ≤ 1, plus the tail Σ_{i>H} ≈ ∫_H^∞ g − g(H)/2 with g(x) = p(x) e^{−(m−1)p(x)},
+    whose integral is H^{1−α}/(αζ) · Σ_k (−u)^k / (k! (1 − 1/α + k)), u = (m − 1) H^{−α}/ζ.
+    """
+    _check_alpha(alpha, vocab)
+    ms = np.asarray(m, dtype=np.float64)
+    if np.any(ms < 1):
+        raise ValueError(f"expected training-set sizes m ≥ 1, got min {ms.min()}")
+    flat = ms.reshape(-1)
+    if vocab is not None:
+        p = zipf_probs(alpha, vocab)
+        log1m = np.log1p(-p)
+        out = np.array([float(np.dot(p, np.exp((mi - 1.0) * log1m))) for mi in flat])
+        return out.reshape(ms.shape)
+    z = zeta(alpha)
+    head = max(_MIN_HEAD, int(math.ceil((max(float(flat.max()) - 1.0, 1.0) / z) ** (1 / alpha))) + 1)
+    p = np.arange(1, head + 1, dtype=np.float64) ** -alpha / z
+    log1m = np.log1p(-p)
+    s = 1.0 - 1.0 / alpha
+    k = np.arange(_TAIL_TERMS, dtype=np.float64)
+    log_fact = np.cumsum(np.log(np.maximum(k, 1.0)))
+    out = np.empty(flat.shape)
+    for j, mi in enumerate(flat):
+        exact = float(np.dot(p, np.exp((mi - 1.0) * log1m)))
+        p_h = head ** -alpha / z
+        u = (mi - 1.0) * p_h
+        series = float(np.sum((-1.0) ** k * np.exp(k * math.log(u) - log_fact) / (s + k))) \
+            if u > 0 else 1.0 / s
+        integral = head ** (1 - alpha) / (alpha * z) * series
+        out[j] = exact + integral - 0.5 * p_h * math.exp(-u)
+    return out.reshape(ms.shape)
+
+
+def derail_probability(alpha: float, m: int, *, vocab: int, seed: int = 0) -> float:
+    """K_{m,1}/m from one sample: draw m i.i.d. training tokens from the Zipf(α) law over ``vocab``
+    types and count the types seen exactly once. Unbiased for ``expected_derail_probability``."""
+    _check_alpha(alpha, vocab)
+    m = int(m)
+    if m < 1:
+        raise ValueError(f"expected m ≥ 1 training tokens, got {m}")
+    cdf = np.cumsum(zipf_probs(alpha, vocab))
+    draws = np.searchsorted(cdf, np.random.default_rng(seed).random(m) * cdf[-1], side="right")
+    counts = np.bincount(np.minimum(draws, int(vocab) - 1), minlength=int(vocab))
+    return float(np.count_nonzero(counts == 1)) / m
+
+
+def expected_entce(q: float | np.ndarray, *, horizon: int, derail_entropy_gap_nats: float = 1.0
+                   ) -> np.ndarray:
+    """Expected EntCE (nats/token) over T = ``horizon`` steps when each not-yet-derailed step derails
+    with probability q and a derailed step has entropy higher by the gap:
+    gap · [1 − (1 − q)(1 − (1 − q)^T) / (qT)]  (→ gap·q·(T+1)/2 as q → 0)."""
+    if int(horizon) < 1:
+        raise ValueError(f"expected horizon ≥ 1 step, got {horizon}")
+    q = np.asarray(q, dtype=np.float64)
+    if np.any(~((q >= 0) & (q <= 1))):
+        raise ValueError("expected derailing probabilities q in [0, 1]")
+    t = float(horizon)
+    # (1 − (1−q)^T)/q without cancellation: −expm1(T log1p(−q)) / q, with the q → 0 limit T.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(q > 0, -np.expm1(t * np.log1p(-q)) / q, t)
+    return derail_entropy_gap_nats * (1.0 - (1.0 - q) * frac / t)
+
+
+@dataclass(frozen=True)
+class TheoryCurve:
+    """One α of the simplified setting. ms[k]: training tokens; derail_probability[k]: q per step;
+    entce_nats[k]: expected EntCE over the horizon; exponents are slopes on log m."""
+
+    alpha: float
+    ms: tuple[float, ...]
+    derail_probability: tuple[float, ...]
+    entce_nats: tuple[float, ...]
+    horizon: int
+    fitted_exponent: float          # of entce_nats
+    derail_exponent: float          # of derail_probability
+    predicted_exponent: float       # 1/α − 1
+
+    def as_row(self) -> dict[str, float | int]:
+        return {"alpha": self.alpha, "fitted_exponent": self.fitted_exponent,
+                "predicted_exponent": self.predicted_exponent,
+                "derail_exponent": self.derail_exponent, "horizon": self.horizon,
+                "m_min": min(self.ms), "m_max": max(self.ms)}
+
+
+def simulate_theory(alpha: float, ms: Sequence[float] = THEORY_MS, *, vocab: int | None = None,
+                    derail_entropy_gap: float = 1.0, horizon: int = THEORY_HORIZON,
+                    method: str = "exact", seed: int = 0) -> TheoryCurve:
+    """Miscalibration of the simplified setting as a function of training-set size m.
+
+    method="exact": q = E[K_{m,1}]/m in closed form (vocab=None: unbounded Zipf law, the default);
+    method="sampled": q = K_{m,1}/m from one training sample per m (needs a finite vocab; seed).
+    EntCE per m is then the closed-form expectation over the horizon (``expected_entce``), nats/token.
+    """
+    if method not in ("exact", "sampled"):
+        raise ValueError(f"method: expected 'exact' or 'sampled', got {method!r}")
+    m_arr = np.asarray(ms, dtype=np.float64)
+    if method == "exact":
+        q = expected_derail_probability(alpha, m_arr, vocab=vocab)
+    else:
+        if vocab is None:
+            raise ValueError("method='sampled' needs a finite vocab")
+        q = np.array([derail_probability(alpha, int(mi), vocab=vocab, seed=seed + k)
+                      for k, mi in enumerate(m_arr)])
+    entce = expected_entce(q, horizon=horizon, derail_entropy_gap_nats=derail_entropy_gap)
+    return TheoryCurve(alpha=float(alpha), ms=tuple(m_arr.tolist()),
+                       derail_probability=tuple(q.tolist()), entce_nats=tuple(entce.tolist()),
+                       horizon=int(horizon), fitted_exponent=fit_exponent(m_arr, entce),
+                       derail_exponent=fit_exponent(m_arr, q), predicted_exponent=1.0 / alpha - 1.0)
+
+
+def theory_curves(alphas: Sequence[float] = THEORY_ALPHAS, ms: Sequence[float] | None = None,
+                  **kwargs) -> list[TheoryCurve]:
+    """``simulate_theory`` for each α (ms defaults to THEORY_MS; kwargs pass through)."""
+    return [simulate_theory(a, THEORY_MS if ms is None else ms, **kwargs) for a in alphas]
+
+
+def theory_results(alphas: Sequence[float] = THEORY_ALPHAS, ms: Sequence[float] | None = None,
+                   **kwargs) -> list[dict[str, float | int]]:
+    """One dict per α: alpha, fitted_exponent (of EntCE), predicted_exponent = 1/α − 1,
+    derail_exponent (of q), horizon, m_min, m_max."""
+    return [c.as_row() for c in theory_curves(alphas, ms, **kwargs)]
+
+
+# --------------------------------------------------------------------------- corpus α
+
+def corpus_alpha(units: Sequence[str] | Mapping[str, int] | Sequence[int] | str, *,
+                 top: int = 1000) -> float:
+    """Power-law exponent α of a corpus: minus the OLS slope of log frequency on log rank over its
+    ``top`` most frequent units. units: a list of units (e.g. whitespace words), a plain string
+    (split on whitespace), a {unit: count} mapping, or a sequence of counts. Returns α (positive
+    for any corpus whose frequencies fall with rank)."""
+    if isinstance(units, str):
+        units = units.split()
+    if isinstance(units, Mapping):
+        counts = np.asarray(list(units.values()), dtype=np.float64)
+    elif len(units) and all(isinstance(u, (int, float, np.integer, np.floating)) for u in units[:64]):
+        counts = np.asarray(units, dtype=np.float64)
+    else:
+        counts = np.asarray(list(Counter(units).values()), dtype=np.float64)
+    counts = np.sort(counts[counts > 0])[::-1][: int(top)]
+    if counts.size < 2:
+        raise ValueError(f"corpus_alpha needs at least 2 distinct units, got {counts.size}")
+    ranks = np.arange(1, counts.size + 1, dtype=np.float64)
+    return -_ols(np.log(ranks), np.log(counts))[0]
+
+
+# --------------------------------------------------------------------------- plots
+
+def plot_scaling(params: Sequence[float], entce: Sequence[float], fit: ScalingFit, path: str) -> str:
+    """Log-log scatter of EntCE (nats/token) against parameter count with the fitted line; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.asarray(params, dtype=np.float64)
+    y = np.asarray(entce, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    ax.scatter(x, y, color="C0", zorder=3, label="models")
+    grid = np.geomspace(x.min(), x.max(), 50)
+    ax.plot(grid, np.exp(fit.intercept) * grid ** fit.slope, color="C1",
+            label=f"slope {fit.slope:.3f} [{fit.slope_ci_low:.3f}, {fit.slope_ci_high:.3f}]")
+    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="EntCE (nats/token)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return str(path)
+
+
+def plot_theory(results_per_alpha: Sequence[TheoryCurve], path: str) -> str:
+    """Expected EntCE against training tokens m (log-log), one line per α, legend with the fitted and
+    predicted (1/α − 1) exponents; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    for k, c in enumerate(results_per_alpha):
+        ax.plot(c.ms, c.entce_nats, marker="o", ms=3, color=f"C{k}",
+                label=f"α={c.alpha:g}: fit {c.fitted_exponent:.3f}, 1/α−1 = {c.predicted_exponent:.3f}")
+    ax.set(xscale="log", yscale="log", xlabel="training tokens m",
+           ylabel="expected EntCE (nats/token)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return str(path)

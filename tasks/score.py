@@ -1,0 +1,139 @@
+"""Teacher-forced scoring of human continuations under each decoding distribution.
+
+For every reference token y_t (the human continuation, prompt fed in) and every decoding q:
+  step_logloss            = −log((1−ε)·q_t(y_t) + ε·p_t(y_t))   (p_t: temperature only, untruncated;
+                             equals −log q_t(y_t) when nothing is truncated)
+  step_logloss_untruncated = −log p_t(y_t)
+  step_entropy            = H(q_t) along the human text
+  step_truncated          = y_t was truncated away by q_t (its share is the diversity cost)
+
+One forward pass per batch serves every decoding. When the LM head is a plain linear layer the
+stats come from the final hidden states through ``kernels.fused_token_stats`` (Triton on CUDA:
+the [tokens, vocabulary] logits never exist); truncated decodings materialise logits a block
+of rows at a time. Memory is proportional to tokens, not tokens × vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import polars as pl
+import torch
+
+import kernels
+from tasks.config import DecodingSpec, ModelSpec
+from tasks.models import load_model, pad_id
+
+REFERENCE_SCHEMA = {
+    "example_id": pl.String,
+    "decoding": pl.String,
+    "step_logloss": pl.List(pl.Float32),
+    "step_logloss_untruncated": pl.List(pl.Float32),
+    "step_entropy": pl.List(pl.Float32),
+    "step_truncated": pl.List(pl.Boolean),
+}
+ROW_BLOCK = 512  # rows of logits materialised at once for truncated decodings
+_SOFTCAP_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def plain_lm_head(model) -> torch.Tensor | None:
+    """The [V, D] weight when logits = decoder(x) @ W.T exactly, else None."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return None
+    if any(getattr(model.config, k, None) not in (None, 1, 1.0) for k in _SOFTCAP_KEYS):
+        return None
+    return head.weight
+
+
+def decoding_stats(rows: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,
+                   decoding: DecodingSpec, epsilon: float) -> dict[str, torch.Tensor]:
+    """Per-row scores for one decoding. ``rows`` are hidden states [N, D] (weight given) or logits [N, V]."""
+    t = decoding.temperature
+    if weight is not None and not decoding.truncated:
+        full = kernels.fused_token_stats(rows, weight, targets, temperature=t)
+        return {"logloss": -full.target_logprob, "logloss_untruncated": -full.target_logprob,
+                "entropy": full.entropy, "truncated": torch.zeros_like(full.entropy, dtype=torch.bool)}
+    parts = []
+    for i in range(0, rows.shape[0], ROW_BLOCK):
+        block = rows[i : i + ROW_BLOCK]
+        logits = block.float() @ weight.float().T if weight is not None else block
+        y = targets[i : i + ROW_BLOCK]
+        q = kernels.token_stats(logits, y, **decoding.kernel_kwargs())
+        p = kernels.token_stats(logits, y, temperature=t)
+        mixed = torch.logaddexp(math.log1p(-epsilon) + q.target_logprob, math.log(epsilon) + p.target_logprob)
+        parts.append((-mixed, -p.target_logprob, q.entropy, torch.isneginf(q.target_logprob)))
+    cols = [torch.cat(c) for c in zip(*parts)]
+    return dict(zip(("logloss", "logloss_untruncated", "entropy", "truncated"), cols))
+
+
+@torch.inference_mode()
+def score_batch(model, contexts: list[list[int]], continuations: list[list[int]],
+                decodings: list[DecodingSpec], *, epsilon: float, pad_id: int = 0) -> list[dict[str, dict]]:
+    """Score each continuation after its context. Returns, per example, {decoding key: column lists}."""
+    device = next(model.parameters()).device
+    seqs = [c + r for c, r in zip(contexts, continuations)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    weight = plain_lm_head(model)
+    if weight is not None:
+        states = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    else:
+        states = model(input_ids=ids, attention_mask=mask).logits
+    # logits at position P−1+j predict continuation token j
+    rows = torch.cat([states[i, len(c) - 1 : len(c) - 1 + len(r)] for i, (c, r) in enumerate(zip(contexts, continuations))])
+    targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in continuations]).to(device)
+    lengths = [len(r) for r in continuations]
+    out = [dict() for _ in seqs]
+    for dec in decodings:
+        cols = decoding_stats(rows, weight, targets, dec, epsilon)
+        split = {k: v.cpu().split(lengths) for k, v in cols.items()}
+        for i in range(len(seqs)):
+            out[i][dec.key] = {k: split[k][i].tolist() for k in split}
+    return out
+
+
+def score_table(
+    model,
+    prompts: pl.DataFrame,
+    decodings: list[DecodingSpec],
+    *,
+    max_tokens: int,
+    epsilon: float,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> pl.DataFrame:
+    """The reference table: one row per example × decoding, first ``max_tokens`` reference tokens."""
+    ids = prompts["example_id"].to_list()
+    ctx = prompts["prompt_ids"].to_list()
+    ref = [r[:max_tokens] for r in prompts["reference_ids"].to_list()]
+    order = sorted(range(len(ids)), key=lambda i: -(len(ctx[i]) + len(ref[i])))
+    scored: dict[int, dict] = {}
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        res = score_batch(model, [ctx[i] for i in idx], [ref[i] for i in idx], decodings, epsilon=epsilon, pad_id=pad_id)
+        scored.update(zip(idx, res))
+        if progress:
+            progress(len(scored), len(ids))
+    data = []
+    for dec in decodings:
+        for i, ex in enumerate(ids):
+            c = scored[i][dec.key]
+            data.append({"example_id": ex, "decoding": dec.key, "step_logloss": c["logloss"],
+                         "step_logloss_untruncated": c["logloss_untruncated"],
+                         "step_entropy": c["entropy"], "step_truncated": c["truncated"]})
+    return pl.DataFrame(data, schema=REFERENCE_SCHEMA)
+
+
+def score(model: ModelSpec, prompts: pl.DataFrame, decodings: list[DecodingSpec], *, max_tokens: int,
+          epsilon: float, batch_size: int, progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
+    """Load ``model`` (cached per process) and score the human references under every decoding."""
+    lm = load_model(model)
+    return score_table(lm.model, prompts, decodings, max_tokens=max_tokens, epsilon=epsilon,
+                       batch_size=batch_size, pad_id=pad_id(lm.tokenizer), progress=progress)
