@@ -2,15 +2,15 @@
 
 Shapes, dtypes, units
     hidden  [N, D]  float32 / bfloat16 / float16 (any strides)
-    weight  [V, D]  same dtype as hidden (any strides; e.g. a tied embedding matrix)
+    weight  [V, D]  same dtype as hidden, else both are cast to float32 (any strides)
     targets [N]     integer token ids in [0, V), or None
     returns TokenStats of three [N] float32 tensors, in nats (see kernels.reference)
 
 Each program owns BLOCK_N rows and one range of the vocabulary. For every [BLOCK_N, BLOCK_V]
 tile it accumulates logits = hidden @ weight^T over D with tl.dot into float32 registers,
 scales by 1/temperature and folds the tile straight into the per-row shifted state
-(m, c + r = sum e^(z-m), w = sum e^(z-m)(z-m); kernels.stats, docs/KERNELS.md) plus the target's logit when the
-target column is in the tile. Partial states of the vocabulary ranges are merged on the host
+(m, c + r = sum e^(z-m), w = sum e^(z-m)(z-m); see kernels.stats and docs/KERNELS.md), plus
+the target's logit when the target column is in the tile. Partial states of the vocabulary ranges are merged on the host
 (kernels.stats.merge_states): extra memory is N * splits * 5 floats, never N * V.
 
 Launch order: program ids run vocabulary-range-major inside groups of GROUP_N row tiles, so the
@@ -89,9 +89,10 @@ def _fused_kernel(
         keep = col_ok[None, :] & (z > -float("inf"))
         m_new = tl.maximum(m, tl.max(tl.where(keep, z, -float("inf")), 1))
         m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-        dz = tl.where(keep, z - m_use[:, None], 0.0)
-        top = keep & (dz == 0.0)
-        e = tl.where(keep & (dz < 0.0), tl.exp(dz), 0.0)
+        top = keep & (z == m_use[:, None])  # decided on z: FMA may contract z - m (stats.py)
+        below = keep & (z < m_use[:, None])
+        dz = tl.where(below, z - m_use[:, None], 0.0)
+        e = tl.where(below, tl.exp(dz), 0.0)
         alive = m > -float("inf")
         shift = tl.where(alive, m - m_use, 0.0)
         a = tl.where(alive, tl.exp(shift), 0.0)
@@ -149,8 +150,8 @@ def fused_token_stats(
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden[N, D], weight[V, D]: got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype:
-        weight = weight.to(hidden.dtype)
+    if hidden.dtype != weight.dtype:  # e.g. bf16 weight, fp32 hidden: exact in float32
+        hidden, weight = hidden.float(), weight.float()
     n, d = hidden.shape
     v = weight.shape[0]
     dev = hidden.device

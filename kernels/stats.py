@@ -8,7 +8,7 @@ Shapes, dtypes, units
 Per row (and per column range when a row is split across programs) the kernel keeps a float32
 running state in the *shifted* form (docs/KERNELS.md):
 
-    m = max z,   s = sum e^(z - m) = c + r,   w = sum e^(z - m) (z - m)      z = logits / temperature
+    m = max z,   s = sum e^(z - m) = c + r,   w = sum e^(z - m) (z - m),   z = logits / temperature
 
 where c counts the tokens at the max (each e^0 = 1 exactly) and r sums the others, so that
 lse = m + log s and H = log s - w / s with log s = log c + log1p(r / c): both terms of H are >= 0
@@ -109,9 +109,12 @@ def _stats_kernel(
             keep = keep & (z >= lo)
         m_new = tl.maximum(m, tl.max(tl.where(keep, z, -float("inf")), 0))
         m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-        d = tl.where(keep, z - m_use, 0.0)
-        top = keep & (d == 0.0)  # tokens at the running max: e^0 = 1, counted in c
-        e = tl.where(keep & (d < 0.0), tl.exp(d), 0.0)
+        # tokens at the running max (e^0 = 1) are counted in c. Decide with z, not z - m: with
+        # FMA contraction z * scale - m may not be exactly 0 for them on a GPU.
+        top = keep & (z == m_use)
+        below = keep & (z < m_use)
+        d = tl.where(below, z - m_use, 0.0)
+        e = tl.where(below, tl.exp(d), 0.0)
         alive = m > -float("inf")
         shift = tl.where(alive, m - m_use, 0.0)
         a = tl.where(alive, tl.exp(shift), 0.0)
@@ -229,6 +232,14 @@ def row_state(logits: torch.Tensor, temperature: float = 1.0, *, lo: torch.Tenso
     return merge_states(out)
 
 
+def rows_view(logits: torch.Tensor) -> torch.Tensor:
+    """logits, or a contiguous copy when in-row offsets (int32 in the kernels) would overflow."""
+    v = logits.shape[1]
+    if v > 1 and logits.stride(1) * (v - 1) >= 2**31:
+        return logits.contiguous()
+    return logits
+
+
 def target_z(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """z[i, targets[i]] as float32 [N], bitwise equal to the kernels' z."""
     x = logits.gather(1, targets.to(device=logits.device, dtype=torch.long)[:, None])[:, 0]
@@ -264,10 +275,11 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor | None = None, *,
     """
     if logits.dim() != 2:
         raise ValueError(f"logits: expected [N, V], got shape {tuple(logits.shape)}")
+    logits = rows_view(logits)
     st = row_state(logits, temperature, block=block, splits=splits)
     zt = None if targets is None else target_z(logits, targets, temperature)
     return finalize(st.m, st.c, st.r, st.w, zt)
 
 
 __all__ = ["token_stats", "row_state", "RowState", "finalize", "target_z", "scale_logits",
-           "scale_mode", "launch_config", "merge_states", "interpreting"]
+           "rows_view", "scale_mode", "launch_config", "merge_states", "interpreting"]

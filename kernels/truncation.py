@@ -36,8 +36,8 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.reference import TokenStats
-from kernels.stats import (_scale, finalize, launch_config, row_state, scale_logits,
-                           scale_mode, target_z)
+from kernels.stats import (_scale, finalize, launch_config, row_state, rows_view,
+                           scale_logits, scale_mode, target_z)
 
 G = 16  # thresholds tried by the mass pass
 MAX_BUFFER = 8192  # per-row candidate slots for top-p before the reference fallback
@@ -237,6 +237,7 @@ def truncated_token_stats(
     logits [N, V] float32/bf16/fp16, targets [N] int or None -> TokenStats of [N] float32, nats.
     `block`, `splits` and `max_buffer` (<= MAX_BUFFER) override the launch / buffer size (tests).
     """
+    logits = rows_view(logits)
     n, v = logits.shape
     dev = logits.device
     st = row_state(logits, temperature, moments=top_nsigma > 0, block=block, splits=splits)

@@ -82,7 +82,8 @@ def test_empty_batch():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: large V x D is too slow interpreted")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: large V x D is too slow interpreted")
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
 @pytest.mark.parametrize("n,v,d", GPU_SHAPES)
 def test_large_vocabulary_gpu(n, v, d, dtype):

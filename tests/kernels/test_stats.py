@@ -63,7 +63,8 @@ def test_uniform_rows_have_entropy_log_v():
         x = torch.full((2, v), -3.5, device=DEVICE)
         got = token_stats(x, None, block=256)
         torch.testing.assert_close(got.entropy, torch.full((2,), math.log(v), device=DEVICE))
-        torch.testing.assert_close(got.logsumexp, torch.full((2,), math.log(v) - 3.5, device=DEVICE))
+        lse = torch.full((2,), math.log(v) - 3.5, device=DEVICE)
+        torch.testing.assert_close(got.logsumexp, lse)
 
 
 @pytest.mark.parametrize("margin", (8.0, 14.0, 20.0, 26.0))
@@ -139,7 +140,8 @@ def test_dispatch_triton_matches_reference(kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: large V is too slow interpreted")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: large V is too slow interpreted")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,v", GPU_SHAPES)
 def test_large_vocabulary_gpu(n, v, dtype):

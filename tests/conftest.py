@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny real models, a real local stack (rclone S3 + MLflow), the Prefect harness.
+
+Nothing is mocked: the model is a randomly initialised Llama with a BPE tokenizer trained here,
+saved to disk and loaded back through the same loaders users hit.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton's interpreter must be chosen before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="entcal-tests-"))
+os.environ["ENTCAL_STATE_DIR"] = str(_SESSION_DIR / "state")
+os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(_SESSION_DIR / "state" / "results"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for var in ("ENTCAL_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "ENTCAL_BUCKET"):
+    os.environ.pop(var, None)
+
+VOCAB = 384
+
+
+def build_tiny_model(path: Path, *, vocab: int = VOCAB, layers: int = 2, seed: int = 0) -> Path:
+    """A random Llama + a byte-level BPE tokenizer trained on the Python manual, saved to ``path``."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(topics.values())[:40], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # sharper logits than the default init, so decodings differ visibly
+        model.lm_head.weight.mul_(8.0)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return build_tiny_model(_SESSION_DIR / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_model_dir):
+    from tasks.config import ModelSpec
+
+    return ModelSpec(path=str(tiny_model_dir), name="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_spec):
+    from tasks.models import load_model
+
+    return load_model(tiny_spec)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """A real local stack: rclone serve s3 + MLflow server (SQLite, artifacts proxied to S3)."""
+    from storage.settings import from_env
+    from storage.stack import Stack
+
+    st = Stack(Path(os.environ["ENTCAL_STATE_DIR"]))
+    st.up(("s3", "mlflow"))
+    from storage import s3
+
+    s3.ensure_bucket(from_env())
+    yield from_env()
+    st.down()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,80 @@
+import json
+
+import polars as pl
+import pytest
+
+from tasks.config import ConfigError, DatasetSpec
+from tasks.datasets import (build_prompts, documents, preset_documents, python_docs_documents,
+                            python_stdlib_documents)
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 40
+
+
+def _ids(docs, n):
+    return [d.doc_id for _, d in zip(range(n), docs)]
+
+
+def test_builtin_ids_are_stable_and_unique():
+    a, b = _ids(python_docs_documents(), 200), _ids(python_docs_documents(), 200)
+    assert a == b and len(set(a)) == len(a) and a[0].startswith("python-docs/")
+    c = _ids(python_stdlib_documents(), 50)
+    assert c == _ids(python_stdlib_documents(), 50) and all(i.startswith("python-stdlib/") for i in c)
+    assert any(i.endswith(".py") for i in c)
+
+
+def test_prompts_split_prompt_and_reference(tiny_lm):
+    tok = tiny_lm.tokenizer
+    df, stats = build_prompts(documents(DatasetSpec(name="python-docs")), tok, label="python-docs", num_examples=5,
+                              prompt_tokens=16, min_reference_tokens=40, max_reference_tokens=60)
+    assert df.height == 5 and stats.kept == 5
+    assert df.schema["prompt_ids"] == pl.List(pl.Int32)
+    for ex, p, r in df.select("example_id", "prompt_ids", "reference_ids").iter_rows():
+        assert len(p) == 16 and 40 <= len(r) <= 60
+    # the continuation is the text right after the prompt
+    first = next(d for d in documents(DatasetSpec(name="python-docs")) if d.doc_id == df["example_id"][0])
+    ids = tok(first.text, add_special_tokens=False).input_ids
+    assert df["prompt_ids"][0].to_list() + df["reference_ids"][0].to_list() == ids[: 16 + len(df["reference_ids"][0])]
+
+
+def test_short_documents_are_dropped_and_counted(tiny_lm, tmp_path):
+    rows = [{"text": "short text"}, {"text": TEXT}, {"text": "tiny"}]
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    df, stats = build_prompts(documents(DatasetSpec(name="mine", path=str(p))), tiny_lm.tokenizer, label="mine",
+                              num_examples=3, prompt_tokens=8, min_reference_tokens=30, max_reference_tokens=30)
+    assert df["example_id"].to_list() == ["mine/1"]
+    assert (stats.kept, stats.dropped_short) == (1, 2)
+    assert "2 dropped with a reference shorter than min_reference_tokens=30" in stats.message("mine", 3, 30)
+
+
+def test_local_formats(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXT)
+    pl.DataFrame({"id": ["x", "y"], "body": [TEXT, TEXT]}).write_parquet(tmp_path / "b.parquet")
+    assert [d.doc_id for d in documents(DatasetSpec(name="t", path=str(tmp_path / "a.txt")))] == ["t/a"]
+    docs = list(documents(DatasetSpec(name="p", path=str(tmp_path / "b.parquet"), text_field="body")))
+    assert [d.doc_id for d in docs] == ["p/x", "p/y"]
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        list(documents(DatasetSpec(name="p", path=str(tmp_path / "b.parquet"))))
+    with pytest.raises(ConfigError, match="does not exist"):
+        list(documents(DatasetSpec(name="m", path=str(tmp_path / "missing.jsonl"))))
+
+
+def test_presets_apply_the_papers_filters():
+    wiki = pl.DataFrame({"text": [" = Title = \n", "x" * 250, "y" * 199]})
+    assert [d.doc_id for d in preset_documents("wikitext-103", wiki)] == ["wikitext-103/1"]
+    wp = pl.DataFrame({"prompt": ["[WP] A cat rules. "], "story": ["Once upon a time"]})
+    (d,) = preset_documents("writingprompts", wp)
+    assert d.instruction == "Write a story based on the following prompt: [WP] A cat rules." and d.text_in_prompt
+    cc = pl.DataFrame({"name": ["p1"], "description": ["Add two numbers."],
+                       "solutions": [{"language": [1, 3, 3], "solution": ["print(1)", "x = 1\nprint(x + 1)", "ünï"]}]})
+    (d,) = preset_documents("codecontests", cc)
+    assert d.text == "x = 1\nprint(x + 1)" and not d.text_in_prompt and "Add two numbers." in d.instruction
+
+
+def test_instruction_formats(tiny_lm):
+    from tasks.datasets import Document, _prefix_ids
+
+    tok = tiny_lm.tokenizer
+    doc = Document("d", "Once upon a time", instruction="Write a story")
+    assert tok.decode(_prefix_ids(tok, doc, "qa")) == "Q: Write a story\nA: "
+    assert _prefix_ids(tok, Document("d", "text"), "auto") == []

@@ -1,0 +1,85 @@
+import math
+
+import polars as pl
+import pytest
+import torch
+
+from tasks.config import DecodingSpec
+from tasks.generate import generate_table, sample_tokens
+from tasks.score import score_table
+
+DECODINGS = [DecodingSpec(), DecodingSpec(temperature=0.7), DecodingSpec(top_k=20),
+             DecodingSpec(top_p=0.8), DecodingSpec(temperature=1.3, min_p=0.05)]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_lm):
+    from tasks.config import DatasetSpec
+    from tasks.datasets import build_prompts, documents
+
+    df, _ = build_prompts(documents(DatasetSpec(name="python-docs")), tiny_lm.tokenizer, label="python-docs",
+                          num_examples=6, prompt_tokens=12, min_reference_tokens=24, max_reference_tokens=24)
+    # uneven prompt lengths exercise left padding
+    return df.with_columns(pl.col("prompt_ids").list.head(pl.lit(pl.Series([12, 9, 12, 5, 12, 7]))))
+
+
+def _gen(lm, prompts, dec, **kw):
+    args = dict(max_new_tokens=20, samples_per_prompt=2, seed=3, batch_size=4, eos_ids=(), pad_id=0)
+    args.update(kw)
+    return generate_table(lm.model, prompts, dec, **args)
+
+
+def test_schema_and_reproducible_under_seed(tiny_lm, prompts):
+    a = _gen(tiny_lm, prompts, DECODINGS[0])
+    assert a.schema["token_ids"] == pl.List(pl.Int32) and a.height == 12
+    assert a.equals(_gen(tiny_lm, prompts, DECODINGS[0]))
+    assert not a["token_ids"].equals(_gen(tiny_lm, prompts, DECODINGS[0], seed=4)["token_ids"])
+    # a row's sample does not depend on which rows share its batch
+    assert a["token_ids"].equals(_gen(tiny_lm, prompts, DECODINGS[0], batch_size=1)["token_ids"])
+    assert (a["step_entropy"].list.len() == 20).all()
+
+
+@pytest.mark.parametrize("dec", DECODINGS, ids=lambda d: d.key)
+def test_recorded_entropy_equals_teacher_forced_rescore(tiny_lm, prompts, dec):
+    """The acceptance check: step entropy recorded while sampling (KV cache, left padding) equals an
+    independent teacher-forced re-score of the generated tokens under the same decoding."""
+    gens = _gen(tiny_lm, prompts, dec, samples_per_prompt=1)
+    as_ref = prompts.join(gens.select("example_id", pl.col("token_ids").alias("gen")), on="example_id")
+    as_ref = as_ref.with_columns(reference_ids=pl.col("gen")).drop("gen")
+    ref = score_table(tiny_lm.model, as_ref, [dec], max_tokens=100, epsilon=1e-4, batch_size=3)
+    joined = gens.join(ref, on="example_id")
+    for row in joined.iter_rows(named=True):
+        torch.testing.assert_close(torch.tensor(row["step_entropy"]), torch.tensor(row["step_entropy_right"]),
+                                   atol=1e-4, rtol=0)
+        # the sampled token's log-prob is the re-scored log q(token); never truncated away
+        lp = -torch.tensor(row["step_logloss"])
+        torch.testing.assert_close(torch.tensor(row["step_logprob"]), lp, atol=1e-4, rtol=0)
+        assert not any(row["step_truncated"])
+
+
+def test_eos_stops_a_row_and_compacts(tiny_lm, prompts):
+    free = _gen(tiny_lm, prompts, DECODINGS[0], samples_per_prompt=1)
+    eos = free["token_ids"][0][3]  # a token this row is known to emit at step 3
+    g = _gen(tiny_lm, prompts, DECODINGS[0], samples_per_prompt=1, eos_ids=(eos,))
+    row = g.row(0, named=True)
+    assert row["finish_reason"] == "eos" and row["token_ids"][-1] == eos and len(row["token_ids"]) <= 4
+    # rows that never hit EOS run to the full length, unchanged by the others finishing
+    for before, after in zip(free.iter_rows(named=True), g.iter_rows(named=True)):
+        if after["finish_reason"] == "length":
+            assert before["token_ids"] == after["token_ids"]
+
+
+def test_top_k_one_is_greedy_with_zero_entropy(tiny_lm, prompts):
+    g = _gen(tiny_lm, prompts, DecodingSpec(top_k=1), samples_per_prompt=1)
+    assert all(abs(h) < 1e-6 for hs in g["step_entropy"] for h in hs)
+    assert all(abs(lp) < 1e-6 for lps in g["step_logprob"] for lp in lps)
+
+
+def test_inverse_cdf_never_draws_a_truncated_token():
+    z = torch.tensor([[-math.inf, 0.0, -math.inf, 1.0, -math.inf]] * 4)
+    u = torch.tensor([0.0, 0.2689, 0.5, 0.999999])
+    tok = sample_tokens(z, u)
+    assert set(tok.tolist()) <= {1, 3} and tok[0] == 1 and tok[-1] == 3
+    # frequencies follow the distribution
+    many = sample_tokens(z[:1].expand(20000, -1), torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    assert abs((many == 3).float().mean().item() - 1 / (1 + math.exp(-1))) < 0.01

@@ -1,0 +1,50 @@
+import math
+
+import polars as pl
+import torch
+
+from tasks.config import DecodingSpec
+from tasks.score import score_table
+
+
+def _prompts(lm, n=3, p=10, r=15):
+    g = torch.Generator().manual_seed(1)
+    V = lm.model.config.vocab_size
+    return pl.DataFrame({
+        "example_id": [f"e{i}" for i in range(n)], "dataset": ["d"] * n,
+        "prompt_ids": [torch.randint(2, V, (p - i,), generator=g).tolist() for i in range(n)],
+        "reference_ids": [torch.randint(2, V, (r,), generator=g).tolist() for _ in range(n)],
+    }, schema_overrides={"prompt_ids": pl.List(pl.Int32), "reference_ids": pl.List(pl.Int32)})
+
+
+def test_logloss_equals_direct_log_softmax(tiny_lm):
+    prompts = _prompts(tiny_lm)
+    decs = [DecodingSpec(), DecodingSpec(temperature=0.8)]
+    ref = score_table(tiny_lm.model, prompts, decs, max_tokens=12, epsilon=1e-4, batch_size=2)
+    for dec in decs:
+        for ex, p, r in prompts.select("example_id", "prompt_ids", "reference_ids").iter_rows():
+            ids = torch.tensor([p + r[:12]])
+            with torch.no_grad():
+                logits = tiny_lm.model(input_ids=ids).logits[0].double() / dec.temperature
+            logp = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) - 1 + 12]
+            want = -logp.gather(-1, torch.tensor(r[:12])[:, None]).squeeze(-1)
+            want_h = -(logp.exp() * logp).sum(-1)
+            row = ref.filter((pl.col("example_id") == ex) & (pl.col("decoding") == dec.key)).row(0, named=True)
+            torch.testing.assert_close(torch.tensor(row["step_logloss"], dtype=torch.float64), want, atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(row["step_entropy"], dtype=torch.float64), want_h, atol=1e-4, rtol=0)
+            assert row["step_logloss"] == row["step_logloss_untruncated"]
+
+
+def test_truncated_decoding_mixes_in_epsilon(tiny_lm):
+    prompts = _prompts(tiny_lm)
+    eps = 1e-3
+    ref = score_table(tiny_lm.model, prompts, [DecodingSpec(top_k=1)], max_tokens=12, epsilon=eps, batch_size=3)
+    for row in ref.iter_rows(named=True):
+        for loss, full, cut, h in zip(row["step_logloss"], row["step_logloss_untruncated"], row["step_truncated"],
+                                      row["step_entropy"]):
+            assert math.isfinite(loss) and abs(h) < 1e-6
+            if cut:  # −log(ε·p(y))
+                assert abs(loss - (full - math.log(eps))) < 1e-3
+            else:  # y is the argmax: −log((1−ε)·1 + ε·p(y))
+                assert 0 <= loss < 1e-2
+    assert any(c for cs in ref["step_truncated"] for c in cs)
