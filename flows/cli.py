@@ -112,7 +112,7 @@ def cmd_stack(args) -> int:
         for name in ("s3", "mlflow", "prefect"):
             print(f"{name:<8} {'healthy' if st['healthy'][name] else 'down':<8} {st[name] or '-'}")
         print(f"bucket   {st['bucket']}  artifacts: {st['artifact_root']}  state: {st['state_dir']}")
-    return 0 if args.action == "down" or all(st["healthy"].values()) else 1
+    return 1 if args.action == "up" and not all(st["healthy"].values()) else 0
 
 
 def cmd_theory(args) -> int:

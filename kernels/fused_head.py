@@ -10,8 +10,9 @@ Each program owns BLOCK_N rows and one range of the vocabulary. For every [BLOCK
 tile it accumulates logits = hidden @ weight^T over D with tl.dot into float32 registers,
 scales by 1/temperature and folds the tile straight into the per-row shifted state
 (m, c + r = sum e^(z-m), w = sum e^(z-m)(z-m); see kernels.stats and docs/KERNELS.md), plus
-the target's logit when the target column is in the tile. Partial states of the vocabulary ranges are merged on the host
-(kernels.stats.merge_states): extra memory is N * splits * 5 floats, never N * V.
+the target's logit when the target column is in the tile. Partial states of the vocabulary
+ranges are merged on the host (kernels.stats.merge_states): extra memory is N * splits * 5
+floats, never N * V.
 
 Launch order: program ids run vocabulary-range-major inside groups of GROUP_N row tiles, so the
 programs resident at the same time stream the same weight tiles (L2 reuse on a GPU; the hidden

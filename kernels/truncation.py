@@ -159,6 +159,7 @@ def kth_largest(logits: torch.Tensor, k: int, temperature: float, block: int | N
 def _mass_above(logits, temperature, m, lo_k, thr, block, splits):
     """(mass [N, G] relative to exp(m), count [N, G], total [N]) of z >= lo_k above each thr."""
     n, v = logits.shape
+    block = None if block is None else min(block, 1024)  # [BLOCK, G] tiles: keep them small
     cfg = launch_config(n, v, logits.device, block, splits, max_block=1024)
     out = torch.empty((n, cfg.splits, 2 * G + 1), dtype=torch.float32, device=logits.device)
     mode, scale = scale_mode(temperature, logits.device)
@@ -186,17 +187,16 @@ def compact(logits: torch.Tensor, temperature: float, lo: torch.Tensor, capacity
     return buf, cnt
 
 
-def _top_p_from_buffer(logits, targets, temperature, ids, m, total, top_p, lo):
-    """TokenStats of rows whose kept set lies in the candidate buffer ids [R, C] (-1 = empty).
-
-    total [R] = sum of exp(z - m) over the top-k set (the top-p normaliser); lo [R] = the
-    min-p / top-nsigma / top-k lower bound.
+def _top_p_from_buffer(logits, rows, targets, temperature, ids, m, total, top_p, lo):
+    """TokenStats of the rows `rows` [R] of logits, whose kept sets lie in their candidate
+    buffers ids [R, C] (-1 = empty). m, total, lo are [R]: the row max, the sum of exp(z - m)
+    over the top-k set (the top-p normaliser) and the min-p / top-nsigma / top-k lower bound.
     """
     v = logits.shape[1]
     ids = torch.where(ids < 0, torch.full_like(ids, v), ids).long()
     ids = torch.sort(ids, dim=-1).values  # column order, so a stable sort breaks ties by index
     valid = ids < v
-    z = scale_logits(logits.gather(1, ids.clamp_max(v - 1)), temperature)
+    z = scale_logits(logits[rows[:, None], ids.clamp_max(v - 1)], temperature)
     z = torch.where(valid, z, torch.full_like(z, -INF))
     zs, order = torch.sort(z, dim=-1, descending=True, stable=True)
     ids = ids.gather(1, order)
@@ -211,9 +211,9 @@ def _top_p_from_buffer(logits, targets, temperature, ids, m, total, top_p, lo):
     c_k, r_k, w_k = (keep & (d == 0)).sum(1).float(), e.sum(1), (e * d).sum(1)
     if targets is None:
         return finalize(m, c_k, r_k, w_k, None)
-    t = targets.to(device=ids.device, dtype=torch.long)
+    t = targets.to(device=ids.device, dtype=torch.long)[rows]
     hit = ((ids == t[:, None]) & keep).any(1)
-    zt = target_z(logits, targets, temperature)
+    zt = scale_logits(logits[rows, t], temperature)
     st = finalize(m, c_k, r_k, w_k, zt)
     lp = torch.where(hit, st.target_logprob, torch.full_like(zt, -INF))
     return TokenStats(st.entropy, st.logsumexp, lp)
@@ -238,6 +238,7 @@ def truncated_token_stats(
     `block`, `splits` and `max_buffer` (<= MAX_BUFFER) override the launch / buffer size (tests).
     """
     logits = rows_view(logits)
+    max_buffer = min(int(max_buffer), MAX_BUFFER)  # SLACK covers cumsums of MAX_BUFFER terms
     n, v = logits.shape
     dev = logits.device
     st = row_state(logits, temperature, moments=top_nsigma > 0, block=block, splits=splits)
@@ -278,14 +279,14 @@ def truncated_token_stats(
         fallback = ~has | (need > max_buffer) | (m == -INF)
         rows = (~fallback).nonzero()[:, 0]
         if rows.numel():
-            lo_c = torch.maximum(lo_all, thr.gather(1, g[:, None])[:, 0])[rows]
-            sub = logits[rows]
+            lo_c = torch.maximum(lo_all, thr.gather(1, g[:, None])[:, 0])
+            lo_c = torch.where(fallback, torch.full_like(lo_c, INF), lo_c)  # no slots for those
             cap = triton.next_power_of_2(max(int(need[rows].max().item()), 1))
-            ids, cnt = compact(sub, temperature, lo_c, cap, block, splits)
+            ids, cnt = compact(logits, temperature, lo_c, cap, block, splits)
+            ids, cnt = ids[rows], cnt[rows]
             over = cnt > cap  # cannot happen (same z as the mass pass); stay exact regardless
-            tsub = None if targets is None else targets[rows]
-            r = _top_p_from_buffer(sub, tsub, temperature, ids, m_use[rows], total[rows], top_p,
-                                   lo_all[rows])
+            r = _top_p_from_buffer(logits, rows, targets, temperature, ids, m_use[rows],
+                                   total[rows], top_p, lo_all[rows])
             ent[rows], lse[rows], lp[rows] = r.entropy, r.logsumexp, r.target_logprob
             fallback[rows[over]] = True
     if bool(fallback.any()):

@@ -46,7 +46,8 @@ def explain(err: Exception, settings: Settings) -> str:
 
 
 def ensure_bucket(settings: Settings, *, create: bool = True) -> None:
-    s3 = client(settings)
+    """Fail fast (two attempts) when S3 is unreachable, refuses the keys, or lacks the bucket."""
+    s3 = client(settings, attempts=2)
     try:
         s3.head_bucket(Bucket=settings.bucket)
         return

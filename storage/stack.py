@@ -195,7 +195,7 @@ class Stack:
                 os.killpg(pid, signal.SIGTERM)
             except OSError:
                 os.kill(pid, signal.SIGTERM)
-            for _ in range(40):
+            for _ in range(20):
                 if not _pid_alive(pid):
                     break
                 time.sleep(0.25)

@@ -161,6 +161,18 @@ def test_top_p_buffer_and_fallback(monkeypatch, trunc, max_buffer, fallback_rows
     assert_stats_close(got, x, t, **trunc)
 
 
+def test_top_p_mixed_buffer_and_fallback_rows(monkeypatch):
+    x = make_logits("randn", 5, 1500, torch.float32, seed=30)
+    x[1] = 0.5  # flat row: all 1500 tokens are candidates, more than the buffer
+    t = make_targets(x)
+    spy = _Spy()
+    monkeypatch.setattr(truncation, "reference", spy)
+    got = truncated_token_stats(x, t, top_p=0.8, max_buffer=1024, block=256, splits=2)
+    monkeypatch.undo()
+    assert spy.rows == 1
+    assert_stats_close(got, x, t, top_p=0.8)
+
+
 def test_dispatch_triton_matches_reference():
     x = make_logits("ties", 5, 900, torch.bfloat16, seed=28)
     t = make_targets(x)

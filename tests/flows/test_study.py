@@ -1,0 +1,78 @@
+"""The whole study flow on a tiny model, against a real S3 server, MLflow server and Prefect harness."""
+import json
+
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+
+from storage import s3
+from tasks.config import StudyConfig
+
+
+@pytest.fixture(scope="module")
+def config(tiny_spec):
+    return StudyConfig.model_validate({
+        "name": "flowtest", "models": [tiny_spec.model_dump()], "datasets": [{"name": "python-docs"}],
+        "decodings": [{"temperature": 1.0}, {"temperature": 0.7}, {"temperature": 1.0, "top_p": 0.9}],
+        "num_examples": 4, "prompt_tokens": 8, "max_new_tokens": 12, "min_reference_tokens": 12, "horizon": 12,
+        "batch_size": 4, "bootstrap": 50,
+    })
+
+
+@pytest.fixture(scope="module")
+def first_run(config, stack, prefect_harness, tmp_path_factory):
+    from flows.study import study
+
+    out = tmp_path_factory.mktemp("out")
+    return study(config, out=str(out)), out
+
+
+def test_runs_metrics_and_artifacts_land_in_mlflow_and_s3(first_run, config, stack):
+    result, out = first_run
+    client = MlflowClient(stack.mlflow_uri)
+    parent = client.get_run(result["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["horizon"] == "12"
+    assert parent.data.tags["device"].startswith(("cpu", "NVIDIA"))
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(
+        f"tiny__python-docs__{k}" for k in ("t1", "t0.7", "t1-p0.9"))
+    for c in children:
+        m = c.data.metrics
+        assert {"entce", "entropy_mean", "logloss_mean", "entce_ci_low", "entce_ci_high"} <= set(m)
+        assert m["entce"] == pytest.approx(m["entropy_mean"] - m["logloss_mean"], abs=1e-9)
+        assert len(client.get_metric_history(c.info.run_id, "step_entropy")) == 12
+        files = {f.path for f in client.list_artifacts(c.info.run_id, "tables")}
+        assert files == {"tables/prompts.parquet", "tables/generations.parquet", "tables/reference.parquet"}
+    # the artifacts are objects in the bucket, not files on the MLflow server's disk
+    keys = s3.list_keys(stack, "mlflow/")
+    assert sum(k.endswith("tables/generations.parquet") for k in keys) == 3
+    assert any(k.endswith("report/error_accumulation.png") for k in keys)
+    assert any(k.endswith("summary.json") for k in keys)
+
+
+def test_out_dir_holds_tables_and_summary(first_run):
+    result, out = first_run
+    child = out / "tiny__python-docs__t1-p0.9"
+    summary = json.loads((child / "summary.json").read_text())
+    assert summary["decoding"] == {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "min_p": 0.0, "top_nsigma": 0.0,
+                                   "key": "t1-p0.9"}
+    assert summary["horizon"] == 12 and summary["model"] == "tiny" and summary["dataset"] == "python-docs"
+    assert summary["entce"] == pytest.approx(summary["entropy"] - summary["logloss"])
+    gens = pl.read_parquet(child / "generations.parquet")
+    assert gens.height == 4 and set(gens["decoding"]) == {"t1-p0.9"}
+    assert (out / "report.md").read_text().count("| tiny | python-docs |") == 3
+    assert not list(out.glob("*.partial"))
+
+
+def test_rerun_hits_the_cache_and_runs_no_generation(first_run, config, tmp_path):
+    from flows.study import study
+
+    result, _ = first_run
+    again = study(config, out=str(tmp_path))
+    assert not any(s.startswith(("generate", "score", "prepare")) for s in again["ran"])
+    assert len(again["cached"]) == 1 + 3 + 1
+    assert [r["entce"] for r in again["rows"]] == [r["entce"] for r in result["rows"]]
+    # a changed knob is a different cache key: generation runs again
+    changed = study(config.model_copy(update={"seed": 1}), out=None)
+    assert sum(s.startswith("generate") for s in changed["ran"]) == 3
