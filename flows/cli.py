@@ -79,7 +79,7 @@ def print_result(result: dict) -> None:
 
 
 def cmd_study(cfg_dict: dict | None, args) -> int:
-    from flows.study import study
+    from flows.study import preflight, study
     from storage.stack import ensure
     from tasks.config import load_config, parse_config
 
@@ -89,6 +89,7 @@ def cmd_study(cfg_dict: dict | None, args) -> int:
         config = load_config(args.config, overrides)
     else:
         config = parse_config({**cfg_dict, **overrides}, source="demo config")
+    preflight(config)
     with ensure(("s3", "mlflow")):
         result = study(config, out=args.out)
     print_result(result)

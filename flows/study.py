@@ -29,6 +29,7 @@ from storage.settings import from_env
 from storage.tracking import Tracker
 from tasks import calibrate, datasets, generate, publish, report, score
 from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
+from tasks.models import source_of
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,20 @@ def report_task(tracker: Tracker, parent_id: str, out_dir: str, name: str, summa
 
 
 # ------------------------------------------------------------------ the flow
+def preflight(config: StudyConfig) -> None:
+    """Cheap checks of every input before any service or model starts: user mistakes fail in a second."""
+    for model in config.models:
+        source_of(model)
+    for dataset in config.datasets:
+        datasets.check_source(dataset)
+
+
 @flow(name="entcal-study", log_prints=True)
 def study(config: StudyConfig, out: str | None = None) -> dict:
     """Run one study; returns the summary rows, the MLflow run URL, the report path and which
     stages were served from cache."""
     logger = get_run_logger()
+    preflight(config)
     settings = from_env()  # credentials come from the environment, never from flow parameters
     prep, gen, sc = prepare_task, generate_task, score_task  # results: PREFECT_RESULTS_LOCAL_STORAGE_PATH
     out_dir = Path(out) if out else settings.state_dir / "reports" / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -35,7 +35,9 @@ def truncation_mask(
 
     ``z`` are temperature-scaled logits [N, V] (float32/float64). Ties follow transformers:
     top-k keeps every token equal to the k-th largest; top-p keeps the smallest prefix of a
-    stable descending sort whose mass reaches p; min-p keeps z >= max + log(min_p).
+    stable descending sort whose mass reaches p; min-p keeps z >= max + log(min_p); top-nσ keeps
+    z >= max − n·σ with σ the standard deviation of the whole row's finite z (as in the top-nσ paper),
+    not of the survivors of the steps before. A row with no finite entry has NaN entropy.
     """
     n, v = z.shape
     keep = None
@@ -126,12 +128,13 @@ def fused_token_stats(
 ):
     """token_stats(hidden @ weight.T, ...) computed a block of rows at a time.
 
-    Peak extra memory is chunk_rows × V floats, not N × V.
+    Peak extra memory is chunk_rows × V floats (plus a float32 copy of a low-precision weight), not N × V.
     """
     parts = []
+    w = weight.to(dtype)  # cast once, not per chunk
     for i in range(0, hidden.shape[0], chunk_rows):
         h = hidden[i : i + chunk_rows].to(dtype)
-        logits = h @ weight.to(dtype).T
+        logits = h @ w.T
         t = None if targets is None else targets[i : i + chunk_rows]
         parts.append(token_stats(logits, t, temperature=temperature, dtype=dtype))
     if not parts:

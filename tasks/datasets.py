@@ -179,6 +179,17 @@ def preset_documents(preset: str, df: pl.DataFrame) -> Iterator[Document]:
         raise ConfigError(f"unknown preset {preset!r}")
 
 
+def check_source(spec: DatasetSpec) -> None:
+    """Fail fast on a local dataset that is missing or of an unknown kind (before any service starts)."""
+    if spec.path:
+        path = Path(spec.path)
+        if not path.exists():
+            raise ConfigError(f"dataset {spec.label}: {path} does not exist (give a .txt, .jsonl or .parquet path)")
+        if path.is_file() and path.suffix.lower() not in (".txt", ".jsonl", ".parquet"):
+            raise ConfigError(f"dataset {spec.label}: {path}: expected a .txt, .jsonl or .parquet file, "
+                              f"got {path.suffix!r}")
+
+
 def documents(spec: DatasetSpec) -> Iterator[Document]:
     if spec.path:
         return local_documents(spec)

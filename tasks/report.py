@@ -35,7 +35,7 @@ def plot_error_accumulation(curves: list[dict], path: Path, *, smoothing: float)
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4 * rows), squeeze=False)
     decodings = sorted({c["decoding"] for c in curves})
-    colour = {d: plt.cm.viridis(i / max(1, len(decodings) - 1)) for i, d in enumerate(decodings)}
+    colour = {d: plt.cm.tab10(i % 10) for i, d in enumerate(decodings)}
     for ax, (model, dataset) in zip(axes.flat, panels):
         for c in curves:
             if (c["model"], c["dataset"]) != (model, dataset):
