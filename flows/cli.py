@@ -12,22 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-DEMO_MODEL = {"name": "smollm2-135m"}
-DEMO_DATASETS = [{"name": "python-docs"}, {"name": "python-stdlib"}]
-
-
-def demo_config(quick: bool) -> dict:
-    """The embedded default study: SmolLM2-135M on both built-in corpora at three temperatures."""
-    if quick:
-        size = dict(num_examples=8, prompt_tokens=32, max_new_tokens=48, min_reference_tokens=48, horizon=48,
-                    batch_size=8)
-    else:
-        size = dict(num_examples=24, prompt_tokens=64, max_new_tokens=160, min_reference_tokens=160,
-                    horizon=160, batch_size=12)
-    return {"name": "demo-quick" if quick else "demo", "models": [DEMO_MODEL], "datasets": DEMO_DATASETS,
-            "decodings": [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}], "seed": 0, **size}
-
-
 class UserErrorFilter(logging.Filter):
     """Drop tracebacks of user mistakes from log records (Prefect logs task failures with exc_info)."""
 
@@ -133,6 +117,19 @@ def cmd_theory(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from flows.serve import serve_all
+    from storage.settings import from_env
+    from storage.stack import Stack
+
+    Stack().up()
+    os.environ["PREFECT_API_URL"] = from_env().prefect_api
+    print(f"serving deployments to {os.environ['PREFECT_API_URL']} (Prefect UI: "
+          f"{os.environ['PREFECT_API_URL'].removesuffix('/api')}); Ctrl-C to stop", file=sys.stderr)
+    serve_all(limit=args.limit)
+    return 0
+
+
 def cmd_bench(args) -> int:
     import runpy
 
@@ -169,6 +166,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, action="append", help="power-law exponent(s) of the data")
     t.add_argument("--json", action="store_true")
     t.add_argument("--plot", help="write a PNG of the curves here")
+    sv = sub.add_parser("serve", help="serve the nightly and on-demand deployments (starts the local stack)")
+    sv.add_argument("--limit", type=int, default=1, help="flow runs at once (1: one GPU, one study)")
     b = sub.add_parser("bench", help="benchmarks (GPU figures need CUDA)")
     b.add_argument("what", choices=["kernels", "generate"])
     b.add_argument("--json", action="store_true")
@@ -187,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).addFilter(UserErrorFilter(kinds))
     try:
         if args.command == "demo":
+            from flows.study import demo_config
+
             return cmd_study(demo_config(args.quick), args)
         if args.command == "run":
             return cmd_study(None, args)
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_stack(args)
         if args.command == "theory":
             return cmd_theory(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_bench(args)
     except kinds as err:
         if args.debug:

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import polars as pl
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.results import result_storage
 from storage.settings import from_env
-from storage.tracking import Tracker
+from storage.tracking import Tracker, TrackingError
 from tasks import calibrate, datasets, generate, publish, report, score
 from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
 from tasks.models import source_of
@@ -74,11 +76,14 @@ def _stage(fn):
 
 # ------------------------------------------------------------------ tasks
 def _progress(what: str):
+    """Log progress and keep a Prefect progress artifact (shown on the run's page) up to date."""
     logger = get_run_logger()
     start = time.monotonic()
+    artifact_id = create_progress_artifact(0.0, description=what)
 
     def report_progress(done: int, total: int) -> None:
         logger.info("%s: %d/%d (%.0fs)", what, done, total, time.monotonic() - start)
+        update_progress_artifact(artifact_id, 100.0 * done / max(1, total))
     return report_progress
 
 
@@ -122,10 +127,30 @@ def report_task(tracker: Tracker, parent_id: str, out_dir: str, name: str, summa
                                 run_url=tracker.run_url(parent_id))
     for path in files.values():
         tracker.log_file(parent_id, path, "report")
+    create_markdown_artifact(markdown=files["report"].read_text(), key=artifact_key(name),
+                             description=f"entcal study {name}: EntCE per decoding; MLflow {tracker.run_url(parent_id)}")
     return {k: str(v) for k, v in files.items()}
 
 
+def artifact_key(name: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes."""
+    return "entcal-" + ("".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "study")
+
+
 # ------------------------------------------------------------------ the flow
+def demo_config(quick: bool = False) -> dict:
+    """The embedded default study: SmolLM2-135M on both built-in corpora at three temperatures."""
+    if quick:
+        size = dict(num_examples=8, prompt_tokens=32, max_new_tokens=48, min_reference_tokens=48, horizon=48,
+                    batch_size=8)
+    else:
+        size = dict(num_examples=24, prompt_tokens=64, max_new_tokens=160, min_reference_tokens=160,
+                    horizon=160, batch_size=12)
+    return {"name": "demo-quick" if quick else "demo", "models": [{"name": "smollm2-135m"}],
+            "datasets": [{"name": "python-docs"}, {"name": "python-stdlib"}],
+            "decodings": [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}], "seed": 0, **size}
+
+
 def preflight(config: StudyConfig) -> None:
     """Cheap checks of every input before any service or model starts: user mistakes fail in a second."""
     for model in config.models:
@@ -141,7 +166,11 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
     logger = get_run_logger()
     preflight(config)
     settings = from_env()  # credentials come from the environment, never from flow parameters
-    prep, gen, sc = prepare_task, generate_task, score_task  # results: PREFECT_RESULTS_LOCAL_STORAGE_PATH
+    if not settings.mlflow_uri:
+        raise TrackingError("no MLflow server: set MLFLOW_TRACKING_URI or run `entcal stack up`")
+    storage = result_storage(settings)  # S3 when configured: cached work is shared across machines
+    prep, gen, sc = (t.with_options(result_storage=storage) if storage else t
+                     for t in (prepare_task, generate_task, score_task))
     out_dir = Path(out) if out else settings.state_dir / "reports" / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
     tracker = Tracker(settings.mlflow_uri, experiment=f"entcal/{config.name}")
     parent_id = tracker.start(config.name, tags={"entcal.stage": "study", **publish.provenance()})

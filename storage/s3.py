@@ -83,3 +83,23 @@ def wait_until_up(settings: Settings, timeout_s: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise StorageError(explain(err, settings)) from None
             time.sleep(0.3)
+
+
+def put_bytes(settings: Settings, key: str, data: bytes) -> None:
+    """One PUT: S3 makes the object visible only when complete, so readers never see half of it."""
+    try:
+        client(settings).put_object(Bucket=settings.bucket, Key=key, Body=data)
+    except (BotoCoreError, ClientError) as err:
+        raise StorageError(explain(err, settings)) from None
+
+
+def get_bytes(settings: Settings, key: str) -> bytes | None:
+    """The object's bytes, or None when there is no such key."""
+    try:
+        return client(settings).get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise StorageError(explain(err, settings)) from None
+    except BotoCoreError as err:
+        raise StorageError(explain(err, settings)) from None

@@ -49,6 +49,8 @@ def test_runs_metrics_and_artifacts_land_in_mlflow_and_s3(first_run, config, sta
     assert sum(k.endswith("tables/generations.parquet") for k in keys) == 3
     assert any(k.endswith("report/error_accumulation.png") for k in keys)
     assert any(k.endswith("summary.json") for k in keys)
+    # cached task results live in the bucket too, so other machines reuse them
+    assert len(s3.list_keys(stack, "prefect-results/")) >= 1 + 3 + 1
 
 
 def test_out_dir_holds_tables_and_summary(first_run):
@@ -76,3 +78,18 @@ def test_rerun_hits_the_cache_and_runs_no_generation(first_run, config, tmp_path
     # a changed knob is a different cache key: generation runs again
     changed = study(config.model_copy(update={"seed": 1}), out=None)
     assert sum(s.startswith("generate") for s in changed["ran"]) == 3
+
+
+def test_prefect_artifacts_summarise_the_run(first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.study import artifact_key
+
+    result, _ = first_run
+    with get_client(sync_client=True) as client:
+        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key("flowtest")])),
+                                       limit=1)
+        progress = [a for a in client.read_artifacts(limit=50) if a.type == "progress"]
+    assert result["run_id"] in art.data and "| tiny | python-docs | t1 |" in art.data
+    assert progress and max(float(a.data) for a in progress) == 100.0

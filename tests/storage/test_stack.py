@@ -59,3 +59,18 @@ def test_cli_stack_status_json(stack):
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"s3", "mlflow", "prefect", "bucket", "artifact_root"} <= set(st)
+
+
+def test_services_listen_on_loopback_only(stack):
+    import psutil
+
+    pids = Stack().state()["pids"]
+    seen = 0
+    for pid in pids.values():
+        proc = psutil.Process(pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            for conn in p.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    seen += 1
+                    assert conn.laddr.ip in ("127.0.0.1", "::1"), (p.cmdline()[:3], conn.laddr)
+    assert seen >= 2
