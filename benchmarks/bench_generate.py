@@ -139,13 +139,14 @@ def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int
             "forward_only": forward_only}
 
 
-def _time(fn, device) -> tuple[float, int]:
+def _time(fn, device) -> tuple[float, float, int]:
+    """(wall seconds, process CPU seconds, new tokens) of one call."""
     _sync(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     with torch.inference_mode():
         n = fn()
     _sync(device)
-    return time.perf_counter() - t0, n
+    return time.perf_counter() - t0, time.process_time() - c0, n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,27 +207,30 @@ def main(argv: list[str] | None = None) -> int:
     want = batch * args.new_tokens
 
     for v in variants:  # warm-up: one full run each
-        dt, n = _time(runners[v], device)
+        dt, ct, n = _time(runners[v], device)
         assert n == want, f"{v}: expected {want} new tokens, got {n}"
         log(f"warm-up {v}: {dt:.2f} s")
     times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.repeats):  # round-robin so background load is shared out evenly
         for v in variants:
-            dt, n = _time(runners[v], device)
+            dt, ct, n = _time(runners[v], device)
             assert n == want, f"{v}: expected {want} new tokens, got {n}"
             times[v].append(dt)
-            log(f"repeat {r + 1}/{args.repeats} {v}: {dt:.2f} s ({n / dt:.1f} tok/s)")
+            cpu[v].append(ct)
+            log(f"repeat {r + 1}/{args.repeats} {v}: {dt:.2f} s wall, {ct:.2f} s cpu ({n / dt:.1f} tok/s)")
 
     res = {}
     for v, ts in times.items():
         best = min(ts)
-        res[v] = {"best_s": best, "times_s": ts, "tokens": want, "tokens_per_s": want / best,
+        res[v] = {"best_s": best, "times_s": ts, "cpu_s": cpu[v], "tokens": want, "tokens_per_s": want / best,
                   "ms_per_step": 1e3 * best / args.new_tokens, "spread": (max(ts) - best) / best}
     best = {v: r["best_s"] for v, r in res.items()}
+    best_cpu = {v: min(c) for v, c in cpu.items()}
     nan = math.nan
 
-    def ratio(a: str, b: str, f) -> float | None:
-        return f(best[a], best[b]) if a in best and b in best else None
+    def ratio(a: str, b: str, f, t=best) -> float | None:
+        return f(t[a], t[b]) if a in t and b in t else None
 
     result = {
         "model": spec.label, "device": str(device), "device_name": torch.cuda.get_device_name(device)
@@ -242,6 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         "forward_fraction_entcal": ratio("forward_only", "entcal", lambda a, b: a / b),
         "forward_fraction_hf_generate": ratio("forward_only", "hf_generate", lambda a, b: a / b),
         "max_spread": max((r["spread"] for r in res.values()), default=nan),
+        # the same ratios from process CPU seconds: steadier than wall time when other processes
+        # compete for the cores (exact with --threads 1; with more threads OpenMP spin-waits count)
+        "cpu_time": {
+            "speedup_vs_hf_generate": ratio("entcal", "hf_generate", lambda a, b: b / a, best_cpu),
+            "stats_overhead": ratio("entcal", "entcal_nostats", lambda a, b: (a - b) / b, best_cpu),
+            "forward_fraction_entcal": ratio("forward_only", "entcal", lambda a, b: a / b, best_cpu),
+            "forward_fraction_hf_generate": ratio("forward_only", "hf_generate", lambda a, b: a / b, best_cpu),
+        },
     }
     for k in ("speedup_vs_hf_generate", "stats_overhead", "forward_fraction_entcal", "forward_fraction_hf_generate"):
         if result[k] is not None:

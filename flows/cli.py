@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from storage.errors import UserError
+
 class UserErrorFilter(logging.Filter):
     """Drop tracebacks of user mistakes from log records (Prefect logs task failures with exc_info)."""
 
@@ -41,14 +43,24 @@ def _environment() -> None:
             os.environ["PREFECT_API_URL"] = settings.prefect_api
 
 
-def user_errors() -> tuple[type, ...]:
-    from storage.s3 import StorageError
-    from storage.stack import StackError
-    from storage.tracking import TrackingError
-    from tasks.config import ConfigError
-    from tasks.generate import NonFiniteLogits
+class ServiceError(UserError, RuntimeError):
+    """A configured service does not answer."""
 
-    return (ConfigError, StorageError, StackError, TrackingError, NonFiniteLogits)
+
+def check_prefect(api_url: str | None) -> None:
+    """A configured Prefect API must answer; without one, Prefect runs an ephemeral server."""
+    if not api_url:
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=5) as r:
+            if r.status == 200:
+                return
+    except Exception as err:
+        raise ServiceError(f"Prefect API at {api_url} is unreachable ({err.__class__.__name__}); check PREFECT_API_URL "
+                           "or `entcal stack status`") from None
+    raise ServiceError(f"Prefect API at {api_url} answered /health with an error")
 
 
 def print_result(result: dict) -> None:
@@ -63,9 +75,7 @@ def print_result(result: dict) -> None:
 
 
 def cmd_study(cfg_dict: dict | None, args) -> int:
-    from flows.study import preflight, study
-    from storage.stack import ensure
-    from tasks.config import load_config, parse_config
+    from tasks.config import load_config, parse_config  # light: a bad config fails before torch loads
 
     overrides = {k: v for k, v in (("num_examples", args.num_examples), ("max_new_tokens", args.max_new_tokens),
                                    ("horizon", args.horizon), ("seed", args.seed)) if v is not None}
@@ -73,8 +83,14 @@ def cmd_study(cfg_dict: dict | None, args) -> int:
         config = load_config(args.config, overrides)
     else:
         config = parse_config({**cfg_dict, **overrides}, source="demo config")
+    from flows.study import preflight, study
+    from storage.stack import ensure
+    from storage.tracking import check_server
+
     preflight(config)
-    with ensure(("s3", "mlflow")):
+    check_prefect(os.environ.get("PREFECT_API_URL"))
+    with ensure(("s3", "mlflow")) as settings:
+        check_server(settings.mlflow_uri)
         result = study(config, out=args.out)
     print_result(result)
     return 0
@@ -180,13 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "urllib3", "botocore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _environment()
-    kinds = user_errors()
     if not args.debug:
         for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).addFilter(UserErrorFilter(kinds))
+            logging.getLogger(name).addFilter(UserErrorFilter((UserError,)))
     try:
         if args.command == "demo":
-            from flows.study import demo_config
+            from tasks.config import demo_config
 
             return cmd_study(demo_config(args.quick), args)
         if args.command == "run":
@@ -198,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return cmd_serve(args)
         return cmd_bench(args)
-    except kinds as err:
+    except UserError as err:
         if args.debug:
             raise
         print(f"entcal: error: {err}", file=sys.stderr)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from prefect import serve
 
-from flows.study import demo_config, study
+from flows.study import study
+from tasks.config import demo_config
 
 NIGHTLY_CRON = "0 3 * * *"
 

@@ -31,7 +31,7 @@ from storage.settings import from_env
 from storage.tracking import Tracker, TrackingError
 from tasks import calibrate, datasets, generate, publish, report, score
 from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
-from tasks.models import source_of
+from tasks.models import max_positions, source_of
 
 log = logging.getLogger(__name__)
 
@@ -138,23 +138,11 @@ def artifact_key(name: str) -> str:
 
 
 # ------------------------------------------------------------------ the flow
-def demo_config(quick: bool = False) -> dict:
-    """The embedded default study: SmolLM2-135M on both built-in corpora at three temperatures."""
-    if quick:
-        size = dict(num_examples=8, prompt_tokens=32, max_new_tokens=48, min_reference_tokens=48, horizon=48,
-                    batch_size=8)
-    else:
-        size = dict(num_examples=24, prompt_tokens=64, max_new_tokens=160, min_reference_tokens=160,
-                    horizon=160, batch_size=12)
-    return {"name": "demo-quick" if quick else "demo", "models": [{"name": "smollm2-135m"}],
-            "datasets": [{"name": "python-docs"}, {"name": "python-stdlib"}],
-            "decodings": [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}], "seed": 0, **size}
-
-
 def preflight(config: StudyConfig) -> None:
     """Cheap checks of every input before any service or model starts: user mistakes fail in a second."""
     for model in config.models:
         source_of(model)
+        max_positions(model)  # reads the model's config (no weights): a broken model dir fails here
     for dataset in config.datasets:
         datasets.check_source(dataset)
 

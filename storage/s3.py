@@ -8,12 +8,13 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
+from storage.errors import UserError
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """S3 is unreachable, refuses the credentials, or lacks the bucket: the message says which."""
 
 

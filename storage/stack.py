@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from storage import s3
+from storage.errors import UserError
 from storage.settings import Settings, from_env, read_stack_file, stack_file
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ SERVICES = ("s3", "mlflow", "prefect")
 HOST = os.environ.get("ENTCAL_BIND_HOST", "127.0.0.1")
 
 
-class StackError(RuntimeError):
+class StackError(UserError, RuntimeError):
     """A service did not come up: the message names it and points at its log."""
 
 
@@ -157,9 +158,10 @@ class Stack:
                 data = self.root / "s3"
                 (data / st["bucket"]).mkdir(parents=True, exist_ok=True)  # a directory is a bucket
                 st["s3"] = f"http://127.0.0.1:{port}"
-                cmd = [_bin("rclone"), "serve", "s3", str(data), "--addr", f"{HOST}:{port}",
-                       "--auth-key", f"{st['access_key']},{st['secret_key']}", "--vfs-cache-mode", "off"]
-                env = {"RCLONE_CONFIG": str(self.root / "rclone.conf")}
+                cmd = [_bin("rclone"), "serve", "s3", str(data), "--addr", f"{HOST}:{port}", "--vfs-cache-mode", "off"]
+                # the key pair goes through the environment: a command line is visible to every local user
+                env = {"RCLONE_CONFIG": str(self.root / "rclone.conf"),
+                       "RCLONE_AUTH_KEY": f'"{st["access_key"]},{st["secret_key"]}"'}  # CSV-quoted: one pair
                 timeout = 30
             elif name == "mlflow":
                 st["mlflow"] = f"http://127.0.0.1:{port}"
@@ -223,7 +225,7 @@ def ensure(services: tuple[str, ...] = ("s3", "mlflow"), root: Path | None = Non
     started = stack.up(tuple(s for s in services if not external[s])) if not all(external[s] for s in services) else []
     try:
         settings = from_env()
-        s3.ensure_bucket(settings)
+        s3.ensure_bucket(settings, create=not external["s3"])  # a user's bucket is theirs to create
         yield settings
     finally:
         if started:

@@ -18,13 +18,33 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from storage.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """MLflow is unreachable or refused a write: the message names the server."""
+
+
+def check_server(uri: str | None, timeout_s: float = 5.0) -> None:
+    """Fail fast, with one line, when the MLflow server does not answer."""
+    import urllib.request
+
+    if not uri:
+        raise TrackingError("no MLflow server: set MLFLOW_TRACKING_URI or run `entcal stack up`")
+    if not uri.startswith(("http://", "https://")):
+        return  # a local store (file:, sqlite:) needs no server
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            if r.status == 200:
+                return
+    except Exception as err:
+        raise TrackingError(f"MLflow at {uri} is unreachable ({err.__class__.__name__}); check MLFLOW_TRACKING_URI "
+                            "or `entcal stack status`") from None
+    raise TrackingError(f"MLflow at {uri} answered /health with an error; check the server's log")
 
 
 class Tracker:

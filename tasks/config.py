@@ -14,12 +14,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from storage.errors import UserError
+
 BUILTIN_MODELS = ("smollm2-135m",)
 BUILTIN_DATASETS = ("python-docs", "python-stdlib")
 PRESETS = ("wikitext-103", "writingprompts", "codecontests")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user mistake in a config: the message is one line that says what to fix."""
 
 
@@ -232,6 +234,19 @@ def load_config(path: str | Path, overrides: dict | None = None) -> StudyConfig:
     if isinstance(data, dict):
         data = {**data, **(overrides or {})}
     return parse_config(data, source=f"config {p}")
+
+
+def demo_config(quick: bool = False) -> dict:
+    """The embedded default study: SmolLM2-135M on both built-in corpora at three temperatures."""
+    if quick:
+        size = dict(num_examples=8, prompt_tokens=32, max_new_tokens=48, min_reference_tokens=48, horizon=48,
+                    batch_size=8)
+    else:
+        size = dict(num_examples=24, prompt_tokens=64, max_new_tokens=160, min_reference_tokens=160,
+                    horizon=160, batch_size=12)
+    return {"name": "demo-quick" if quick else "demo", "models": [{"name": "smollm2-135m"}],
+            "datasets": [{"name": "python-docs"}, {"name": "python-stdlib"}],
+            "decodings": [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}], "seed": 0, **size}
 
 
 def config_json(cfg: StudyConfig) -> str:

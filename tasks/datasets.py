@@ -185,9 +185,25 @@ def check_source(spec: DatasetSpec) -> None:
         path = Path(spec.path)
         if not path.exists():
             raise ConfigError(f"dataset {spec.label}: {path} does not exist (give a .txt, .jsonl or .parquet path)")
-        if path.is_file() and path.suffix.lower() not in (".txt", ".jsonl", ".parquet"):
-            raise ConfigError(f"dataset {spec.label}: {path}: expected a .txt, .jsonl or .parquet file, "
-                              f"got {path.suffix!r}")
+        suffix = path.suffix.lower()
+        if path.is_file() and suffix not in (".txt", ".jsonl", ".parquet"):
+            raise ConfigError(f"dataset {spec.label}: {path}: expected a .txt, .jsonl or .parquet file, got {suffix!r}")
+        if path.is_file() and suffix in (".jsonl", ".parquet"):
+            try:
+                if suffix == ".parquet":
+                    columns, rows = list(pl.read_parquet_schema(path)), pl.scan_parquet(path).select(pl.len()).collect().item()
+                else:
+                    first = next((line for line in path.open(encoding="utf-8") if line.strip()), None)
+                    columns, rows = (list(json.loads(first)) if first else []), int(first is not None)
+            except (OSError, ValueError, pl.exceptions.PolarsError) as err:
+                raise ConfigError(f"dataset {spec.label}: cannot read {path} ({err.__class__.__name__}: {str(err)[:200]})") from None
+            if rows == 0:
+                raise ConfigError(f"dataset {spec.label}: {path} is empty (no rows); give a file with texts")
+            if spec.text_field not in columns:
+                raise ConfigError(f"dataset {spec.label}: {path} has no column {spec.text_field!r} (columns: {columns}); "
+                                  "set text_field: to the column that holds the text")
+        if path.is_file() and suffix == ".txt" and not path.read_text(encoding="utf-8", errors="replace").strip():
+            raise ConfigError(f"dataset {spec.label}: {path} is empty; give a file with text")
 
 
 def documents(spec: DatasetSpec) -> Iterator[Document]:

@@ -24,6 +24,7 @@ import torch
 
 import kernels
 from kernels.reference import scaled_logits
+from storage.errors import UserError
 from tasks.config import DecodingSpec, ModelSpec
 from tasks.models import load_model, pad_id
 
@@ -40,8 +41,8 @@ GENERATIONS_SCHEMA = {
 }
 
 
-class NonFiniteLogits(RuntimeError):
-    """The model produced NaN logits: the message names the example and the step."""
+class NonFiniteLogits(UserError, RuntimeError):
+    """The model produced NaN or +inf logits: the message names the example and the step."""
 
 
 def row_seed(seed: int, example_id: str, sample: int) -> int:
@@ -104,11 +105,12 @@ def sample_batch(
     eos = torch.tensor(eos_ids or (-1,), device=device)
     kw = decoding.kernel_kwargs()
     for t in range(max_new_tokens):
-        bad = torch.isnan(logits).any(-1)
+        bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1)  # -inf is a legitimate mask
         if bad.any():
             row = int(alive[bad.nonzero()[0, 0]])
             name = row_names[row] if row_names else str(row)
-            raise NonFiniteLogits(f"NaN in the model's logits for example {name} at generation step {t}")
+            raise NonFiniteLogits(f"NaN or +inf in the model's logits for example {name} at generation step {t} "
+                                  "(try dtype: float32, or check the model's weights)")
         z = scaled_logits(logits, **kw)
         tok = sample_tokens(z, uniforms[alive, t])
         stats = kernels.token_stats(logits, tok, **kw)

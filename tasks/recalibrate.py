@@ -43,14 +43,15 @@ def tau_star(entce_at: Callable[[float], tuple[float, float, float]], lo: float 
              tol: float = 0.01, max_rounds: int = 8) -> dict:
     """Root of EntCE(τ) in [lo, hi] by modified regula falsi: the Illinois family with Anderson–Björck
     scaling (the end retained twice in a row has its value scaled by 1 − f(x)/f(replaced), or halved as
-    in Illinois when that is ≤ 0). Each step is moved tol/2 toward the end not replaced last and kept
-    ≥ tol/2 inside the bracket, so the bracket closes to ≤ tol instead of creeping from one side;
-    bisection when the estimate leaves the bracket or three steps failed to halve it. A bracket without
-    a sign change is widened once, by half its width, toward the end with the smaller |EntCE|.
-    τ* is the linear root between the final bracket ends (error ≤ tol once converged; ``converged``
-    False when max_rounds ran out first). CI: over the evaluated τ, sorted, the linear-interpolation
-    roots of the ci_low and ci_high curves (the crossing nearest τ*), as [lower, upper] around τ*; None
-    on a side where neither curve changes sign among the evaluated points."""
+    in Illinois when that is ≤ 0). Each new point is kept ≥ tol/2 inside the bracket, so the bracket
+    closes to ≤ tol instead of creeping from one side; bisection when the estimate leaves the bracket
+    or three steps failed to halve it. A bracket without a sign change is widened once, by half its
+    width, toward the end with the smaller |EntCE| (lo is kept > 0); still none: ValueError.
+    τ* is the linear root between the final bracket ends (error ≤ tol once converged; ``converged`` is
+    False when max_rounds, widening included, ran out first). CI: sort the evaluated τ; the roots of the
+    ci_low(τ) and ci_high(τ) curves by linear interpolation between adjacent evaluated points (the
+    crossing nearest τ* when several); tau_star_ci = [the root ≤ τ*, the root > τ*] (for EntCE rising
+    in τ: [root of ci_high, root of ci_low]); None on a side with no crossing among the evaluated τ."""
     if not 0 < lo < hi:
         raise ValueError(f"tau_star: need 0 < lo < hi, got lo={lo}, hi={hi}")
     rounds: list[dict] = []
@@ -85,9 +86,7 @@ def tau_star(entce_at: Callable[[float], tuple[float, float, float]], lo: float 
         x = b - gb * (b - a) / (gb - ga)
         if not a < x < b or (len(widths) >= 4 and widths[-1] > 0.5 * widths[-4]):
             x = (a + b) / 2
-        elif side:  # overshoot toward the end not replaced last: an estimate good to tol/2 lands past the root
-            x -= side * tol / 2
-        x = min(max(x, a + tol / 2), b - tol / 2)
+        x = min(max(x, a + tol / 2), b - tol / 2)  # a step of ≥ tol/2: the bracket closes, not creeps
         fx = ev(x)
         if fx == 0:
             a = b = x
@@ -210,7 +209,7 @@ def _candidate_pass(model, cache, key_mask, rows, positions, tokens, phi, *, ctx
         sub = DynamicCache(ddp_cache_data=[(l.keys[r, :, :width], l.values[r, :, :width]) for l in layers])
         km = key_mask[r, :width]
         if ctx_len is not None:
-            km = km
+            km = km * (torch.arange(width, device=km.device)[None] < ctx_len[s : s + chunk, None])
         am = torch.cat([km, torch.ones_like(km[:, :1])], dim=-1)
         o = model(input_ids=tokens[s : s + chunk, None], attention_mask=am, position_ids=positions[s : s + chunk, None],
                   past_key_values=sub, use_cache=True, output_hidden_states=True)
@@ -506,7 +505,8 @@ def lookahead_score(model, prompts, decoding: DecodingSpec | None = None, *, alp
 
 
 def _before_after(model, prompts_eval, decoding, phi, gamma, fit, tag, *, top_k, max_new_tokens, horizon,
-                  samples_per_prompt, seed, batch_size, eos_ids, pad_id, bootstrap, ci_level, chunk) -> dict:
+                  samples_per_prompt, seed, batch_size, eos_ids, pad_id, bootstrap, ci_level, chunk,
+                  return_tables) -> dict:
     """EntCE on ``prompts_eval``: before = p̂ (tasks.generate sampler, human text at α = 0), after = q̃."""
     alpha, buckets = fit["alpha"], fit["buckets"]
     gen_kw = dict(max_new_tokens=max_new_tokens, samples_per_prompt=samples_per_prompt, seed=seed,
@@ -531,16 +531,17 @@ def _before_after(model, prompts_eval, decoding, phi, gamma, fit, tag, *, top_k,
             "entce_ci_after": [s1["entce_ci_low"], s1["entce_ci_high"]],
             "fit_logloss": fit["logloss"], "fit_logloss_alpha0": fit["logloss_alpha0"],
             "summary_before": s0, "summary_after": s1,
-            "tables": {"generations_before": gens0, "reference_before": ref0,
-                       "generations_after": gens1, "reference_after": ref1}}
+            **({"tables": {"generations_before": gens0, "reference_before": ref0, "generations_after": gens1,
+                           "reference_after": ref1}} if return_tables else {})}
 
 
 def lookahead_calibration(model, prompts_train, prompts_eval, decoding: DecodingSpec | None = None, *,
                           top_k: int = 16, max_new_tokens: int = 64, horizon: int | None = None,
                           bounds=LOOKAHEAD_BOUNDS, samples_per_prompt: int = 1, seed: int = 0, batch_size: int = 8,
                           eos_ids=(), pad_id: int = 0, bootstrap: int = 1000, ci_level: float = 0.95,
-                          chunk: int | None = None) -> dict:
-    """Fit α on ``prompts_train``'s human text; EntCE / L̄ before and after on ``prompts_eval``."""
+                          chunk: int | None = None, return_tables: bool = False) -> dict:
+    """Fit α on ``prompts_train``'s human text; EntCE / L̄ before and after on ``prompts_eval`` (before:
+    tasks.generate's sampler and the human text at α = 0; ``return_tables`` adds the four tables)."""
     decoding, horizon = decoding or DecodingSpec(), horizon or max_new_tokens
     phi = _entropy_phi(decoding.temperature)
     fit = fit_alpha(human_atoms(model, prompts_train, decoding, phi, 0.0, top_k=top_k, max_tokens=horizon,
@@ -548,7 +549,7 @@ def lookahead_calibration(model, prompts_train, prompts_eval, decoding: Decoding
     return _before_after(model, prompts_eval, decoding, phi, 0.0, fit, "look", top_k=top_k,
                          max_new_tokens=max_new_tokens, horizon=horizon, samples_per_prompt=samples_per_prompt,
                          seed=seed, batch_size=batch_size, eos_ids=eos_ids, pad_id=pad_id, bootstrap=bootstrap,
-                         ci_level=ci_level, chunk=chunk)
+                         ci_level=ci_level, chunk=chunk, return_tables=return_tables)
 
 
 # ---------------------------------------------------------------- future entropy (Cao et al., Alg. 1)
@@ -576,30 +577,34 @@ def fit_future_regressor(model, prompts: pl.DataFrame, generations: pl.DataFrame
                          ridge: float = 1e-2, batch_size: int = 8, pad_id: int = 0) -> FutureEntropyRegressor:
     """Target at generated token s (feature: the final hidden state at that token, i.e. after appending
     it): the mean step_entropy of steps s+1 … end of that generation, within the first ``horizon`` steps.
-    Features standardised; minimises mean squared error + ridge·|w|² (float64, closed form)."""
+    Features standardised; minimises mean squared error + ridge·|w|², closed form from float64 moments
+    accumulated batch by batch (memory D², not tokens × D)."""
     device = next(model.parameters()).device
     ctx = dict(zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list()))
     gens = [(ctx[ex], toks[:horizon], ent[:horizon]) for ex, toks, ent in generations.select(
         "example_id", "token_ids", "step_entropy").iter_rows() if len(toks[:horizon]) >= 2]
     if not gens:
         raise ValueError("fit_future_regressor: no generation has 2 or more steps")
-    xs, ys = [], []
+    n, sx, sxx, sy, syy, sxy = 0, 0.0, 0.0, 0.0, 0.0, 0.0
     for b in range(0, len(gens), batch_size):
         part = gens[b : b + batch_size]
         ids, mask = _right_pad([c + t for c, t, _ in part], pad_id, device)
         hs = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        for j, (c, t, e) in enumerate(part):
-            xs.append(hs[j, len(c) : len(c) + len(t) - 1].double().cpu())
-            tail = np.cumsum(np.asarray(e, dtype=np.float64)[::-1])[::-1]  # sum of steps s … end
-            ys.append(torch.from_numpy(tail[1:] / np.arange(len(e) - 1, 0, -1)))
-    x, y = torch.cat(xs), torch.cat(ys)
-    mean, scale = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-    xz, ym = (x - mean) / scale, y.mean()
-    a = xz.T @ xz / len(x) + ridge * torch.eye(x.shape[1], dtype=x.dtype)
-    w = torch.linalg.solve(a, xz.T @ (y - ym) / len(x))
-    pred = xz @ w + ym
-    r2 = 1 - float(((y - pred) ** 2).sum() / ((y - ym) ** 2).sum().clamp_min(1e-12))
-    return FutureEntropyRegressor(mean.float(), scale.float(), w.float(), float(ym), r2, len(x))
+        x = torch.cat([hs[j, len(c) : len(c) + len(t) - 1] for j, (c, t, _) in enumerate(part)]).double()
+        tails = [np.cumsum(np.asarray(e, dtype=np.float64)[::-1])[::-1] for _, _, e in part]  # Σ steps s … end
+        y = torch.from_numpy(np.concatenate([t[1:] / np.arange(len(t) - 1, 0, -1) for t in tails])).to(x.device)
+        n, sx, sxx = n + len(x), sx + x.sum(0), sxx + x.T @ x
+        sy, syy, sxy = sy + y.sum(), syy + (y * y).sum(), sxy + x.T @ y
+    mean, ym = sx / n, sy / n
+    cov = sxx / n - torch.outer(mean, mean)
+    scale = cov.diagonal().clamp_min(0).sqrt().clamp_min(1e-6)
+    czz = cov / torch.outer(scale, scale)
+    czy = (sxy / n - mean * ym) / scale
+    w = torch.linalg.solve(czz + ridge * torch.eye(len(mean), dtype=czz.dtype, device=czz.device), czy)
+    var_y = float(syy / n - ym * ym)
+    sse = var_y - float(2 * w @ czy - w @ czz @ w)
+    r2 = 1 - sse / var_y if var_y > 0 else 0.0
+    return FutureEntropyRegressor(mean.float().cpu(), scale.float().cpu(), w.float().cpu(), float(ym), r2, n)
 
 
 def future_features(model, prompts, regressor: FutureEntropyRegressor, decoding: DecodingSpec | None = None,
@@ -618,7 +623,8 @@ def future_entropy_calibration(model, prompts_train, prompts_eval, decoding: Dec
                                top_k: int = 16, max_new_tokens: int = 64, horizon: int | None = None,
                                buckets=(), bounds=FUTURE_BOUNDS, ridge: float = 1e-2, samples_per_prompt: int = 1,
                                seed: int = 0, batch_size: int = 8, eos_ids=(), pad_id: int = 0,
-                               bootstrap: int = 1000, ci_level: float = 0.95, chunk: int | None = None) -> dict:
+                               bootstrap: int = 1000, ci_level: float = 0.95, chunk: int | None = None,
+                               return_tables: bool = False) -> dict:
     """Regressor on the model's own generations for ``prompts_train``, α (one per step bucket) on their
     human text; EntCE / L̄ before and after on ``prompts_eval``."""
     decoding, horizon = decoding or DecodingSpec(), horizon or max_new_tokens
@@ -633,5 +639,5 @@ def future_entropy_calibration(model, prompts_train, prompts_eval, decoding: Dec
     out = _before_after(model, prompts_eval, decoding, reg.phi, 1.0, fit, "fut", top_k=top_k,
                         max_new_tokens=max_new_tokens, horizon=horizon, samples_per_prompt=samples_per_prompt,
                         seed=seed, batch_size=batch_size, eos_ids=eos_ids, pad_id=pad_id, bootstrap=bootstrap,
-                        ci_level=ci_level, chunk=chunk)
+                        ci_level=ci_level, chunk=chunk, return_tables=return_tables)
     return {**out, "regressor_r2": reg.r2, "regressor_n": reg.n}

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models: thread start-up costs more than it buys on a shared 2-core machine (subprocesses too).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
 # Triton's interpreter must be chosen before any kernel is defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -94,3 +98,29 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server(stack):
+    """A real Prefect server in the stack (stopped with it); CLI subprocesses use it via stack.json."""
+    from storage.stack import Stack
+
+    Stack().up(("prefect",))
+    return Stack().state()["prefect"]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
+    """`python -m flows.cli ARGS` in a subprocess with the test environment (and ``env`` on top)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[1])
+
+
+def tiny_config(model_dir: Path, **over) -> dict:
+    cfg = {"name": "tiny", "models": [{"path": str(model_dir), "name": "tiny"}], "datasets": [{"name": "python-docs"}],
+           "decodings": [{"temperature": 1.0}], "num_examples": 2, "prompt_tokens": 8, "max_new_tokens": 8,
+           "min_reference_tokens": 8, "horizon": 8, "bootstrap": 20}
+    cfg.update(over)
+    return cfg

@@ -39,14 +39,6 @@ def test_flow_parameters_render_as_a_typed_form():
     assert schema["definitions"]["StudyConfig"]["additionalProperties"] is False
 
 
-@pytest.fixture(scope="module")
-def prefect_server(stack):
-    from storage.stack import Stack
-
-    Stack().up(("prefect",))
-    return Stack().state()["prefect"]
-
-
 def test_deployment_run_via_api_lands_in_mlflow(prefect_server, stack, tiny_spec, tmp_path, prefect_harness):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -9,8 +9,8 @@ from tasks.config import DecodingSpec
 from tasks.generate import generate_table
 from tasks.recalibrate import (
     fit_alpha, fit_future_regressor, future_entropy_calibration, future_features, future_generate,
-    lookahead_calibration, lookahead_entropies, lookahead_features, lookahead_generate, plot_pareto, tau_star,
-    truncation_front,
+    fit_lookahead_alpha, lookahead_calibration, lookahead_entropies, lookahead_features, lookahead_generate,
+    lookahead_score, plot_pareto, tau_star, truncation_front,
 )
 from tasks.score import score_table
 
@@ -62,6 +62,16 @@ def test_tau_star_nonlinear(f, root, rounds):
     assert r["bracket"][0] <= root <= r["bracket"][1] and len(calls) <= rounds
     lo, hi = r["tau_star_ci"]
     assert lo is not None and hi is not None and lo <= root <= hi
+
+
+def test_tau_star_smooth_curves_within_default_rounds():
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        root, c = rng.uniform(0.55, 1.45), rng.uniform(0.5, 4)
+        for f in (lambda t: c * math.log(t / root), lambda t: math.tanh(c * (t - root)),
+                  lambda t: math.exp(c * (t - 0.5)) - math.exp(c * (root - 0.5))):
+            r = tau_star(_curve(f)[0], 0.5, 1.5, tol=0.01)
+            assert r["converged"] and abs(r["tau_star"] - root) <= 0.01 and len(r["rounds"]) <= 8
 
 
 def test_tau_star_out_of_rounds_says_so():
@@ -130,8 +140,8 @@ def _naive_entropy(model, seq, temperature=1.0):
     return float(torch.distributions.Categorical(logits=logits / temperature).entropy())
 
 
-def test_batched_lookahead_entropies_equal_naive_loop(tiny_lm):
-    model, seqs = tiny_lm.model, [[5, 17, 40, 99, 12, 7], [33, 8, 2], [60, 61, 62, 63]]
+def test_batched_lookahead_entropies_equal_naive_loop(sharp_model):
+    model, seqs = sharp_model, [[5, 17, 40, 99, 12, 7], [33, 8, 2], [60, 61, 62, 63]]
     from tasks.generate import left_pad
 
     ids, mask = left_pad(seqs, 0, "cpu")
@@ -165,8 +175,8 @@ def _check_against_explicit(atoms, m, logp, phi, alpha, gamma, y):
     assert ent[m] == pytest.approx(float(-(lq.exp() * lq).sum()), abs=1e-4)
 
 
-def test_teacher_forced_candidates_equal_naive_and_alpha0_is_base(tiny_lm, prompts):
-    model, dec = tiny_lm.model, DecodingSpec(temperature=0.9)
+def test_teacher_forced_candidates_equal_naive_and_alpha0_is_base(sharp_model, prompts):
+    model, dec = sharp_model, DecodingSpec(temperature=0.9)
     atoms = lookahead_features(model, prompts.head(3), dec, top_k=5, max_tokens=N_NEW, batch_size=2, chunk=7)
     ctx, ref = prompts["prompt_ids"].to_list(), prompts["reference_ids"].to_list()
     # mid-sequence prefixes: the padding mask must hide the cache beyond each candidate's context
@@ -212,15 +222,29 @@ def test_lookahead_generate_alpha0_reproduces_sampler(tiny_lm, prompts):
     assert moved["token_ids"].to_list() != base["token_ids"].to_list()
 
 
-def test_lookahead_generation_matches_teacher_forced_rescore(tiny_lm, prompts):
+@pytest.fixture(scope="module")
+def sharp_model(tiny_lm):
+    """The tiny model with peaked attention: its random init attends almost uniformly, so a wrong position
+    id or an unmasked cache slot would hide under 1e-4; here they do not."""
+    import copy
+
+    model = copy.deepcopy(tiny_lm.model)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+    return model
+
+
+def test_lookahead_generation_matches_teacher_forced_rescore(sharp_model, prompts):
     """α ≠ 0: H(q̃_t) and log q̃(token) recorded while sampling (left padding, KV cache, per-step candidate
     pass) equal the teacher-forced scorer run on the generated tokens (right padding, masked prefixes)."""
     dec = DecodingSpec(temperature=0.9)
-    gens = lookahead_generate(tiny_lm.model, prompts.head(5), dec, alpha=1.5, top_k=5, max_new_tokens=N_NEW,
+    gens = lookahead_generate(sharp_model, prompts.head(5), dec, alpha=1.5, top_k=5, max_new_tokens=N_NEW,
                               seed=7, batch_size=3)
     as_ref = prompts.head(5).drop("reference_ids").join(
         gens.select("example_id", pl.col("token_ids").alias("reference_ids")), on="example_id")
-    loss, ent = lookahead_features(tiny_lm.model, as_ref, dec, top_k=5, max_tokens=N_NEW, batch_size=2
+    loss, ent = lookahead_features(sharp_model, as_ref, dec, top_k=5, max_tokens=N_NEW, batch_size=2
                                    ).loss_entropy(1.5)
     np.testing.assert_allclose(ent, np.concatenate(gens["step_entropy"].to_list()), atol=1e-4)
     np.testing.assert_allclose(-loss, np.concatenate(gens["step_logprob"].to_list()), atol=1e-4)
@@ -239,6 +263,12 @@ def test_fit_alpha_never_worse_than_zero_and_buckets(tiny_lm, prompts):
         q /= q.sum(1, keepdims=True)
         grad = ((q * atoms.u).sum(1) - np.take_along_axis(atoms.u, atoms.y_atom[:, None], 1)[:, 0]).mean()
         assert abs(grad) < 1e-3
+    assert fit_lookahead_alpha(tiny_lm.model, prompts, top_k=8, max_tokens=N_NEW)["alpha"] == fit["alpha"]
+    table = lookahead_score(tiny_lm.model, prompts, alpha=fit["alpha"], top_k=8, max_tokens=N_NEW)
+    from tasks.score import REFERENCE_SCHEMA
+    assert table.schema == pl.Schema(REFERENCE_SCHEMA) and table.height == prompts.height
+    np.testing.assert_allclose(np.concatenate(table["step_logloss"].to_list()), atoms.loss_entropy(fit["alpha"])[0],
+                               atol=1e-5)
     per = fit_alpha(atoms, buckets=[4])
     assert len(per["alpha"]) == 2 and per["logloss"] <= fit["logloss"] + 1e-12
     # a range without the optimum: α = 0 can still win, never a worse value
@@ -246,9 +276,21 @@ def test_fit_alpha_never_worse_than_zero_and_buckets(tiny_lm, prompts):
     assert pinned["alpha"] == 0.0 and pinned["logloss"] == pinned["logloss_alpha0"]
 
 
+def test_uninformative_feature_gets_alpha_zero():
+    from tasks.recalibrate import HumanAtoms
+
+    rng = np.random.default_rng(0)
+    logp = np.log(rng.dirichlet(np.ones(5), size=40))
+    atoms = HumanAtoms(["a", "b"], [20, 20], np.tile(np.arange(20), 2), np.zeros((40, 4), dtype=np.int64), logp,
+                       np.full((40, 5), 0.7), rng.integers(0, 5, 40), np.zeros(40), np.zeros(40))
+    fit = fit_alpha(atoms)  # u is the same for every atom: q̃ = p̂ for all α, and the tie goes to α = 0
+    assert fit["alpha"] == 0.0 and fit["logloss"] == fit["logloss_alpha0"]
+
+
 def test_lookahead_calibration_end_to_end(tiny_lm, prompts):
     out = lookahead_calibration(tiny_lm.model, prompts.head(4), prompts.tail(4), top_k=6, max_new_tokens=N_NEW,
                                 batch_size=4, bootstrap=50)
+    assert "tables" not in out
     for k in ("alpha", "entce_before", "entce_after", "logloss_before", "logloss_after"):
         assert k in out and np.all(np.isfinite(out[k]))
     assert out["fit_logloss"] <= out["fit_logloss_alpha0"] + 1e-12
@@ -265,6 +307,22 @@ def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
     gens = generate_table(model, train, dec, max_new_tokens=N_NEW, samples_per_prompt=2, seed=1)
     reg = fit_future_regressor(model, train, gens, horizon=N_NEW)
     assert reg.n == 10 * (N_NEW - 1) and reg.r2 > 0
+    # the same fit written out: feature = final hidden state at generated token s (unpadded forward),
+    # target = mean entropy of steps s+1 … end
+    ctx = dict(zip(train["example_id"].to_list(), train["prompt_ids"].to_list()))
+    xs, ys = [], []
+    for ex, toks, ent in gens.select("example_id", "token_ids", "step_entropy").iter_rows():
+        with torch.inference_mode():
+            hs = model(input_ids=torch.tensor([ctx[ex] + toks]), output_hidden_states=True).hidden_states[-1][0]
+        for t in range(len(toks) - 1):
+            xs.append(hs[len(ctx[ex]) + t].double())
+            ys.append(float(np.mean(ent[t + 1 :])))
+    x, y = torch.stack(xs), torch.tensor(ys, dtype=torch.float64)
+    xz = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-6)
+    gram = xz.T @ xz / len(x) + 1e-2 * torch.eye(x.shape[1], dtype=x.dtype)
+    w = torch.linalg.solve(gram, xz.T @ (y - y.mean()) / len(x))
+    torch.testing.assert_close(reg.weight.double(), w, atol=1e-3, rtol=1e-3)
+    assert reg.bias == pytest.approx(float(y.mean()), abs=1e-6)
     atoms = future_features(model, evals, reg, dec, top_k=6, max_tokens=N_NEW)
     base = score_table(model, evals, [dec], max_tokens=N_NEW, epsilon=1e-4)
     np.testing.assert_allclose(atoms.loss_entropy(0.0)[0], np.concatenate(base["step_logloss"].to_list()), atol=1e-4)
@@ -284,7 +342,9 @@ def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
                   generate_table(model, evals, dec, **kw))
     fit = fit_alpha(atoms, bounds=(-0.5, 4.0), buckets=[6])
     assert fit["logloss"] <= fit["logloss_alpha0"] + 1e-12
-    out = future_entropy_calibration(model, train, evals, top_k=6, max_new_tokens=N_NEW, buckets=[6], bootstrap=50)
+    out = future_entropy_calibration(model, train, evals, top_k=6, max_new_tokens=N_NEW, buckets=[6], bootstrap=50,
+                                     return_tables=True)
+    assert out["tables"]["generations_after"].height == evals.height and out["regressor_n"] == 5 * (N_NEW - 1)
     assert out["fit_logloss"] <= out["fit_logloss_alpha0"] + 1e-12 and len(out["alpha"]) == 2
     assert out["logloss_after"] <= out["logloss_before"]  # held out: not a theorem, true on this split
     assert np.isfinite([out["entce_before"], out["entce_after"], out["logloss_after"]]).all()
