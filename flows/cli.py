@@ -70,6 +70,18 @@ def print_result(result: dict) -> None:
               f"[{r['entce_ci_low']:+.3f}, {r['entce_ci_high']:+.3f}]  H̄ {r['entropy']:.3f}  L̄ {r['logloss']:.3f}")
     print(f"\nMLflow run: {result['run_url']}")
     print(f"Report:     {result['report']}")
+    for label, cal in result.get("calibration", {}).items():
+        lo, hi = cal["tau_star_ci"]
+        fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"\nCalibration {label}: τ* = {fmt(cal['tau_star'])} [{fmt(lo)}, {fmt(hi)}]; L̄ at τ* "
+              f"{fmt(cal['logloss_at_tau_star'])} vs τ=1 {fmt(cal['logloss_at_tau_1'])}")
+        for t in cal["truncation"]:
+            print(f"  {t['method']:<11} zeroes EntCE at {t['param']:.3f} with L̄ {fmt(t['logloss'])}")
+        for name in ("lookahead", "future_entropy"):
+            if name in cal:
+                r = cal[name]
+                print(f"  {name:<15} α {r['alpha']:+.3f}  EntCE {r['entce_before']:+.3f} -> {r['entce_after']:+.3f}  "
+                      f"L̄ {r['logloss_before']:.3f} -> {r['logloss_after']:.3f}")
     if result["cached"]:
         print(f"Served from cache: {len(result['cached'])} stages; ran: {len(result['ran'])}")
 
@@ -171,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="study SmolLM2-135M on the built-in corpora (local S3 + MLflow)")
     d.add_argument("--quick", action="store_true", help="a smaller study (about 2 minutes on 2 CPU cores)")
+    d.add_argument("--calibrate", action="store_true",
+                   help="a calibration study: τ*, truncation fronts, lookahead and future-entropy calibration")
     study_flags(d)
     r = sub.add_parser("run", help="run a study from a YAML config")
     r.add_argument("--config", required=True, help="YAML study config (see docs/example-study.yaml)")
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from tasks.config import demo_config
 
-            return cmd_study(demo_config(args.quick), args)
+            return cmd_study(demo_config(args.quick, calibrate=args.calibrate), args)
         if args.command == "run":
             return cmd_study(None, args)
         if args.command == "stack":

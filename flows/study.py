@@ -10,131 +10,26 @@ the same study — from any process pointed at the same result storage — reuse
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
-import io
 import json
 import logging
-import sys
-import time
-import types
 from datetime import datetime
 from pathlib import Path
 
 import polars as pl
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 from flows.results import result_storage
+from flows import calibration
+from flows.calibration import calibrate_pair
+from flows.stages import (corpus_alpha_task, future_entropy_task, generate_task, lookahead_task, prepare_task,
+                          publish_calibration_task, publish_child_task, report_task, score_task)
 from storage.settings import from_env
 from storage.tracking import Tracker, TrackingError
-from tasks import calibrate, datasets, generate, publish, report, score
-from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
+from tasks import calibrate, datasets, publish, report
+from tasks.config import StudyConfig
 from tasks.models import max_positions, source_of
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------ cache keys
-def frame_digest(df: pl.DataFrame) -> str:
-    buf = io.BytesIO()
-    df.write_ipc(buf, compression="uncompressed")
-    return hashlib.sha256(buf.getvalue()).hexdigest()
-
-
-def _canonical(value) -> str:
-    if isinstance(value, pl.DataFrame):
-        return "frame:" + frame_digest(value)
-    if hasattr(value, "model_dump_json"):
-        return value.model_dump_json()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_canonical(v) for v in value) + "]"
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _source_digest(module: types.ModuleType) -> str:
-    import kernels.reference
-
-    return hashlib.sha256((inspect.getsource(module) + inspect.getsource(kernels.reference)).encode()).hexdigest()
-
-
-def content_key(context, parameters: dict) -> str:
-    """Task name + the work's source + every parameter by content (frames by their bytes)."""
-    fn = context.task.fn
-    parts = [context.task.name, _source_digest(getattr(fn, "__wrapped_stage__", sys.modules[fn.__module__]))]
-    parts += [f"{k}={_canonical(v)}" for k, v in sorted(parameters.items())]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _stage(fn):
-    def wrap(inner):
-        inner.__wrapped_stage__ = fn
-        return inner
-    return wrap
-
-
-# ------------------------------------------------------------------ tasks
-def _progress(what: str):
-    """Log progress and keep a Prefect progress artifact (shown on the run's page) up to date."""
-    logger = get_run_logger()
-    start = time.monotonic()
-    artifact_id = create_progress_artifact(0.0, description=what)
-
-    def report_progress(done: int, total: int) -> None:
-        logger.info("%s: %d/%d (%.0fs)", what, done, total, time.monotonic() - start)
-        update_progress_artifact(artifact_id, 100.0 * done / max(1, total))
-    return report_progress
-
-
-@task(name="prepare", cache_key_fn=content_key, persist_result=True, retries=2, retry_delay_seconds=5)
-@_stage(datasets)
-def prepare_task(model: ModelSpec, dataset: DatasetSpec, num_examples: int, prompt_tokens: int,
-                 min_reference_tokens: int, max_reference_tokens: int, max_new_tokens: int) -> pl.DataFrame:
-    return datasets.prepare_prompts(model, dataset, num_examples=num_examples, prompt_tokens=prompt_tokens,
-                                    min_reference_tokens=min_reference_tokens,
-                                    max_reference_tokens=max_reference_tokens, max_new_tokens=max_new_tokens)
-
-
-@task(name="generate", cache_key_fn=content_key, persist_result=True)
-@_stage(generate)
-def generate_task(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, max_new_tokens: int,
-                  samples_per_prompt: int, seed: int, batch_size: int) -> pl.DataFrame:
-    return generate.generate(model, prompts, decoding, max_new_tokens=max_new_tokens,
-                             samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
-                             progress=_progress(f"generate {decoding.key} rows"))
-
-
-@task(name="score", cache_key_fn=content_key, persist_result=True)
-@_stage(score)
-def score_task(model: ModelSpec, prompts: pl.DataFrame, decodings: list[DecodingSpec], max_tokens: int,
-               epsilon: float, batch_size: int) -> pl.DataFrame:
-    return score.score(model, prompts, decodings, max_tokens=max_tokens, epsilon=epsilon, batch_size=batch_size,
-                       progress=_progress("score examples"))
-
-
-@task(name="publish-child", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=10)
-def publish_child_task(tracker: Tracker, parent_id: str, name: str, params: dict, summary: dict,
-                       curves: pl.DataFrame, tables: dict) -> str:
-    return publish.log_child(tracker, parent_id, name, params=params, summary=summary, curves=curves,
-                             tables=tables, prompts_digest=frame_digest(tables["prompts"])[:16])
-
-
-@task(name="report", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=10)
-def report_task(tracker: Tracker, parent_id: str, out_dir: str, name: str, summary: pl.DataFrame,
-                curves: list[dict], horizon: int, smoothing: float) -> dict:
-    files = report.write_report(Path(out_dir), name, summary, curves, horizon=horizon, smoothing=smoothing,
-                                run_url=tracker.run_url(parent_id))
-    for path in files.values():
-        tracker.log_file(parent_id, path, "report")
-    create_markdown_artifact(markdown=files["report"].read_text(), key=artifact_key(name),
-                             description=f"entcal study {name}: EntCE per decoding; MLflow {tracker.run_url(parent_id)}")
-    return {k: str(v) for k, v in files.items()}
-
-
-def artifact_key(name: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes."""
-    return "entcal-" + ("".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "study")
 
 
 # ------------------------------------------------------------------ the flow
@@ -157,8 +52,9 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
     if not settings.mlflow_uri:
         raise TrackingError("no MLflow server: set MLFLOW_TRACKING_URI or run `entcal stack up`")
     storage = result_storage(settings)  # S3 when configured: cached work is shared across machines
-    prep, gen, sc = (t.with_options(result_storage=storage) if storage else t
-                     for t in (prepare_task, generate_task, score_task))
+    prep, gen, sc, look, fut, alpha_task = (
+        t.with_options(result_storage=storage) if storage else t
+        for t in (prepare_task, generate_task, score_task, lookahead_task, future_entropy_task, corpus_alpha_task))
     out_dir = Path(out) if out else settings.state_dir / "reports" / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
     tracker = Tracker(settings.mlflow_uri, experiment=f"entcal/{config.name}")
     parent_id = tracker.start(config.name, tags={"entcal.stage": "study", **publish.provenance()})
@@ -172,13 +68,16 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
         logger.info("%s: %s", label, "served from cache" if state.name == "Cached" else "ran")
         return state.result()
 
-    rows, all_curves = [], []
+    rows, all_curves, sections, calibrations, alphas = [], [], [], {}, {}
+    out_dir.mkdir(parents=True, exist_ok=True)
     status = "FAILED"
     try:
         max_ref = max(config.horizon, config.max_new_tokens)
         for model in config.models:
             for dataset in config.datasets:
                 tag = f"{model.label}/{dataset.label}"
+                if dataset.label not in alphas:
+                    alphas[dataset.label] = run(alpha_task, f"corpus-alpha {dataset.label}", dataset=dataset)
                 prompts = run(prep, f"prepare {tag}", model=model, dataset=dataset,
                               num_examples=config.num_examples, prompt_tokens=config.prompt_tokens,
                               min_reference_tokens=config.min_reference_tokens, max_reference_tokens=max_ref,
@@ -209,12 +108,62 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
                                  **{k: summ[k] for k in report.METRIC_COLUMNS}})
                     all_curves.append({"model": model.label, "dataset": dataset.label, "decoding": d.key,
                                        "curves": curves})
+                if config.calibration:
+                    stage_tasks = {
+                        "generate": lambda **kw: run(gen, f"generate {tag}/{kw['decoding'].key}", **kw),
+                        "score": lambda **kw: run(sc, f"score {tag}/{kw['decodings'][0].key}", **kw),
+                        "lookahead": lambda **kw: run(look, f"lookahead {tag}", **kw),
+                        "future_entropy": lambda **kw: run(fut, f"future-entropy {tag}", **kw),
+                    }
+                    label = f"{model.label}__{dataset.label}"
+                    cal = calibrate_pair(config, model, prompts, stage_tasks, out_dir, label)
+                    calibrations[label] = cal
+                    sections.append(calibration.markdown(label, cal))
+                    publish_calibration_task(tracker, parent_id, label, cal, calibration.metrics(cal))
+        sections.append(report.corpus_alpha_section(alphas))
+        sections += scaling_sections(config, rows, out_dir)
+        if calibrations:
+            doc = next(iter(calibrations.values())) if len(calibrations) == 1 else {"pairs": calibrations}
+            (out_dir / "calibration.json").write_text(json.dumps(doc, indent=2, default=str))
+            if len(calibrations) == 1:
+                tracker.log_metrics(parent_id, calibration.metrics(doc))
         summary = pl.DataFrame(rows)
         files = report_task(tracker, parent_id, str(out_dir), config.name, summary, all_curves,
-                            config.horizon, config.smoothing)
+                            config.horizon, config.smoothing, "\n".join(sections))
         status = "FINISHED"
     finally:
         tracker.finish(parent_id, status)
     logger.info("stages served from cache: %s", ", ".join(cached["cached"]) or "none")
     return {"run_url": tracker.run_url(parent_id), "run_id": parent_id, "report": files["report"],
-            "out_dir": str(out_dir), "rows": rows, "cached": cached["cached"], "ran": cached["ran"]}
+            "out_dir": str(out_dir), "rows": rows, "cached": cached["cached"], "ran": cached["ran"],
+            "calibration": calibrations, "corpus_alpha": alphas}
+
+
+def scaling_sections(config: StudyConfig, rows: list[dict], out_dir: Path) -> list[str]:
+    """Per model family with ≥ 2 models: log EntCE on log parameters at τ = 1 (SCIENCE.md §2)."""
+    from tasks import scaling
+    from tasks.models import load_model
+
+    families: dict[str, list] = {}
+    for m in config.models:
+        if m.family:
+            families.setdefault(m.family, []).append(m)
+    out = []
+    for family, models in families.items():
+        if len(models) < 2:
+            continue
+        params = {m.label: m.params or load_model(m).params for m in models}
+        for dataset in config.datasets:
+            pts = [(params[r["model"]], r["entce"]) for r in rows if r["dataset"] == dataset.label
+                   and r["model"] in params and r["temperature"] == 1.0 and not r["truncated"]]
+            head = f"## Scaling: {family} on {dataset.label}"
+            try:
+                fit = scaling.fit_scaling([p for p, _ in pts], [e for _, e in pts])
+            except ValueError as err:
+                out.append(f"{head}\n\nNo fit: {err}\n")
+                continue
+            path = scaling.plot_scaling([p for p, _ in pts], [e for _, e in pts], fit,
+                                        str(out_dir / f"scaling__{family}__{dataset.label}.png"))
+            out.append(f"{head}\n\nslope {fit.slope:.3f} (CI [{fit.slope_ci_low:.3f}, {fit.slope_ci_high:.3f}]) "
+                       f"over {fit.n_models} models\n\n![scaling]({Path(path).name})\n")
+    return out

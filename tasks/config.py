@@ -163,6 +163,22 @@ class DecodingSpec(_Closed):
         return self.model_dump()
 
 
+class CalibrationSpec(_Closed):
+    """Which calibrations to fit (SCIENCE.md §4), on a fit split and an evaluation split of the prompts."""
+
+    tau_bracket: tuple[float, float] = Field((0.7, 1.2), description="temperatures that bracket τ* (EntCE = 0)")
+    tau_rounds: int = Field(5, ge=2, le=12, description="generation rounds of the τ* root search")
+    tau_tol: float = Field(0.02, gt=0, description="stop when the bracket is this narrow")
+    top_k: list[int] = [20, 50]
+    top_p: list[float] = [0.9, 0.95]
+    min_p: list[float] = [0.05, 0.1]
+    top_nsigma: list[float] = [1.0, 1.5]
+    lookahead: bool = True
+    future_entropy: bool = True
+    candidates: int = Field(8, ge=2, description="top-k candidates whose lookahead features are computed")
+    fit_fraction: float = Field(0.5, gt=0, lt=1, description="share of prompts used to fit α (the rest evaluates)")
+
+
 class StudyConfig(_Closed):
     """One study: models × datasets × decodings."""
 
@@ -182,6 +198,7 @@ class StudyConfig(_Closed):
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for the EntCE CI")
     ci_level: float = Field(0.95, gt=0, lt=1)
     smoothing: float = Field(0.2, gt=0, le=1, description="exponential smoothing of plotted curves")
+    calibration: CalibrationSpec | None = Field(None, description="also fit τ*, truncations, lookahead, future entropy")
 
     @model_validator(mode="after")
     def _nonempty(self) -> "StudyConfig":
@@ -236,17 +253,24 @@ def load_config(path: str | Path, overrides: dict | None = None) -> StudyConfig:
     return parse_config(data, source=f"config {p}")
 
 
-def demo_config(quick: bool = False) -> dict:
-    """The embedded default study: SmolLM2-135M on both built-in corpora at three temperatures."""
+def demo_config(quick: bool = False, calibrate: bool = False) -> dict:
+    """The embedded default study: SmolLM2-135M on both built-in corpora at three temperatures; with
+    ``calibrate``, a calibration study on the prose corpus."""
     if quick:
         size = dict(num_examples=8, prompt_tokens=32, max_new_tokens=48, min_reference_tokens=48, horizon=48,
                     batch_size=8)
     else:
         size = dict(num_examples=24, prompt_tokens=64, max_new_tokens=160, min_reference_tokens=160,
                     horizon=160, batch_size=12)
-    return {"name": "demo-quick" if quick else "demo", "models": [{"name": "smollm2-135m"}],
-            "datasets": [{"name": "python-docs"}, {"name": "python-stdlib"}],
-            "decodings": [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}], "seed": 0, **size}
+    cfg = {"name": "demo-quick" if quick else "demo", "models": [{"name": "smollm2-135m"}],
+           "datasets": [{"name": "python-docs"}, {"name": "python-stdlib"}],
+           "decodings": [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}], "seed": 0, **size}
+    if calibrate:
+        cfg.update(name=cfg["name"].replace("demo", "demo-calibrate"), datasets=[{"name": "python-docs"}],
+                   decodings=[{"temperature": 1.0}], calibration={"tau_rounds": 4 if quick else 6})
+        if not quick:
+            cfg.update(num_examples=16, max_new_tokens=96, min_reference_tokens=96, horizon=96, batch_size=8)
+    return cfg
 
 
 def config_json(cfg: StudyConfig) -> str:

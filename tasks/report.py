@@ -84,8 +84,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def corpus_alpha_section(alphas: dict[str, float]) -> str:
+    """The power-law α of each corpus (rank-frequency slope of its words; SCIENCE.md §3)."""
+    lines = ["## Corpora", "", "| dataset | α (word rank-frequency) | theory's exponent 1/α − 1 |", "|---|---|---|"]
+    lines += [f"| {d} | {a:.3f} | {1 / a - 1:+.3f} |" for d, a in alphas.items()]
+    return "\n".join(lines + [""])
+
+
 def markdown_report(name: str, summary: pl.DataFrame, *, horizon: int, figures: list[str],
-                    run_url: str | None = None) -> str:
+                    run_url: str | None = None, extra: str = "") -> str:
     lines = [f"# entcal study: {name}", ""]
     if run_url:
         lines += [f"MLflow run: {run_url}", ""]
@@ -102,12 +109,12 @@ def markdown_report(name: str, summary: pl.DataFrame, *, horizon: int, figures: 
             f"[{_fmt(r['entce_ci_low'])}, {_fmt(r['entce_ci_high'])}] | {_fmt(r['entropy'])} | {_fmt(r['logloss'])} | "
             f"{_fmt(r['logloss_untruncated'])} | {_fmt(r['truncated_share'])} | {r['n_examples']} |"
         )
-    lines += [""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures] + [""]
+    lines += [""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures] + ["", extra]
     return "\n".join(lines)
 
 
 def write_report(out_dir: Path, name: str, summary: pl.DataFrame, curves: list[dict], *, horizon: int,
-                 smoothing: float, run_url: str | None = None) -> dict[str, Path]:
+                 smoothing: float, run_url: str | None = None, extra: str = "") -> dict[str, Path]:
     """Write the figures and report.md into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = {
@@ -116,6 +123,6 @@ def write_report(out_dir: Path, name: str, summary: pl.DataFrame, curves: list[d
     }
     md = out_dir / "report.md"
     md.write_text(markdown_report(name, summary, horizon=horizon, figures=[str(p) for p in figs.values()],
-                                  run_url=run_url))
+                                  run_url=run_url, extra=extra))
     summary.write_parquet(out_dir / "summary.parquet")
     return {**figs, "report": md}

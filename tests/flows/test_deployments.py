@@ -77,4 +77,4 @@ def test_deployment_run_via_api_lands_in_mlflow(prefect_server, stack, tiny_spec
     from flows.study import study
 
     again = study(StudyConfig.model_validate(config))
-    assert again["ran"] == [] and len(again["cached"]) == 3
+    assert again["ran"] == [] and len(again["cached"]) == 4

@@ -73,7 +73,7 @@ def test_rerun_hits_the_cache_and_runs_no_generation(first_run, config, tmp_path
     result, _ = first_run
     again = study(config, out=str(tmp_path))
     assert not any(s.startswith(("generate", "score", "prepare")) for s in again["ran"])
-    assert len(again["cached"]) == 1 + 3 + 1
+    assert len(again["cached"]) == 1 + 1 + 3 + 1  # corpus-alpha, prepare, 3 generations, score
     assert [r["entce"] for r in again["rows"]] == [r["entce"] for r in result["rows"]]
     # a changed knob is a different cache key: generation runs again
     changed = study(config.model_copy(update={"seed": 1}), out=None)
@@ -84,12 +84,38 @@ def test_prefect_artifacts_summarise_the_run(first_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.study import artifact_key
+    from flows.stages import artifact_key
 
     result, _ = first_run
     with get_client(sync_client=True) as client:
-        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key("flowtest")])),
-                                       limit=1)
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key("flowtest")])),
+                                     limit=20)
         progress = [a for a in client.read_artifacts(limit=50) if a.type == "progress"]
-    assert result["run_id"] in art.data and "| tiny | python-docs | t1 |" in art.data
+    (art,) = [a for a in arts if result["run_id"] in a.data]
+    assert "| tiny | python-docs | t1 |" in art.data
     assert progress and max(float(a.data) for a in progress) == 100.0
+
+
+def test_calibration_study_writes_calibration_json(tiny_spec, stack, prefect_harness, tmp_path):
+    from flows.study import study
+
+    cfg = StudyConfig.model_validate({
+        "name": "caltest", "models": [tiny_spec.model_dump()], "datasets": [{"name": "python-docs"}],
+        "decodings": [{"temperature": 1.0}], "num_examples": 4, "prompt_tokens": 8, "max_new_tokens": 10,
+        "min_reference_tokens": 10, "horizon": 10, "batch_size": 4, "bootstrap": 30,
+        "calibration": {"tau_bracket": [0.3, 3.0], "tau_rounds": 3, "top_k": [3, 30], "top_p": [0.5, 0.9], "min_p": [],
+                        "top_nsigma": [], "candidates": 4},
+    })
+    result = study(cfg, out=str(tmp_path))
+    doc = json.loads((tmp_path / "calibration.json").read_text())
+    assert {"tau_star", "tau_star_ci", "truncation", "lookahead", "future_entropy"} <= set(doc)
+    for name in ("lookahead", "future_entropy"):
+        assert set(doc[name]) == {"alpha", "entce_before", "entce_after", "logloss_before", "logloss_after"}
+    methods = {r["method"] for r in doc["sweep"]}
+    assert {"temperature", "top_k", "top_p"} <= methods
+    assert (tmp_path / "pareto__tiny__python-docs.png").stat().st_size > 1000
+    assert "## Calibration: tiny__python-docs" in (tmp_path / "report.md").read_text()
+    client = MlflowClient(stack.mlflow_uri)
+    children = client.search_runs([client.get_run(result["run_id"]).info.experiment_id],
+                                  filter_string="tags.`entcal.stage` = 'calibration'")
+    assert len(children) == 1 and "lookahead_alpha" in children[0].data.metrics

@@ -1,0 +1,124 @@
+"""Calibration of one (model, dataset): τ* by root search over cached generation rounds, truncation
+sweeps and their Pareto front, lookahead and future-entropy calibration (SCIENCE.md §4).
+
+Each generation round is the same cached `generate` task the study uses, so τ* rounds and sweep
+points are reused by later runs and by studies at the same settings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from prefect import get_run_logger
+
+from flows.stages import future_entropy_task, generate_task, lookahead_task, score_task
+from tasks import calibrate, recalibrate
+from tasks.config import CalibrationSpec, DecodingSpec, ModelSpec, StudyConfig
+
+SWEEPS = ("top_k", "top_p", "min_p", "top_nsigma")
+
+
+def _at(rows: list[dict], tau: float, col: str) -> float | None:
+    pts = sorted((r["param"], r[col]) for r in rows if r["method"] == "temperature")
+    if tau is None or not pts:
+        return None
+    return float(np.interp(tau, [p for p, _ in pts], [v for _, v in pts]))
+
+
+def calibrate_pair(config: StudyConfig, model: ModelSpec, prompts: pl.DataFrame, tasks: dict, out_dir: Path,
+                   label: str) -> dict:
+    """Everything `calibration.json` holds for one (model, dataset); ``tasks`` are the study's (with storage)."""
+    logger = get_run_logger()
+    spec: CalibrationSpec = config.calibration
+    n_fit = max(1, min(prompts.height - 1, round(prompts.height * spec.fit_fraction)))
+    train, evaluate = prompts.head(n_fit), prompts.tail(prompts.height - n_fit)
+    knobs = dict(max_new_tokens=config.max_new_tokens, samples_per_prompt=config.samples_per_prompt,
+                 seed=config.seed, batch_size=config.batch_size)
+    rows: list[dict] = []
+
+    def evaluate_decoding(dec: DecodingSpec, method: str, param: float) -> dict:
+        gens = tasks["generate"](model=model, prompts=evaluate, decoding=dec, **knobs)
+        ref = tasks["score"](model=model, prompts=evaluate, decodings=[dec], max_tokens=config.horizon,
+                             epsilon=config.epsilon, batch_size=config.batch_size)
+        s = calibrate.entce_summary(gens, ref, horizon=config.horizon, bootstrap=config.bootstrap,
+                                    ci_level=config.ci_level, seed=config.seed)
+        row = {"method": method, "param": float(param), "decoding": dec.key, **{k: s[k] for k in (
+            "entce", "entce_ci_low", "entce_ci_high", "logloss", "logloss_untruncated", "truncated_share", "entropy")}}
+        rows.append(row)
+        logger.info("calibration %s=%g: EntCE %+.3f, L̄ %.3f", method, param, s["entce"], s["logloss"])
+        return row
+
+    def entce_at(tau: float) -> tuple[float, float, float]:
+        r = evaluate_decoding(DecodingSpec(temperature=round(tau, 4)), "temperature", round(tau, 4))
+        return r["entce"], r["entce_ci_low"], r["entce_ci_high"]
+
+    try:
+        tau = recalibrate.tau_star(entce_at, *spec.tau_bracket, tol=spec.tau_tol, max_rounds=spec.tau_rounds)
+    except ValueError as err:  # no sign change in the bracket: say so, keep the rest
+        logger.warning("τ*: %s", err)
+        tau = {"tau_star": None, "tau_star_ci": [None, None], "converged": False, "error": str(err)}
+    if not any(r["method"] == "temperature" and r["param"] == 1.0 for r in rows):
+        entce_at(1.0)
+    for method in SWEEPS:
+        for param in getattr(spec, method):
+            evaluate_decoding(DecodingSpec(**{method: param}), method, param)
+    front = recalibrate.truncation_front(rows)
+    pareto = recalibrate.plot_pareto(rows, out_dir / f"pareto__{label}.png")
+    result = {
+        "tau_star": tau["tau_star"], "tau_star_ci": tau["tau_star_ci"], "tau_converged": tau.get("converged"),
+        "logloss_at_tau_star": _at(rows, tau["tau_star"], "logloss"), "logloss_at_tau_1": _at(rows, 1.0, "logloss"),
+        "truncation": [
+            {"method": m, "param": v["zero_param"], "entce": 0.0, "logloss": v["zero_logloss"],
+             "logloss_untruncated": v.get("zero_logloss_untruncated"), "truncated_share": v.get("zero_truncated_share")}
+            for m, v in front["methods"].items() if v["zero_param"] is not None
+        ],
+        "sweep": rows, "pareto_front": front["front"], "figures": {"pareto": str(pareto)},
+        "fit_examples": train.height, "eval_examples": evaluate.height,
+    }
+    recal = dict(candidates=spec.candidates, max_new_tokens=config.max_new_tokens, horizon=config.horizon,
+                 seed=config.seed, batch_size=config.batch_size, bootstrap=config.bootstrap)
+    for name, enabled in (("lookahead", spec.lookahead), ("future_entropy", spec.future_entropy)):
+        if enabled:
+            out = tasks[name](model=model, train=train, evaluate=evaluate, **recal)
+            result[name] = {k: out[k] for k in ("alpha", "entce_before", "entce_after", "logloss_before",
+                                                "logloss_after")}
+            logger.info("%s: α=%.3f EntCE %+.3f -> %+.3f, L̄ %.3f -> %.3f", name, out["alpha"], out["entce_before"],
+                        out["entce_after"], out["logloss_before"], out["logloss_after"])
+    return result
+
+
+def metrics(result: dict) -> dict[str, float]:
+    """Stable MLflow metric names for comparison views."""
+    m = {"tau_star": result["tau_star"], "logloss_at_tau_star": result["logloss_at_tau_star"],
+         "logloss_at_tau_1": result["logloss_at_tau_1"]}
+    lo, hi = result["tau_star_ci"]
+    m.update(tau_star_ci_low=lo, tau_star_ci_high=hi)
+    for t in result["truncation"]:
+        m[f"{t['method']}_zeroing_param"] = t["param"]
+        m[f"{t['method']}_zeroing_logloss"] = t["logloss"]
+    for name in ("lookahead", "future_entropy"):
+        for k, v in result.get(name, {}).items():
+            m[f"{name}_{k}"] = v
+    return {k: v for k, v in m.items() if v is not None}
+
+
+def markdown(label: str, result: dict) -> str:
+    def f(v):
+        return "—" if v is None else f"{v:.3f}"
+
+    lo, hi = result["tau_star_ci"]
+    lines = [f"## Calibration: {label}", "",
+             f"τ* = {f(result['tau_star'])} (CI [{f(lo)}, {f(hi)}]); L̄ at τ* = {f(result['logloss_at_tau_star'])} "
+             f"vs L̄ at τ = 1: {f(result['logloss_at_tau_1'])} (fit on {result['fit_examples']} prompts, "
+             f"evaluated on {result['eval_examples']}).", "",
+             "| method | EntCE-zeroing param | L̄ there |", "|---|---|---|"]
+    lines += [f"| {t['method']} | {f(t['param'])} | {f(t['logloss'])} |" for t in result["truncation"]]
+    lines += ["", "| calibration | α | EntCE before | EntCE after | L̄ before | L̄ after |", "|---|---|---|---|---|---|"]
+    for name in ("lookahead", "future_entropy"):
+        if name in result:
+            r = result[name]
+            lines.append(f"| {name} | {f(r['alpha'])} | {f(r['entce_before'])} | {f(r['entce_after'])} | "
+                         f"{f(r['logloss_before'])} | {f(r['logloss_after'])} |")
+    lines += ["", f"![pareto](pareto__{label}.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,281 @@
+"""Faults mid-run: a study killed with SIGKILL, a corrupted cached result, the S3 server gone for
+30 s, a dead MLflow server. Each either ends with the same tables as an undisturbed run or fails
+loudly; nothing is lost or wrong in silence. Runs the real CLI in a subprocess against the test
+stack (real rclone S3, MLflow and Prefect servers); nothing is mocked."""
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from storage import s3
+from tests.conftest import run_cli, tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+DECODINGS = [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}]
+# enough work that the 2nd and 3rd decodings are still to come when the 1st is logged
+STUDY = dict(name="faults", decodings=DECODINGS, num_examples=8, prompt_tokens=8, max_new_tokens=128,
+             min_reference_tokens=128, horizon=128, batch_size=8)
+TAG = "tiny/python-docs"
+CHILDREN = [f"tiny__python-docs__{k}" for k in ("t1", "t0.9", "t0.8")]
+
+
+def _write(tmp_path: Path, cfg: dict) -> str:
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+def _bucket(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# ------------------------------------------------------------------ a CLI we can kill mid-run
+class Cli:
+    """`python -m flows.cli ARGS` in its own process group; stderr read line by line."""
+
+    def __init__(self, *args: str, env: dict, stdout: Path):
+        self.out = open(stdout, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdout=self.out,
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=REPO,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self._q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self._q.put(line)
+        self._q.put(None)
+
+    def wait_for(self, needle: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            if needle in line:
+                return
+        pytest.fail(f"{needle!r} never logged (exit {self.proc.poll()}):\n" + "".join(self.lines)[-4000:])
+
+    def kill(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        rc = self.proc.wait(60)
+        self.out.close()
+        return rc
+
+    def finish(self, timeout: float = 400) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            self.kill()
+        while (line := self._q.get(timeout=30)) is not None:
+            self.lines.append(line)
+        return rc
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+
+# ------------------------------------------------------------------ what is in the result cache
+def cached_stages(settings) -> dict[str, str]:
+    """{stage label: object key} of the Prefect results under prefect-results/, labelled by content."""
+    from prefect.results import ResultRecord
+
+    found = {}
+    for key in s3.list_keys(settings, "prefect-results/"):
+        df = ResultRecord.deserialize(s3.get_bytes(settings, key)).result
+        if "prompt_ids" in df.columns:
+            found["prepare"] = key
+        elif "token_ids" in df.columns:
+            found["generate " + "+".join(df["decoding"].unique().sort().to_list())] = key
+        else:
+            found["score"] = key
+    return found
+
+
+ALL_STAGES = {"prepare", "generate t1", "generate t0.9", "generate t0.8", "score"}
+
+
+# ------------------------------------------------------------------ comparing --out directories
+def _tables(out: Path) -> dict[str, pl.DataFrame]:
+    return {str(p.relative_to(out)): pl.read_parquet(p) for p in sorted(out.rglob("*.parquet"))}
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    assert not list(b.glob("*.partial")), f"left behind: {list(b.glob('*.partial'))}"
+    ta, tb = _tables(a), _tables(b)
+    assert sorted(tb) == sorted(ta)
+    assert sorted(p.name for p in b.iterdir() if p.is_dir()) == sorted(CHILDREN)
+    for name, df in ta.items():
+        other = tb[name]
+        if name == "summary.parquet":  # run ids and URLs name the new MLflow runs
+            df, other = df.drop("run_id", "run_url"), other.drop("run_id", "run_url")
+        assert other.equals(df), f"{name} differs:\n{df}\n{other}"
+    for child in CHILDREN:
+        ja, jb = (json.loads((d / child / "summary.json").read_text()) for d in (a, b))
+        ja.pop("provenance"), jb.pop("provenance")
+        assert jb == ja, child
+
+
+# ------------------------------------------------------------------ the undisturbed run
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, tiny_model_dir, stack, prefect_server):
+    d = tmp_path_factory.mktemp("baseline")
+    cfg = _write(d, tiny_config(tiny_model_dir, **STUDY))
+    bucket = _bucket("baseline")
+    proc = run_cli("run", "--config", cfg, "--out", str(d / "A"), env={"ENTCAL_BUCKET": bucket})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"config": cfg, "out": d / "A", "bucket": bucket}
+
+
+def test_kill_during_generation_then_rerun_matches_uninterrupted(baseline, stack, tmp_path):
+    env = {"ENTCAL_BUCKET": _bucket("crash")}
+    out = tmp_path / "B"
+    cli = Cli("run", "--config", baseline["config"], "--out", str(out), env=env, stdout=tmp_path / "crash.out")
+    try:
+        cli.wait_for(f"generate {TAG}/t1: ran")
+    finally:
+        rc = cli.kill()
+    assert rc == -signal.SIGKILL, f"the study was not killed mid-run (exit {rc}):\n{cli.stderr[-3000:]}"
+    # killed while generating t0.9: only what finished is cached, nothing in --out looks finished
+    assert set(cached_stages(replace(stack, bucket=env["ENTCAL_BUCKET"]))) == {"prepare", "generate t1"}
+    assert not out.exists() or not any(p.name.startswith("tiny__") for p in out.iterdir())
+
+    proc = run_cli("run", "--config", baseline["config"], "--out", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for stage in (f"prepare {TAG}", f"generate {TAG}/t1"):
+        assert f"{stage}: served from cache" in proc.stderr, proc.stderr[-4000:]
+    for stage in (f"generate {TAG}/t0.9", f"generate {TAG}/t0.8", f"score {TAG}"):
+        assert f"{stage}: ran" in proc.stderr, proc.stderr[-4000:]
+    assert "Served from cache: 2 stages; ran: 3" in proc.stdout, proc.stdout
+    assert_same_results(baseline["out"], out)
+
+
+def test_corrupted_cached_result_is_recomputed_not_trusted(baseline, stack, tmp_path):
+    from prefect.results import ResultRecord
+
+    settings = replace(stack, bucket=baseline["bucket"])
+    stages = cached_stages(settings)
+    assert set(stages) == ALL_STAGES
+    client = s3.client(settings)
+    originals = {s: ResultRecord.deserialize(s3.get_bytes(settings, stages[s])).result
+                 for s in ("generate t0.9", "score")}
+    # garbage over one generation, half of the scoring record (a torn write) over the other
+    client.put_object(Bucket=settings.bucket, Key=stages["generate t0.9"], Body=os.urandom(4096))
+    torn = s3.get_bytes(settings, stages["score"])
+    client.put_object(Bucket=settings.bucket, Key=stages["score"], Body=torn[: len(torn) // 2])
+
+    proc = run_cli("run", "--config", baseline["config"], "--out", str(tmp_path / "C"),
+                   env={"ENTCAL_BUCKET": baseline["bucket"]})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for stage in (f"generate {TAG}/t0.9", f"score {TAG}"):
+        assert f"{stage}: ran" in proc.stderr, proc.stderr[-4000:]
+    for stage in (f"prepare {TAG}", f"generate {TAG}/t1", f"generate {TAG}/t0.8"):
+        assert f"{stage}: served from cache" in proc.stderr, proc.stderr[-4000:]
+    assert "Served from cache: 3 stages; ran: 2" in proc.stdout, proc.stdout
+    assert_same_results(baseline["out"], tmp_path / "C")
+    # the recomputed results replaced the corrupted objects
+    assert cached_stages(settings) == stages
+    for stage, df in originals.items():
+        assert ResultRecord.deserialize(s3.get_bytes(settings, stages[stage])).result.equals(df), stage
+
+
+# ------------------------------------------------------------------ S3 down for 30 s mid-run
+def _restart_rclone(root: Path, state: dict) -> subprocess.Popen:
+    """The same command, port, data dir and key pair as storage.stack.Stack.up."""
+    from storage.stack import _bin
+
+    port = state["s3"].rsplit(":", 1)[1]
+    cmd = [_bin("rclone"), "serve", "s3", str(root / "s3"), "--addr", f"127.0.0.1:{port}", "--vfs-cache-mode", "off"]
+    env = {**os.environ, "RCLONE_CONFIG": str(root / "rclone.conf"),
+           "RCLONE_AUTH_KEY": f'"{state["access_key"]},{state["secret_key"]}"'}
+    log = open(root / "logs" / "s3-restarted.log", "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
+
+
+def test_s3_outage_of_30s_mid_run_is_retried_through(tmp_path, tiny_model_dir, stack, prefect_server):
+    from storage.settings import Settings
+    from storage.stack import Stack
+
+    root = tmp_path / "st"
+    own = Stack(root)
+    own.up(("s3",))
+    st = own.state()
+    settings = Settings(root, st["s3"], st["access_key"], st["secret_key"], bucket=st["bucket"])
+    env = {"ENTCAL_S3_ENDPOINT_URL": st["s3"], "AWS_ACCESS_KEY_ID": st["access_key"],
+           "AWS_SECRET_ACCESS_KEY": st["secret_key"], "ENTCAL_BUCKET": st["bucket"],
+           "MLFLOW_TRACKING_URI": stack.mlflow_uri}
+    cfg = _write(tmp_path, tiny_config(tiny_model_dir, **{**STUDY, "name": "s3-outage", "max_new_tokens": 64,
+                                                          "min_reference_tokens": 64, "horizon": 64}))
+    restarted = None
+    cli = Cli("run", "--config", cfg, "--out", str(tmp_path / "out"), env=env, stdout=tmp_path / "cli.out")
+    try:
+        cli.wait_for(f"generate {TAG}/t1: ran")
+        os.killpg(st["pids"]["s3"], signal.SIGKILL)
+        time.sleep(30)
+        assert cli.proc.poll() is None, "the study gave up while S3 was down:\n" + cli.stderr[-3000:]
+        restarted = _restart_rclone(root, st)
+        rc = cli.finish()
+        s3.wait_until_up(settings)
+        cached = set(cached_stages(settings))
+    finally:
+        cli.kill()
+        if restarted:
+            os.killpg(restarted.pid, signal.SIGTERM)
+            restarted.wait(30)
+    assert rc == 0, cli.stderr[-4000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(CHILDREN)
+    for child in CHILDREN:
+        assert sorted(p.name for p in (out / child).iterdir()) == [
+            "generations.parquet", "prompts.parquet", "reference.parquet", "summary.json"]
+        assert pl.read_parquet(out / child / "generations.parquet").height == STUDY["num_examples"]
+        assert json.loads((out / child / "summary.json").read_text())["n_examples"] == STUDY["num_examples"]
+    # every finished stage was persisted through the outage, or its loss was logged: never silent
+    missing = ALL_STAGES - cached
+    assert not missing or "An error was encountered while committing transaction" in cli.stderr, missing
+
+
+# ------------------------------------------------------------------ MLflow gone mid-run
+def test_publish_to_a_dead_mlflow_server_raises(tmp_path, monkeypatch):
+    from storage.stack import Stack
+    from storage.tracking import Tracker
+    from tasks import publish
+
+    root = tmp_path / "ml"
+    own = Stack(root)
+    try:
+        own.up(("mlflow",))
+        uri = own.state()["mlflow"]
+        tracker = Tracker(uri, experiment="entcal/dead-mlflow")
+        parent = tracker.start("dead-mlflow")
+    finally:
+        own.down()
+    # MLflow's client retries a refused connection for minutes by default; one retry is enough here
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    prompts = pl.DataFrame({"example_id": ["e0"], "prompt_ids": [[1, 2]]})
+    summary = {k: 0.0 for k in ("entce", "entropy", "logloss", "entce_ci_low", "entce_ci_high", "logloss_untruncated",
+                                "truncated_share", "sampled_surprisal", "n_examples", "eos_share")}
+    curves = pl.DataFrame({"entropy_mean": [1.0, 2.0], "logloss_mean": [2.0, 3.0]})
+    with pytest.raises(Exception) as err:
+        publish.log_child(tracker, parent, "dead", params={"dataset": "d"}, summary=summary, curves=curves,
+                          tables={"prompts": prompts}, prompts_digest="0" * 16)
+    assert uri.removeprefix("http://") in str(err.value), str(err.value)[:2000]
