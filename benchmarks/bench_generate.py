@@ -22,6 +22,8 @@ Every variant makes exactly batch x N new tokens (asserted). Each is warmed up o
   speedup_vs_hf_generate = entcal tok/s / hf_generate tok/s
   stats_overhead         = (t_entcal - t_entcal_nostats) / t_entcal_nostats
   forward_fraction_*     = t_forward_only / t_variant (1.0 = no overhead beyond the model)
+The same ratios from process CPU seconds are under "cpu_time": on a shared CPU they are steadier
+than wall time (exact with ``--threads 1``; with more threads OpenMP spin-waits count too).
 
 The last stdout line is one JSON object; ``--json`` prints only that line.
 """

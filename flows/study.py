@@ -27,6 +27,7 @@ from storage.settings import from_env
 from storage.tracking import Tracker, TrackingError
 from tasks import calibrate, datasets, publish, report
 from tasks.config import StudyConfig
+from tasks.generate import shards
 from tasks.models import max_positions, source_of
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,12 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
                               num_examples=config.num_examples, prompt_tokens=config.prompt_tokens,
                               min_reference_tokens=config.min_reference_tokens, max_reference_tokens=max_ref,
                               max_new_tokens=config.max_new_tokens)
-                gens = {d.key: run(gen, f"generate {tag}/{d.key}", model=model, prompts=prompts, decoding=d,
-                                   max_new_tokens=config.max_new_tokens, samples_per_prompt=config.samples_per_prompt,
-                                   seed=config.seed, batch_size=config.batch_size) for d in config.decodings}
+                parts = shards(prompts, config.shard_size)
+                gens = {d.key: pl.concat([
+                    run(gen, f"generate {tag}/{d.key}" + (f"/shard{i}" if len(parts) > 1 else ""), model=model,
+                        prompts=part, decoding=d, max_new_tokens=config.max_new_tokens,
+                        samples_per_prompt=config.samples_per_prompt, seed=config.seed, batch_size=config.batch_size)
+                    for i, part in enumerate(parts)]) for d in config.decodings}
                 ref = run(sc, f"score {tag}", model=model, prompts=prompts, decodings=config.decodings,
                           max_tokens=config.horizon, epsilon=config.epsilon, batch_size=config.batch_size)
                 for d in config.decodings:

@@ -194,6 +194,8 @@ class StudyConfig(_Closed):
     samples_per_prompt: int = Field(1, ge=1)
     seed: int = 0
     batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(0, ge=0, description="prompts per cached generation shard (0 = one shard): a crash "
+                            "loses at most one shard's work")
     epsilon: float = Field(1e-4, gt=0, lt=1, description="weight of the untruncated distribution when scoring truncated decodings")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for the EntCE CI")
     ci_level: float = Field(0.95, gt=0, lt=1)

@@ -179,6 +179,13 @@ def generate_table(
     return pl.DataFrame(data, schema=GENERATIONS_SCHEMA)
 
 
+def shards(prompts: pl.DataFrame, shard_size: int) -> list[pl.DataFrame]:
+    """Consecutive slices of the prompts table; rows sample the same tokens whichever shard holds them."""
+    if shard_size <= 0 or prompts.height <= shard_size:
+        return [prompts]
+    return [prompts.slice(i, shard_size) for i in range(0, prompts.height, shard_size)]
+
+
 def generate(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, *, max_new_tokens: int,
              samples_per_prompt: int, seed: int, batch_size: int,
              progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:

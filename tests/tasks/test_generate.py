@@ -39,6 +39,20 @@ def test_schema_and_reproducible_under_seed(tiny_lm, prompts):
     assert (a["step_entropy"].list.len() == 20).all()
 
 
+def test_shards_concatenate_to_the_unsharded_table(tiny_lm, prompts):
+    from tasks.generate import shards
+
+    whole = _gen(tiny_lm, prompts, DECODINGS[1])
+    parts = shards(prompts, 4)
+    assert [p.height for p in parts] == [4, 2]
+    joined = pl.concat([_gen(tiny_lm, p, DECODINGS[1]) for p in parts])
+    # same rows and samples; floats differ only by batch padding's rounding
+    assert joined.drop("step_entropy", "step_logprob").equals(whole.drop("step_entropy", "step_logprob"))
+    for col in ("step_entropy", "step_logprob"):
+        torch.testing.assert_close(torch.tensor(joined[col].explode().to_list()),
+                                   torch.tensor(whole[col].explode().to_list()), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("dec", DECODINGS, ids=lambda d: d.key)
 def test_recorded_entropy_equals_teacher_forced_rescore(tiny_lm, prompts, dec):
     """The acceptance check: step entropy recorded while sampling (KV cache, left padding) equals an
