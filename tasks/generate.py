@@ -41,6 +41,10 @@ GENERATIONS_SCHEMA = {
 }
 
 
+# adjust(step, z[N, V], kv cache, attention mask[N, L], next positions[N, 1]) -> z̃[N, V]
+Adjust = Callable[[int, torch.Tensor, object, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class NonFiniteLogits(UserError, RuntimeError):
     """The model produced NaN or +inf logits: the message names the example and the step."""
 
@@ -82,9 +86,13 @@ def sample_batch(
     pad_id: int = 0,
     on_step: Callable[[int], None] | None = None,
     row_names: list[str] | None = None,
+    adjust: Adjust | None = None,
 ) -> list[dict]:
     """Sample one continuation per prompt. Returns per row: token_ids, step_entropy, step_logprob,
-    finish_reason. ``on_step(n_tokens)`` is called after each decode step with the tokens it made."""
+    finish_reason. ``on_step(n_tokens)`` is called after each decode step with the tokens it made.
+
+    ``adjust(t, z, cache, mask, positions) -> z̃`` reshapes the sampling distribution's logits before
+    the draw (calibration methods, tasks/recalibrate.py); entropy and log-prob are then those of z̃."""
     device = next(model.parameters()).device
     n = len(prompts)
     uniforms = torch.stack([
@@ -112,8 +120,13 @@ def sample_batch(
             raise NonFiniteLogits(f"NaN or +inf in the model's logits for example {name} at generation step {t} "
                                   "(try dtype: float32, or check the model's weights)")
         z = scaled_logits(logits, **kw)
-        tok = sample_tokens(z, uniforms[alive, t])
-        stats = kernels.token_stats(logits, tok, **kw)
+        if adjust is None:
+            tok = sample_tokens(z, uniforms[alive, t])
+            stats = kernels.token_stats(logits, tok, **kw)
+        else:
+            z = adjust(t, z, cache, mask, next_pos)
+            tok = sample_tokens(z, uniforms[alive, t])
+            stats = kernels.token_stats(z, tok)
         tok_l, h_l, lp_l = tok.tolist(), stats.entropy.tolist(), stats.target_logprob.tolist()
         for j, row in enumerate(alive.tolist()):
             tokens[row].append(tok_l[j])
@@ -154,8 +167,11 @@ def generate_table(
     eos_ids: tuple[int, ...] = (),
     pad_id: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    adjust: Adjust | None = None,
+    key: str | None = None,
 ) -> pl.DataFrame:
-    """The generations table for one decoding. ``progress(done_rows, total_rows)`` after each batch."""
+    """The generations table for one decoding. ``progress(done_rows, total_rows)`` after each batch;
+    ``adjust`` as in sample_batch, ``key`` names the decoding column (default: the decoding's key)."""
     jobs = [
         (ex, s, p) for ex, p in zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list())
         for s in range(samples_per_prompt)
@@ -167,13 +183,13 @@ def generate_table(
         rows = sample_batch(
             model, [jobs[i][2] for i in idx], [row_seed(seed, jobs[i][0], jobs[i][1]) for i in idx],
             decoding, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-            row_names=[jobs[i][0] for i in idx],
+            row_names=[jobs[i][0] for i in idx], adjust=adjust,
         )
         results.update(zip(idx, rows))
         if progress:
             progress(len(results), len(jobs))
     data = [
-        {"example_id": ex, "sample": s, "decoding": decoding.key, **results[i]}
+        {"example_id": ex, "sample": s, "decoding": key or decoding.key, **results[i]}
         for i, (ex, s, _) in enumerate(jobs)
     ]
     return pl.DataFrame(data, schema=GENERATIONS_SCHEMA)

@@ -27,10 +27,9 @@ import polars as pl
 import torch
 
 import kernels
-from kernels.reference import scaled_logits, token_stats as ref_stats
 from tasks.calibrate import entce_summary
 from tasks.config import DecodingSpec
-from tasks.generate import GENERATIONS_SCHEMA, NonFiniteLogits, generate_table, left_pad, row_seed, sample_tokens
+from tasks.generate import generate_table
 from tasks.score import REFERENCE_SCHEMA, plain_lm_head
 
 LOOKAHEAD_BOUNDS = (-1.0, 4.0)
@@ -395,85 +394,29 @@ def fit_alpha(atoms: HumanAtoms, *, bounds=LOOKAHEAD_BOUNDS, buckets=(), tol: fl
 
 
 # ---------------------------------------------------------------- generation from q̃
-@torch.inference_mode()
-def _reweighted_batch(model, prompts, seeds, decoding, phi, gamma, alpha_at, *, top_k, max_new_tokens,
-                      eos_ids=(), pad_id=0, chunk=None, row_names=None) -> list[dict]:
-    """tasks.generate.sample_batch with z̃ = z + α_t·U (same uniforms, padding, compaction); records H(q̃_t)."""
-    device = next(model.parameters()).device
-    n = len(prompts)
-    uniforms = torch.stack([
-        torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-        for s in seeds
-    ]).to(device)
-    ids, mask = left_pad(prompts, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits, next_pos = out.past_key_values, out.logits[:, -1], positions[:, -1:] + 1
-    alive = torch.arange(n, device=device)
-    rec = {k: [[] for _ in range(n)] for k in ("token_ids", "step_entropy", "step_logprob")}
-    finish = ["length"] * n
-    eos = torch.tensor(eos_ids or (-1,), device=device)
-    kw = decoding.kernel_kwargs()
-    for t in range(max_new_tokens):
-        bad = torch.isnan(logits).any(-1)
-        if bad.any():
-            row = int(alive[bad.nonzero()[0, 0]])
-            raise NonFiniteLogits(f"NaN in the model's logits for example {row_names[row] if row_names else row} "
-                                  f"at generation step {t}")
-        z = scaled_logits(logits, **kw)
-        logp = torch.log_softmax(z, -1)
-        k = min(top_k, z.shape[-1])
-        clp, cand = logp.topk(k, dim=-1)
-        rows = torch.arange(len(alive), device=device).repeat_interleave(k)
-        phi_c = _candidate_pass(model, cache, mask, rows, next_pos[:, 0][rows], cand.reshape(-1), phi,
-                                chunk=chunk).view(-1, k)
-        _, u, _ = _atoms(logp, cand, clp, phi_c, gamma)
-        U = u[:, -1:].expand_as(z).scatter(1, cand, u[:, :k])
-        zt = z + alpha_at(t) * U
-        tok = sample_tokens(zt, uniforms[alive, t])
-        stats = ref_stats(zt, tok)
-        for name, vals in (("token_ids", tok), ("step_entropy", stats.entropy), ("step_logprob", stats.target_logprob)):
-            for row, v in zip(alive.tolist(), vals.tolist()):
-                rec[name][row].append(v)
-        done = torch.isin(tok, eos)
-        for j in done.nonzero().flatten().tolist():
-            finish[int(alive[j])] = "eos"
-        if t == max_new_tokens - 1:
-            break
-        if done.any():
-            keep = (~done).nonzero().flatten()
-            if keep.numel() == 0:
-                break
-            cache.batch_select_indices(keep)
-            alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
-    return [{**{k: rec[k][i] for k in rec}, "finish_reason": finish[i]} for i in range(n)]
-
-
 def reweighted_generate(model, prompts: pl.DataFrame, decoding: DecodingSpec, phi, gamma: float, alpha,
                         buckets=(), *, key: str, top_k: int = 16, max_new_tokens: int, samples_per_prompt: int = 1,
                         seed: int = 0, batch_size: int = 8, eos_ids=(), pad_id: int = 0,
                         chunk: int | None = None) -> pl.DataFrame:
-    """A GENERATIONS_SCHEMA table sampled from q̃, row for row like tasks.generate.generate_table."""
+    """A GENERATIONS_SCHEMA table sampled from q̃ (z̃ = z + α_t·U) by tasks.generate's own sampler: same
+    uniforms, padding and compaction, so α = 0 reproduces generate_table row for row."""
     _untruncated(decoding)
     al, edges = np.atleast_1d(np.asarray(alpha, dtype=float)), list(buckets)
-    alpha_at = lambda t: float(al[bisect.bisect_right(edges, t)])  # noqa: E731
-    jobs = [(ex, s, p) for ex, p in zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list())
-            for s in range(samples_per_prompt)]
-    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][2]))
-    results: dict[int, dict] = {}
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        seeds = [row_seed(seed, jobs[i][0], jobs[i][1]) for i in idx]
-        rows = _reweighted_batch(model, [jobs[i][2] for i in idx], seeds, decoding, phi, gamma, alpha_at,
-                                 top_k=top_k, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                                 chunk=chunk, row_names=[jobs[i][0] for i in idx])
-        results.update(zip(idx, rows))
-    data = [{"example_id": ex, "sample": s, "decoding": key, **results[i]} for i, (ex, s, _) in enumerate(jobs)]
-    return pl.DataFrame(data, schema=GENERATIONS_SCHEMA)
+
+    def adjust(t, z, cache, mask, next_pos):
+        logp = torch.log_softmax(z, -1)
+        k = min(top_k, z.shape[-1])
+        clp, cand = logp.topk(k, dim=-1)
+        rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k)
+        phi_c = _candidate_pass(model, cache, mask, rows, next_pos[:, 0][rows], cand.reshape(-1), phi,
+                                chunk=chunk).view(-1, k)
+        _, u, _ = _atoms(logp, cand, clp, phi_c, gamma)
+        U = u[:, -1:].expand_as(z).scatter(1, cand, u[:, :k])
+        return z + float(al[bisect.bisect_right(edges, t)]) * U
+
+    return generate_table(model, prompts, decoding, max_new_tokens=max_new_tokens,
+                          samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
+                          eos_ids=tuple(eos_ids), pad_id=pad_id, adjust=adjust, key=key)
 
 
 def _key(decoding: DecodingSpec, tag: str, alpha) -> str:

@@ -81,9 +81,11 @@ def test_scanner_finds_planted_secrets(tmp_path):
         (tmp_path / "a" / "b" / f"record{pad}.json").write_text(json.dumps({"result": blob}))
     (tmp_path / "a" / "b" / "url.txt").write_text("http://h/?k=" + urllib.parse.quote(secret + "/+=", safe=""))
     hits = scan_tree(tmp_path, [secret, "never-there"], skip=LEGIT)
-    assert sorted(Path(p).name for p in hits) == ["raw.log", "record0.json", "record1.json", "record2.json"], hits
+    assert sorted(Path(p).name for p in hits) == ["raw.log", "record0.json", "record1.json", "record2.json",
+                                                  "url.txt"], hits
     assert all(found == [secret] for found in hits.values())
-    assert find_secrets(urllib.parse.quote("a/" + secret, safe=""), [secret])
+    odd = secret + "/+= &"  # a secret that URL-quoting changes
+    assert find_secrets("http://h/?k=" + urllib.parse.quote(odd, safe=""), [odd])
     # a command line is seen too
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--key", secret])
     try:
@@ -121,6 +123,7 @@ def test_files_written_have_no_secrets(study_run, stack):
     assert (out / "report.md").is_file() and list(out.glob("*/generations.parquet"))
     state = stack.state_dir
     assert (state / "logs").is_dir() and (state / "mlflow.db").is_file()
+    assert list((state / "prefect").rglob("*.db")) and list((state / "s3").rglob("generations.parquet"))
     assert scan_tree(out, stack.secrets()) == {}
     # logs/, mlflow.db, prefect/ (the Prefect server's database), s3/ (every bucket's objects:
     # MLflow artifacts and Prefect's cached results), results/: all but stack.json
