@@ -17,6 +17,7 @@ from tasks import calibrate, recalibrate
 from tasks.config import CalibrationSpec, DecodingSpec, ModelSpec, StudyConfig
 
 SWEEPS = ("top_k", "top_p", "min_p", "top_nsigma")
+OFF = {"top_p": 1.0, "min_p": 0.0}  # settings that truncate nothing, so the τ = 1 point belongs to the sweep
 
 
 def _at(rows: list[dict], tau: float, col: str) -> float | None:
@@ -63,6 +64,10 @@ def calibrate_pair(config: StudyConfig, model: ModelSpec, prompts: pl.DataFrame,
     for method in SWEEPS:
         for param in getattr(spec, method):
             evaluate_decoding(DecodingSpec(**{method: param}), method, param)
+    base = next(r for r in rows if r["method"] == "temperature" and r["param"] == 1.0)
+    for method, off in OFF.items():  # top_p = 1 and min_p = 0 ARE the τ = 1 decoding: the sweep's anchor
+        if getattr(spec, method):
+            rows.append({**base, "method": method, "param": off, "anchor": True})
     front = recalibrate.truncation_front(rows)
     pareto = recalibrate.plot_pareto(rows, out_dir / f"pareto__{label}.png")
     result = {

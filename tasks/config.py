@@ -169,10 +169,10 @@ class CalibrationSpec(_Closed):
     tau_bracket: tuple[float, float] = Field((0.7, 1.2), description="temperatures that bracket τ* (EntCE = 0)")
     tau_rounds: int = Field(5, ge=2, le=12, description="generation rounds of the τ* root search")
     tau_tol: float = Field(0.02, gt=0, description="stop when the bracket is this narrow")
-    top_k: list[int] = [20, 50]
-    top_p: list[float] = [0.9, 0.95]
-    min_p: list[float] = [0.05, 0.1]
-    top_nsigma: list[float] = [1.0, 1.5]
+    top_k: list[int] = [100, 1000]
+    top_p: list[float] = [0.95, 0.98]
+    min_p: list[float] = [0.01, 0.05]
+    top_nsigma: list[float] = [1.5, 3.0]
     lookahead: bool = True
     future_entropy: bool = True
     candidates: int = Field(8, ge=2, description="top-k candidates whose lookahead features are computed")

@@ -228,24 +228,27 @@ def _alter_value(obj: bytes, old: float, new: float) -> bytes:
     "flows/results.py: EntcalS3Results stores Prefect's record bytes with no checksum, so a cached result "
     "altered at rest (valid JSON, base64 and pickle, one value changed) passes ResultStore.exists() and "
     "is served as a cache hit"))
-def test_cached_result_altered_at_rest_is_not_served(stack):
+def test_cached_result_altered_at_rest_is_not_served(stack, prefect_server):
     from prefect.results import ResultStore
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.results import EntcalS3Results
+    from flows.results import result_storage
 
-    store = ResultStore(result_storage=EntcalS3Results(bucket=stack.bucket))
-    key = f"reliability-bitrot-{uuid.uuid4().hex}"
-    df = pl.DataFrame({"example_id": ["a", "b"], "step_entropy": [[1.5, 1.25], [0.75, 0.5]]})
-    store.write(df, key=key)
-    [obj_key] = [k for k in s3.list_keys(stack, "prefect-results/") if key in k]
-    s3.put_bytes(stack, obj_key, _alter_value(s3.get_bytes(stack, obj_key), 1.5, 9.5))
-    # a reader may refuse it (a cache miss: the stage is recomputed) or fail loudly; never serve 9.5
-    if store.exists(key):
-        try:
-            served = store.read(key).result
-        except Exception:
-            return
-        assert served.equals(df), f"served an altered cached result:\n{served['step_entropy'].to_list()}"
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        store = ResultStore(result_storage=result_storage(stack))  # the block the study flow saves and uses
+        key = f"reliability-bitrot-{uuid.uuid4().hex}"
+        df = pl.DataFrame({"example_id": ["a", "b"], "step_entropy": [[1.5, 1.25], [0.75, 0.5]]})
+        store.write(df, key=key)
+        assert store.exists(key) and store.read(key).result.equals(df)  # the record round-trips as written
+        [obj_key] = [k for k in s3.list_keys(stack, "prefect-results/") if key in k]
+        s3.put_bytes(stack, obj_key, _alter_value(s3.get_bytes(stack, obj_key), 1.5, 9.5))
+        # a reader may refuse it (a cache miss: the stage is recomputed) or fail loudly; never serve 9.5
+        if store.exists(key):
+            try:
+                served = store.read(key).result
+            except Exception:
+                return
+            assert served.equals(df), f"served an altered cached result: {served['step_entropy'].to_list()}"
 
 
 # ------------------------------------------------------------------ S3 down for 30 s mid-run
