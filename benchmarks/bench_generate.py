@@ -107,14 +107,17 @@ def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     width = ids.shape[1]
 
-    def entcal() -> int:
+    last: dict[str, list] = {}  # token ids of each entcal variant's latest run
+
+    def entcal(key: str = "entcal") -> int:
         df = generate_table(model, prompts, decoding, max_new_tokens=new_tokens, seed=seed,
                             batch_size=batch, eos_ids=(), pad_id=pad)
+        last[key] = df["token_ids"].to_list()
         return int(df["token_ids"].list.len().sum())
 
     def entcal_nostats() -> int:
         with _stats_off():
-            return entcal()
+            return entcal("entcal_nostats")
 
     def hf_generate() -> int:
         torch.manual_seed(seed)
@@ -138,7 +141,7 @@ def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int
         return ids.shape[0] * new_tokens
 
     return {"entcal": entcal, "entcal_nostats": entcal_nostats, "hf_generate": hf_generate,
-            "forward_only": forward_only}
+            "forward_only": forward_only}, last
 
 
 def _time(fn, device) -> tuple[float, float, int]:
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {spec.label} on {device} ({model.dtype}), loaded in {load_s:.1f} s; batch {batch}, "
         f"prompt tokens {min(lens)}..{max(lens)}, new tokens {args.new_tokens}, "
         f"torch threads {torch.get_num_threads()}")
-    runners = _runners(model, prompts, new_tokens=args.new_tokens, batch=batch, seed=args.seed, pad=pad,
+    runners, last = _runners(model, prompts, new_tokens=args.new_tokens, batch=batch, seed=args.seed, pad=pad,
                        device=device)
     want = batch * args.new_tokens
 
@@ -212,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         dt, ct, n = _time(runners[v], device)
         assert n == want, f"{v}: expected {want} new tokens, got {n}"
         log(f"warm-up {v}: {dt:.2f} s")
+    if "entcal" in last and "entcal_nostats" in last:  # the stand-in drops statistics, not tokens
+        same = last["entcal"] == last["entcal_nostats"]
+        if device.type == "cpu":
+            assert same, "entcal_nostats sampled other tokens than entcal"
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.repeats):  # round-robin so background load is shared out evenly
@@ -242,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": batch, "prompt_tokens": args.prompt_tokens, "prompt_lengths": [min(lens), max(lens)],
         "prompts": args.prompts, "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
         "model_load_s": load_s, "variants": res,
+        "nostats_same_tokens": same if "entcal" in last and "entcal_nostats" in last else None,
         "speedup_vs_hf_generate": ratio("entcal", "hf_generate", lambda a, b: b / a),
         "speedup_nostats_vs_hf_generate": ratio("entcal_nostats", "hf_generate", lambda a, b: b / a),
         "stats_overhead": ratio("entcal", "entcal_nostats", lambda a, b: (a - b) / b),

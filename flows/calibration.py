@@ -12,7 +12,6 @@ import numpy as np
 import polars as pl
 from prefect import get_run_logger
 
-from flows.stages import future_entropy_task, generate_task, lookahead_task, score_task
 from tasks import calibrate, recalibrate
 from tasks.config import CalibrationSpec, DecodingSpec, ModelSpec, StudyConfig
 
@@ -85,7 +84,7 @@ def calibrate_pair(config: StudyConfig, model: ModelSpec, prompts: pl.DataFrame,
                  seed=config.seed, batch_size=config.batch_size, bootstrap=config.bootstrap)
     for name, enabled in (("lookahead", spec.lookahead), ("future_entropy", spec.future_entropy)):
         if enabled:
-            out = tasks[name](model=model, train=train, evaluate=evaluate, **recal)
+            out = tasks["recalibrate"](method=name, model=model, train=train, evaluate=evaluate, **recal)
             result[name] = {k: out[k] for k in ("alpha", "entce_before", "entce_after", "logloss_before",
                                                 "logloss_after")}
             logger.info("%s: α=%.3f EntCE %+.3f -> %+.3f, L̄ %.3f -> %.3f", name, out["alpha"], out["entce_before"],

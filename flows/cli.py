@@ -49,18 +49,10 @@ class ServiceError(UserError, RuntimeError):
 
 def check_prefect(api_url: str | None) -> None:
     """A configured Prefect API must answer; without one, Prefect runs an ephemeral server."""
-    if not api_url:
-        return
-    import urllib.request
+    from storage.stack import http_ok
 
-    try:
-        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=5) as r:
-            if r.status == 200:
-                return
-    except Exception as err:
-        raise ServiceError(f"Prefect API at {api_url} is unreachable ({err.__class__.__name__}); check PREFECT_API_URL "
-                           "or `entcal stack status`") from None
-    raise ServiceError(f"Prefect API at {api_url} answered /health with an error")
+    if api_url and not http_ok(api_url.rstrip("/") + "/health", timeout=5):
+        raise ServiceError(f"Prefect API at {api_url} is unreachable; check PREFECT_API_URL or `entcal stack status`")
 
 
 def print_result(result: dict) -> None:

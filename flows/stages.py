@@ -140,23 +140,17 @@ def artifact_key(name: str) -> str:
 
 
 
-@task(name="lookahead", cache_key_fn=content_key, persist_result=True)
-@_stage(recalibrate)
-def lookahead_task(model: ModelSpec, train: pl.DataFrame, evaluate: pl.DataFrame, candidates: int,
-                   max_new_tokens: int, horizon: int, seed: int, batch_size: int, bootstrap: int) -> dict:
-    lm = load_model(model)
-    out = recalibrate.lookahead_calibration(
-        lm.model, train, evaluate, top_k=candidates, max_new_tokens=max_new_tokens, horizon=horizon, seed=seed,
-        batch_size=batch_size, eos_ids=lm.eos_ids, pad_id=pad_id(lm.tokenizer), bootstrap=bootstrap)
-    return {k: v for k, v in out.items() if not k.startswith("summary_")}
+RECALIBRATIONS = {"lookahead": recalibrate.lookahead_calibration,
+                  "future_entropy": recalibrate.future_entropy_calibration}
 
 
-@task(name="future-entropy", cache_key_fn=content_key, persist_result=True)
+@task(name="recalibrate", cache_key_fn=content_key, persist_result=True)
 @_stage(recalibrate)
-def future_entropy_task(model: ModelSpec, train: pl.DataFrame, evaluate: pl.DataFrame, candidates: int,
-                        max_new_tokens: int, horizon: int, seed: int, batch_size: int, bootstrap: int) -> dict:
+def recalibrate_task(method: str, model: ModelSpec, train: pl.DataFrame, evaluate: pl.DataFrame, candidates: int,
+                     max_new_tokens: int, horizon: int, seed: int, batch_size: int, bootstrap: int) -> dict:
+    """Fit one calibration method (lookahead | future_entropy) on ``train``; before/after on ``evaluate``."""
     lm = load_model(model)
-    out = recalibrate.future_entropy_calibration(
+    out = RECALIBRATIONS[method](
         lm.model, train, evaluate, top_k=candidates, max_new_tokens=max_new_tokens, horizon=horizon, seed=seed,
         batch_size=batch_size, eos_ids=lm.eos_ids, pad_id=pad_id(lm.tokenizer), bootstrap=bootstrap)
     return {k: v for k, v in out.items() if not k.startswith("summary_")}

@@ -21,8 +21,8 @@ from prefect import flow, get_run_logger
 from flows.results import result_storage
 from flows import calibration
 from flows.calibration import calibrate_pair
-from flows.stages import (corpus_alpha_task, future_entropy_task, generate_task, lookahead_task, prepare_task,
-                          publish_calibration_task, publish_child_task, report_task, score_task)
+from flows.stages import (corpus_alpha_task, generate_task, prepare_task, publish_calibration_task,
+                          publish_child_task, recalibrate_task, report_task, score_task)
 from storage.settings import from_env
 from storage.tracking import Tracker, TrackingError
 from tasks import calibrate, datasets, publish, report
@@ -53,9 +53,9 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
     if not settings.mlflow_uri:
         raise TrackingError("no MLflow server: set MLFLOW_TRACKING_URI or run `entcal stack up`")
     storage = result_storage(settings)  # S3 when configured: cached work is shared across machines
-    prep, gen, sc, look, fut, alpha_task = (
+    prep, gen, sc, recal, alpha_task = (
         t.with_options(result_storage=storage) if storage else t
-        for t in (prepare_task, generate_task, score_task, lookahead_task, future_entropy_task, corpus_alpha_task))
+        for t in (prepare_task, generate_task, score_task, recalibrate_task, corpus_alpha_task))
     out_dir = Path(out) if out else settings.state_dir / "reports" / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
     tracker = Tracker(settings.mlflow_uri, experiment=f"entcal/{config.name}")
     parent_id = tracker.start(config.name, tags={"entcal.stage": "study", **publish.provenance()})
@@ -116,8 +116,7 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
                     stage_tasks = {
                         "generate": lambda **kw: run(gen, f"generate {tag}/{kw['decoding'].key}", **kw),
                         "score": lambda **kw: run(sc, f"score {tag}/{kw['decodings'][0].key}", **kw),
-                        "lookahead": lambda **kw: run(look, f"lookahead {tag}", **kw),
-                        "future_entropy": lambda **kw: run(fut, f"future-entropy {tag}", **kw),
+                        "recalibrate": lambda **kw: run(recal, f"{kw['method']} {tag}", **kw),
                     }
                     label = f"{model.label}__{dataset.label}"
                     cal = calibrate_pair(config, model, prompts, stage_tasks, out_dir, label)

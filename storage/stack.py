@@ -53,7 +53,8 @@ def _bin(name: str) -> str:
     return found
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET url answers 2xx within the timeout."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return 200 <= r.status < 300
@@ -75,9 +76,9 @@ def health(state: dict, name: str) -> bool:
     if name == "s3":
         return _s3_ok(state)
     if name == "mlflow":
-        return bool(state.get("mlflow")) and _http_ok(state["mlflow"].rstrip("/") + "/health")
+        return bool(state.get("mlflow")) and http_ok(state["mlflow"].rstrip("/") + "/health")
     if name == "prefect":
-        return bool(state.get("prefect")) and _http_ok(state["prefect"].rstrip("/") + "/health")
+        return bool(state.get("prefect")) and http_ok(state["prefect"].rstrip("/") + "/health")
     raise ValueError(f"unknown service {name!r}")
 
 

@@ -31,20 +31,12 @@ class TrackingError(UserError, RuntimeError):
 
 def check_server(uri: str | None, timeout_s: float = 5.0) -> None:
     """Fail fast, with one line, when the MLflow server does not answer."""
-    import urllib.request
+    from storage.stack import http_ok
 
     if not uri:
         raise TrackingError("no MLflow server: set MLFLOW_TRACKING_URI or run `entcal stack up`")
-    if not uri.startswith(("http://", "https://")):
-        return  # a local store (file:, sqlite:) needs no server
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-            if r.status == 200:
-                return
-    except Exception as err:
-        raise TrackingError(f"MLflow at {uri} is unreachable ({err.__class__.__name__}); check MLFLOW_TRACKING_URI "
-                            "or `entcal stack status`") from None
-    raise TrackingError(f"MLflow at {uri} answered /health with an error; check the server's log")
+    if uri.startswith(("http://", "https://")) and not http_ok(uri.rstrip("/") + "/health", timeout_s):
+        raise TrackingError(f"MLflow at {uri} is unreachable; check MLFLOW_TRACKING_URI or `entcal stack status`")
 
 
 class Tracker:

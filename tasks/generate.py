@@ -119,14 +119,11 @@ def sample_batch(
             name = row_names[row] if row_names else str(row)
             raise NonFiniteLogits(f"NaN or +inf in the model's logits for example {name} at generation step {t} "
                                   "(try dtype: float32, or check the model's weights)")
-        z = scaled_logits(logits, **kw)
-        if adjust is None:
-            tok = sample_tokens(z, uniforms[alive, t])
-            stats = kernels.token_stats(logits, tok, **kw)
-        else:
+        z = scaled_logits(logits, **kw)  # temperature and truncation applied once per step
+        if adjust is not None:
             z = adjust(t, z, cache, mask, next_pos)
-            tok = sample_tokens(z, uniforms[alive, t])
-            stats = kernels.token_stats(z, tok)
+        tok = sample_tokens(z, uniforms[alive, t])
+        stats = kernels.token_stats(z, tok)  # z is already q's logits: τ = 1, nothing left to truncate
         tok_l, h_l, lp_l = tok.tolist(), stats.entropy.tolist(), stats.target_logprob.tolist()
         for j, row in enumerate(alive.tolist()):
             tokens[row].append(tok_l[j])
