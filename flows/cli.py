@@ -36,6 +36,8 @@ def _environment() -> None:
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(settings.state_dir / "results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # MLflow's default retries a dead server for minutes per request; the publish tasks retry on top
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     if settings.prefect_api and "PREFECT_API_URL" not in os.environ:
         from storage.stack import health, read_stack_file
 

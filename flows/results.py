@@ -6,11 +6,16 @@ environment at each call (storage.settings), so no secret is ever saved in Prefe
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
 import anyio
 from prefect.filesystems import WritableFileSystem
 
 from storage import s3
 from storage.settings import Settings, from_env
+
+HEADER = b"entcal-sha256:"
 
 BLOCK_NAME = "entcal-results"
 
@@ -24,20 +29,30 @@ class EntcalS3Results(WritableFileSystem):
     prefix: str = "prefect-results"
 
     def _settings(self) -> Settings:
-        return from_env()
+        return dataclasses.replace(from_env(), bucket=self.bucket)
 
     def _key(self, path: str) -> str:
         return f"{self.prefix.strip('/')}/{str(path).lstrip('/')}"
 
+    def _digest(self, key: str, content: bytes) -> bytes:
+        return hashlib.sha256(key.encode() + b"\0" + content).hexdigest().encode()
+
     def read_path(self, path: str, **_) -> bytes:
-        data = s3.get_bytes(self._settings(), self._key(path))
+        """The stored bytes, only if their checksum (over key and content) holds: an object altered at rest
+        or copied under another key raises, which Prefect treats as a cache miss, so the stage reruns."""
+        key = self._key(path)
+        data = s3.get_bytes(self._settings(), key)
         if data is None:
-            raise ValueError(f"no result at s3://{self.bucket}/{self._key(path)}")
-        return data
+            raise ValueError(f"no result at s3://{self.bucket}/{key}")
+        head, _, content = data.partition(b"\n")
+        if not head.startswith(HEADER) or head[len(HEADER):] != self._digest(key, content):
+            raise ValueError(f"cached result at s3://{self.bucket}/{key} fails its checksum; recomputing")
+        return content
 
     def write_path(self, path: str, content: bytes, **_) -> str:
-        s3.put_bytes(self._settings(), self._key(path), content)
-        return f"s3://{self.bucket}/{self._key(path)}"
+        key = self._key(path)
+        s3.put_bytes(self._settings(), key, HEADER + self._digest(key, content) + b"\n" + content)
+        return f"s3://{self.bucket}/{key}"
 
     async def aread_path(self, path: str) -> bytes:
         return await anyio.to_thread.run_sync(self.read_path, path)

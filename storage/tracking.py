@@ -39,6 +39,23 @@ def check_server(uri: str | None, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"MLflow at {uri} is unreachable; check MLFLOW_TRACKING_URI or `entcal stack status`")
 
 
+def _as_tracking_error(method):
+    """MLflow and connection failures leave a Tracker method as one-line TrackingErrors, never silently."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except TrackingError:
+            raise
+        except Exception as err:
+            first = (str(err).splitlines() or [""])[0][:200]
+            raise TrackingError(f"MLflow at {self.uri} failed during {method.__name__} "
+                                f"({err.__class__.__name__}: {first})") from err
+    return wrapper
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         self.uri = uri.rstrip("/")
@@ -55,6 +72,7 @@ class Tracker:
     def run_url(self, run_id: str) -> str:
         return f"{self.uri}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
+    @_as_tracking_error
     def start(self, name: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         tags = dict(tags or {})
         if parent_id:
@@ -62,23 +80,28 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
+    @_as_tracking_error
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    @_as_tracking_error
     def log_params(self, run_id: str, params: dict) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
+    @_as_tracking_error
     def log_tags(self, run_id: str, tags: dict) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @_as_tracking_error
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 
+    @_as_tracking_error
     def log_curves(self, run_id: str, curves: dict[str, list[float]]) -> None:
         """Per-step curves as step metrics (NaN steps skipped), in batches."""
         now = int(time.time() * 1000)
@@ -87,18 +110,22 @@ class Tracker:
         for i in range(0, len(items), BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 
+    @_as_tracking_error
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    @_as_tracking_error
     def log_table(self, run_id: str, df: pl.DataFrame, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / f"{name}.parquet"
             df.write_parquet(p)
             self.client.log_artifact(run_id, str(p), "tables")
 
+    @_as_tracking_error
     def log_json(self, run_id: str, obj: dict, name: str) -> None:
         self.client.log_dict(run_id, obj, name)
 
+    @_as_tracking_error
     def log_input_table(self, run_id: str, df: pl.DataFrame, name: str, digest: str) -> None:
         """Record the prompts table as an MLflow dataset input (shown in the run's 'Datasets')."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -108,5 +135,6 @@ class Tracker:
                      schema=schema, profile=json.dumps({"num_rows": df.height}))
         self.client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "eval")])])
 
+    @_as_tracking_error
     def artifact_uri(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.artifact_uri

@@ -199,7 +199,7 @@ def test_prefect_records_have_no_secrets(study_run, stack, prefect_server):
     assert study_run["name"] in records["flow-run parameters"]
     assert f"entcal-{study_run['name']}" in records["artifacts"]
     assert "prefect-results" in records["block documents"]
-    assert f"{study_run['name']}" in records["logs"] or "served from cache" in records["logs"]
+    assert "stages served from cache" in records["logs"]  # the flow's own log lines reached the API
     leaks = {what: find_secrets(text, stack.secrets()) for what, text in records.items()}
     assert {k: v for k, v in leaks.items() if v} == {}
 
