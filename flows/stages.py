@@ -158,11 +158,16 @@ def recalibrate_task(method: str, model: ModelSpec, train: pl.DataFrame, evaluat
 
 @task(name="corpus-alpha", cache_key_fn=content_key, persist_result=True)
 @_stage(datasets)
-def corpus_alpha_task(dataset: DatasetSpec, documents: int = 200) -> float:
-    """α of the corpus's word rank-frequency law (SCIENCE.md §3), over its first documents."""
+def corpus_alpha_task(dataset: DatasetSpec, documents: int = 200) -> float | None:
+    """α of the corpus's word rank-frequency law (SCIENCE.md §3), over its first documents; None when
+    the corpus is too small for a slope (a diagnostic never fails a study)."""
     from itertools import islice
 
     from tasks.scaling import corpus_alpha
 
     text = " ".join(d.text for d in islice(datasets.documents(dataset), documents))
-    return corpus_alpha(text.split())
+    try:
+        return corpus_alpha(text.split())
+    except ValueError as err:
+        get_run_logger().warning("corpus α of %s: %s", dataset.label, err)
+        return None

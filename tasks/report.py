@@ -87,7 +87,8 @@ def _fmt(v) -> str:
 def corpus_alpha_section(alphas: dict[str, float]) -> str:
     """The power-law α of each corpus (rank-frequency slope of its words; SCIENCE.md §3)."""
     lines = ["## Corpora", "", "| dataset | α (word rank-frequency) | theory's exponent 1/α − 1 |", "|---|---|---|"]
-    lines += [f"| {d} | {a:.3f} | {1 / a - 1:+.3f} |" for d, a in alphas.items()]
+    lines += [f"| {d} | {a:.3f} | {1 / a - 1:+.3f} |" if a else f"| {d} | — (too few distinct words) | — |"
+              for d, a in alphas.items()]
     return "\n".join(lines + [""])
 
 
