@@ -11,7 +11,6 @@ the same study — from any process pointed at the same result storage — reuse
 from __future__ import annotations
 
 import json
-import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -29,8 +28,6 @@ from tasks import calibrate, datasets, publish, report
 from tasks.config import StudyConfig
 from tasks.generate import shards
 from tasks.models import max_positions, source_of
-
-log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ the flow

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -86,4 +86,3 @@ def from_env(env: dict[str, str] | None = None) -> Settings:
     )
 
 
-__all__ = ["Settings", "from_env", "state_dir", "stack_file", "read_stack_file", "replace"]

@@ -109,9 +109,6 @@ class Stack:
             json.dump(state, f, indent=2)
         os.replace(tmp, self.file)
 
-    def settings(self) -> Settings:
-        return from_env()
-
     def status(self) -> dict:
         """URLs and health of each service; never the credentials."""
         st = self.state()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import polars as pl
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -89,10 +89,6 @@ class Tracker:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
-
-    @_as_tracking_error
-    def log_tags(self, run_id: str, tags: dict) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     @_as_tracking_error
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

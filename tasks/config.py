@@ -7,7 +7,6 @@ are errors (``extra="forbid"``): a typo fails in a second, not after an hour of 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -274,6 +273,3 @@ def demo_config(quick: bool = False, calibrate: bool = False) -> dict:
             cfg.update(num_examples=16, max_new_tokens=96, min_reference_tokens=96, horizon=96, batch_size=8)
     return cfg
 
-
-def config_json(cfg: StudyConfig) -> str:
-    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
