@@ -6,7 +6,9 @@ other processes hits each variant alike):
 
   * entcal      ``tasks.generate.generate_table`` with ``DecodingSpec(temperature=1.0)``,
                 ``eos_ids=()`` so every row runs to ``--new-tokens``; records per-step entropy and
-                log-prob through ``kernels.token_stats``.
+                log-prob through ``kernels.token_stats``; preallocated (static) KV cache.
+  * entcal_dynamic  the same with transformers' growing KV cache (``kv_cache="dynamic"``), the
+                one ``model.generate`` uses: the difference is what writing the cache in place buys.
   * entcal_nostats  the same call with ``tasks.generate.kernels`` swapped (inside this benchmark
                 only, restored afterwards) for a stand-in whose ``token_stats`` returns zeros of the
                 right shape: FOR TIMING ONLY, its statistics are meaningless. The difference to
@@ -20,6 +22,7 @@ Every variant makes exactly batch x N new tokens (asserted). Each is warmed up o
 ``--repeats`` times; tokens/s come from the best (shortest) time, and the spread
 ((worst - best) / best) is reported next to it. Ratios:
   speedup_vs_hf_generate = entcal tok/s / hf_generate tok/s
+  static_cache_speedup   = t_entcal_dynamic / t_entcal
   stats_overhead         = (t_entcal - t_entcal_nostats) / t_entcal_nostats
   forward_fraction_*     = t_forward_only / t_variant (1.0 = no overhead beyond the model)
 The same ratios from process CPU seconds are under "cpu_time": on a shared CPU they are steadier
@@ -47,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("entcal", "entcal_nostats", "hf_generate", "forward_only")
+VARIANTS = ("entcal", "entcal_nostats", "entcal_dynamic", "hf_generate", "forward_only")
 
 
 def _sync(device: torch.device) -> None:
@@ -109,15 +112,18 @@ def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int
 
     last: dict[str, list] = {}  # token ids of each entcal variant's latest run
 
-    def entcal(key: str = "entcal") -> int:
+    def entcal(key: str = "entcal", kv_cache: str = "static") -> int:
         df = generate_table(model, prompts, decoding, max_new_tokens=new_tokens, seed=seed,
-                            batch_size=batch, eos_ids=(), pad_id=pad)
+                            batch_size=batch, eos_ids=(), pad_id=pad, kv_cache=kv_cache)
         last[key] = df["token_ids"].to_list()
         return int(df["token_ids"].list.len().sum())
 
     def entcal_nostats() -> int:
         with _stats_off():
             return entcal("entcal_nostats")
+
+    def entcal_dynamic() -> int:
+        return entcal("entcal_dynamic", kv_cache="dynamic")
 
     def hf_generate() -> int:
         torch.manual_seed(seed)
@@ -140,8 +146,8 @@ def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int
         out.logits[:, -1].sum().item()  # make the last step happen
         return ids.shape[0] * new_tokens
 
-    return {"entcal": entcal, "entcal_nostats": entcal_nostats, "hf_generate": hf_generate,
-            "forward_only": forward_only}, last
+    return {"entcal": entcal, "entcal_nostats": entcal_nostats, "entcal_dynamic": entcal_dynamic,
+            "hf_generate": hf_generate, "forward_only": forward_only}, last
 
 
 def _time(fn, device) -> tuple[float, float, int]:
@@ -253,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_hf_generate": ratio("entcal", "hf_generate", lambda a, b: b / a),
         "speedup_nostats_vs_hf_generate": ratio("entcal_nostats", "hf_generate", lambda a, b: b / a),
         "stats_overhead": ratio("entcal", "entcal_nostats", lambda a, b: (a - b) / b),
+        "static_cache_speedup": ratio("entcal", "entcal_dynamic", lambda a, b: b / a),
+        "dynamic_same_tokens": last.get("entcal") == last.get("entcal_dynamic") if "entcal_dynamic" in last else None,
         "forward_fraction_entcal": ratio("forward_only", "entcal", lambda a, b: a / b),
         "forward_fraction_hf_generate": ratio("forward_only", "hf_generate", lambda a, b: a / b),
         "max_spread": max((r["spread"] for r in res.values()), default=nan),
@@ -261,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_time": {
             "speedup_vs_hf_generate": ratio("entcal", "hf_generate", lambda a, b: b / a, best_cpu),
             "stats_overhead": ratio("entcal", "entcal_nostats", lambda a, b: (a - b) / b, best_cpu),
+            "static_cache_speedup": ratio("entcal", "entcal_dynamic", lambda a, b: b / a, best_cpu),
             "forward_fraction_entcal": ratio("forward_only", "entcal", lambda a, b: a / b, best_cpu),
             "forward_fraction_hf_generate": ratio("forward_only", "hf_generate", lambda a, b: a / b, best_cpu),
         },
     }
-    for k in ("speedup_vs_hf_generate", "stats_overhead", "forward_fraction_entcal", "forward_fraction_hf_generate"):
+    for k in ("speedup_vs_hf_generate", "stats_overhead", "static_cache_speedup", "forward_fraction_entcal",
+              "forward_fraction_hf_generate"):
         if result[k] is not None:
             log(f"{k}: {result[k]:.3f}")
     print(json.dumps(result), flush=True)

@@ -61,6 +61,19 @@ class EntcalS3Results(WritableFileSystem):
         return await anyio.to_thread.run_sync(self.write_path, path, content)
 
 
+def part_settings() -> Settings:
+    """Where the running task's parquet parts go: the bucket of its S3 result storage, else local files
+    (storage/parts.py), so parts always sit beside the cached records that point at them."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    storage = ctx.result_store.result_storage if ctx and ctx.result_store else None
+    settings = from_env()
+    if isinstance(storage, EntcalS3Results):
+        return dataclasses.replace(settings, bucket=storage.bucket)
+    return dataclasses.replace(settings, s3_endpoint=None)
+
+
 def result_storage(settings: Settings) -> EntcalS3Results | None:
     """The saved S3 result block when S3 is configured, else None (Prefect's local default)."""
     if not settings.s3_endpoint:

@@ -3,7 +3,9 @@
 Caching: generation and scoring are keyed on content (model spec, a hash of the prompts table,
 the decoding, the knobs that change the result, and the source of the module that does the
 work), never on model objects or run ids; results persist to the S3 bucket (flows/results.py),
-so a re-run from any process or machine pointed at the same store reuses them.
+so a re-run from any process or machine pointed at the same store reuses them. A generation
+shard's table is a parquet part in the bucket (storage/parts.py); its cached result is the part's
+record, so results stay small wherever the task ran (here or on a Ray worker).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.results import part_settings
+from storage import parts
 from storage.tracking import Tracker
 from tasks import datasets, generate, publish, recalibrate, report, score
 from tasks.config import DatasetSpec, DecodingSpec, ModelSpec
@@ -28,6 +32,9 @@ from tasks.models import load_model, pad_id
 
 
 # ------------------------------------------------------------------ cache keys
+CACHE_VERSION = "2"  # bump when the shape of a cached result changes (2: generation returns a part record)
+
+
 def frame_digest(df: pl.DataFrame) -> str:
     buf = io.BytesIO()
     df.write_ipc(buf, compression="uncompressed")
@@ -53,9 +60,10 @@ def _source_digest(module: types.ModuleType) -> str:
 def content_key(context, parameters: dict) -> str:
     """Task name + the work's source + every parameter by content (frames by their bytes)."""
     fn = context.task.fn
-    parts = [context.task.name, _source_digest(getattr(fn, "__wrapped_stage__", sys.modules[fn.__module__]))]
-    parts += [f"{k}={_canonical(v)}" for k, v in sorted(parameters.items())]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    items = [CACHE_VERSION, context.task.name,
+             _source_digest(getattr(fn, "__wrapped_stage__", sys.modules[fn.__module__]))]
+    items += [f"{k}={_canonical(v)}" for k, v in sorted(parameters.items())]
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()
 
 
 def _stage(fn):
@@ -90,10 +98,14 @@ def prepare_task(model: ModelSpec, dataset: DatasetSpec, num_examples: int, prom
 @task(name="generate", cache_key_fn=content_key, persist_result=True)
 @_stage(generate)
 def generate_task(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, max_new_tokens: int,
-                  samples_per_prompt: int, seed: int, batch_size: int) -> pl.DataFrame:
-    return generate.generate(model, prompts, decoding, max_new_tokens=max_new_tokens,
-                             samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
-                             progress=_progress(f"generate {decoding.key} rows"))
+                  samples_per_prompt: int, seed: int, batch_size: int) -> dict:
+    """One shard of one decoding: the generations table goes to the artifact store as a parquet part;
+    the (cached) result is the part's record."""
+    table = generate.generate(model, prompts, decoding, max_new_tokens=max_new_tokens,
+                              samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
+                              progress=_progress(f"generate {decoding.key} rows"))
+    dataset = prompts["dataset"][0] if prompts.height else "none"
+    return parts.write(part_settings(), f"generations/{model.label}/{dataset}/{decoding.key}", table)
 
 
 @task(name="score", cache_key_fn=content_key, persist_result=True)

@@ -17,16 +17,14 @@ from pathlib import Path
 import polars as pl
 from prefect import flow, get_run_logger
 
-from flows.results import result_storage
 from flows import calibration
 from flows.calibration import calibrate_pair
-from flows.stages import (corpus_alpha_task, generate_task, prepare_task, publish_calibration_task,
-                          publish_child_task, recalibrate_task, report_task, score_task)
+from flows.runner import Stages
+from flows.stages import publish_calibration_task, publish_child_task, report_task
 from storage.settings import from_env
 from storage.tracking import Tracker, TrackingError
 from tasks import calibrate, datasets, publish, report
 from tasks.config import StudyConfig
-from tasks.generate import shards
 from tasks.models import max_positions, source_of
 
 
@@ -49,23 +47,15 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
     settings = from_env()  # credentials come from the environment, never from flow parameters
     if not settings.mlflow_uri:
         raise TrackingError("no MLflow server: set MLFLOW_TRACKING_URI or run `entcal stack up`")
-    storage = result_storage(settings)  # S3 when configured: cached work is shared across machines
-    prep, gen, sc, recal, alpha_task = (
-        t.with_options(result_storage=storage) if storage else t
-        for t in (prepare_task, generate_task, score_task, recalibrate_task, corpus_alpha_task))
     out_dir = Path(out) if out else settings.state_dir / "reports" / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
     tracker = Tracker(settings.mlflow_uri, experiment=f"entcal/{config.name}")
     parent_id = tracker.start(config.name, tags={"entcal.stage": "study", **publish.provenance()})
     tracker.log_params(parent_id, publish.flat_params(config))
     logger.info("MLflow study run: %s", tracker.run_url(parent_id))
-    cached: dict[str, list[str]] = {"cached": [], "ran": []}
-
-    def run(task_obj, label: str, **kw):
-        state = task_obj(return_state=True, **kw)
-        cached["cached" if state.name == "Cached" else "ran"].append(label)
-        logger.info("%s: %s", label, "served from cache" if state.name == "Cached" else "ran")
-        return state.result()
-
+    stages = Stages(config, settings, logger)
+    run = stages.run
+    knobs = dict(max_new_tokens=config.max_new_tokens, samples_per_prompt=config.samples_per_prompt,
+                 seed=config.seed, batch_size=config.batch_size)
     rows, all_curves, sections, calibrations, alphas = [], [], [], {}, {}
     out_dir.mkdir(parents=True, exist_ok=True)
     status = "FAILED"
@@ -75,19 +65,15 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
             for dataset in config.datasets:
                 tag = f"{model.label}/{dataset.label}"
                 if dataset.label not in alphas:
-                    alphas[dataset.label] = run(alpha_task, f"corpus-alpha {dataset.label}", dataset=dataset)
-                prompts = run(prep, f"prepare {tag}", model=model, dataset=dataset,
+                    alphas[dataset.label] = run("corpus-alpha", f"corpus-alpha {dataset.label}", dataset=dataset)
+                prompts = run("prepare", f"prepare {tag}", model=model, dataset=dataset,
                               num_examples=config.num_examples, prompt_tokens=config.prompt_tokens,
                               min_reference_tokens=config.min_reference_tokens, max_reference_tokens=max_ref,
                               max_new_tokens=config.max_new_tokens)
-                parts = shards(prompts, config.shard_size)
-                gens = {d.key: pl.concat([
-                    run(gen, f"generate {tag}/{d.key}" + (f"/shard{i}" if len(parts) > 1 else ""), model=model,
-                        prompts=part, decoding=d, max_new_tokens=config.max_new_tokens,
-                        samples_per_prompt=config.samples_per_prompt, seed=config.seed, batch_size=config.batch_size)
-                    for i, part in enumerate(parts)]) for d in config.decodings}
-                ref = run(sc, f"score {tag}", model=model, prompts=prompts, decodings=config.decodings,
-                          max_tokens=config.horizon, epsilon=config.epsilon, batch_size=config.batch_size)
+                gens = stages.generations(model, prompts, config.decodings, tag, **knobs)
+                ref = run("score", f"score {tag}", gpu_work=True, model=model, prompts=prompts,
+                          decodings=config.decodings, max_tokens=config.horizon, epsilon=config.epsilon,
+                          batch_size=config.batch_size)
                 for d in config.decodings:
                     g, r = gens[d.key], ref.filter(pl.col("decoding") == d.key)
                     summ = calibrate.entce_summary(g, r, horizon=config.horizon, bootstrap=config.bootstrap,
@@ -111,9 +97,11 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
                                        "curves": curves})
                 if config.calibration:
                     stage_tasks = {
-                        "generate": lambda **kw: run(gen, f"generate {tag}/{kw['decoding'].key}", **kw),
-                        "score": lambda **kw: run(sc, f"score {tag}/{kw['decodings'][0].key}", **kw),
-                        "recalibrate": lambda **kw: run(recal, f"{kw['method']} {tag}", **kw),
+                        "generate": lambda model, prompts, decoding, **kw: stages.generations(
+                            model, prompts, [decoding], tag, **kw)[decoding.key],
+                        "score": lambda **kw: run("score", f"score {tag}/{kw['decodings'][0].key}", gpu_work=True,
+                                                  **kw),
+                        "recalibrate": lambda **kw: run("recalibrate", f"{kw['method']} {tag}", gpu_work=True, **kw),
                     }
                     label = f"{model.label}__{dataset.label}"
                     cal = calibrate_pair(config, model, prompts, stage_tasks, out_dir, label)
@@ -132,10 +120,11 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
                             config.horizon, config.smoothing, "\n".join(sections))
         status = "FINISHED"
     finally:
+        stages.close()
         tracker.finish(parent_id, status)
-    logger.info("stages served from cache: %s", ", ".join(cached["cached"]) or "none")
+    logger.info("stages served from cache: %s", ", ".join(stages.cached) or "none")
     return {"run_url": tracker.run_url(parent_id), "run_id": parent_id, "report": files["report"],
-            "out_dir": str(out_dir), "rows": rows, "cached": cached["cached"], "ran": cached["ran"],
+            "out_dir": str(out_dir), "rows": rows, "cached": stages.cached, "ran": stages.ran,
             "calibration": calibrations, "corpus_alpha": alphas}
 
 

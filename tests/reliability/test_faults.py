@@ -2,6 +2,7 @@
 30 s, a dead MLflow server. Each either ends with the same tables as an undisturbed run or fails
 loudly; nothing is lost or wrong in silence. Runs the real CLI in a subprocess against the test
 stack (real rclone S3, MLflow and Prefect servers); nothing is mocked."""
+import io
 import json
 import os
 import queue
@@ -20,7 +21,7 @@ import polars as pl
 import pytest
 import yaml
 
-from storage import s3
+from storage import parts, s3
 from tests.conftest import run_cli, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,11 +106,21 @@ def cached_value(settings, key: str):
     return ResultRecord.deserialize(data[data.index(b"{"):]).result
 
 
+def cached_table(settings, key: str):
+    """The cached value at `key`, with a generation shard's part record resolved to its table."""
+    value = cached_value(settings, key)
+    if isinstance(value, dict) and str(value.get("key", "")).startswith("parts/generations/"):
+        table = parts.read(settings, value)
+        assert table is not None, f"the part behind {key} is unreadable: {value}"
+        return table
+    return value
+
+
 def cached_stages(settings) -> dict[str, str]:
     """{stage label: object key} of the Prefect results under prefect-results/, labelled by content."""
     found = {}
     for key in s3.list_keys(settings, "prefect-results/"):
-        value = cached_value(settings, key)
+        value = cached_table(settings, key)
         if not isinstance(value, pl.DataFrame):
             found[f"other {key[-8:]}"] = key  # e.g. the corpus's alpha (a float)
         elif "prompt_ids" in value.columns:
@@ -187,12 +198,60 @@ def test_kill_during_generation_then_rerun_matches_uninterrupted(baseline, stack
     assert_same_results(baseline["out"], out)
 
 
+SHARDED = {**STUDY, "name": "shards", "decodings": DECODINGS[:2], "shard_size": 2, "batch_size": 2}
+SHARD_LABELS = [f"generate {TAG}/{d}/shard{i}" for d in ("t1", "t0.9") for i in range(4)]
+
+
+def _part_mtimes(settings) -> dict[str, object]:
+    client = s3.client(settings)
+    return {o["Key"]: o["LastModified"] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=settings.bucket, Prefix="parts/generations/") for o in page.get("Contents", [])}
+
+
+def test_kill_mid_generation_resumes_at_the_first_unfinished_shard(stack, tiny_model_dir, prefect_server, tmp_path):
+    """8 prompts in shards of 2, two decodings: killed after t1's second shard, the rerun serves t1's
+    first two shards from their parts (not regenerated, not rewritten) and ends with the same tables as
+    an uninterrupted run."""
+    cfg = _write(tmp_path, tiny_config(tiny_model_dir, **SHARDED))
+    whole = run_cli("run", "--config", cfg, "--out", str(tmp_path / "A"), env={"ENTCAL_BUCKET": _bucket("whole")})
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    assert stage_outcomes(whole.stderr, whole.stdout)[1] >= set(SHARD_LABELS)
+
+    env = {"ENTCAL_BUCKET": _bucket("shardkill")}
+    settings = replace(stack, bucket=env["ENTCAL_BUCKET"])
+    out = tmp_path / "B"
+    cli = Cli("run", "--config", cfg, "--out", str(out), env=env, stdout=tmp_path / "kill.out")
+    try:
+        cli.wait_for(f"{SHARD_LABELS[1]}: ran")
+    finally:
+        rc = cli.kill()
+    assert rc == -signal.SIGKILL, f"the study was not killed mid-generation (exit {rc}):\n{cli.stderr[-3000:]}"
+    before = _part_mtimes(settings)
+    assert 2 <= len(before) <= 3, before  # shards 0 and 1 finished; shard 2 may have landed as it died
+    assert not out.exists() or not [p.name for p in out.iterdir() if p.name.startswith("tiny__")]
+
+    proc = run_cli("run", "--config", cfg, "--out", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cached, ran = stage_outcomes(proc.stderr, proc.stdout)
+    assert set(SHARD_LABELS[:2]) <= cached and set(SHARD_LABELS[3:]) <= ran, proc.stderr[-4000:]
+    assert set(SHARD_LABELS) == (cached | ran) & set(SHARD_LABELS)
+    after = _part_mtimes(settings)
+    assert len(after) == len(SHARD_LABELS) and all(after[k] == t for k, t in before.items())
+    ta, tb = _tables(tmp_path / "A"), _tables(out)
+    assert sorted(ta) == sorted(tb)
+    for name, df in ta.items():
+        other = tb[name]
+        if name == "summary.parquet":
+            df, other = df.drop("run_id", "run_url"), other.drop("run_id", "run_url")
+        assert other.equals(df), f"{name} differs from the uninterrupted run"
+
+
 def test_corrupted_cached_result_is_recomputed_not_trusted(baseline, stack, tmp_path):
     settings = replace(stack, bucket=baseline["bucket"])
     stages = cached_stages(settings)
     assert set(stages) >= MAIN_STAGES
     client = s3.client(settings)
-    originals = {s: cached_value(settings, stages[s]) for s in ("generate t0.9", "score")}
+    originals = {s: cached_table(settings, stages[s]) for s in ("generate t0.9", "score")}
     # garbage over one generation, half of the scoring record (a torn write) over the other
     client.put_object(Bucket=settings.bucket, Key=stages["generate t0.9"], Body=os.urandom(4096))
     torn = s3.get_bytes(settings, stages["score"])
@@ -208,7 +267,32 @@ def test_corrupted_cached_result_is_recomputed_not_trusted(baseline, stack, tmp_
     # the recomputed results replaced the corrupted objects
     assert cached_stages(settings) == stages
     for stage, df in originals.items():
-        assert cached_value(settings, stages[stage]).equals(df), stage
+        assert cached_table(settings, stages[stage]).equals(df), stage
+
+
+def test_lost_or_altered_generation_part_is_regenerated(baseline, stack, tmp_path):
+    """The cached record survives but the parquet part it points at is gone (t0.9) or altered (t0.8):
+    the study notices by the part's checksum and generates exactly those two again."""
+    settings = replace(stack, bucket=baseline["bucket"])
+    records = {label: cached_value(settings, key) for label, key in cached_stages(settings).items()
+               if label in ("generate t0.9", "generate t0.8")}
+    client = s3.client(settings)
+    client.delete_object(Bucket=settings.bucket, Key=records["generate t0.9"]["key"])
+    altered = pl.read_parquet(io.BytesIO(s3.get_bytes(settings, records["generate t0.8"]["key"])))
+    altered = altered.with_columns(pl.col("step_entropy").list.eval(pl.element() + 1.0))
+    buf = io.BytesIO()
+    altered.write_parquet(buf)
+    s3.put_bytes(settings, records["generate t0.8"]["key"], buf.getvalue())
+
+    proc = run_cli("run", "--config", baseline["config"], "--out", str(tmp_path / "D"),
+                   env={"ENTCAL_BUCKET": baseline["bucket"]})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("is missing or fails its checksum; generating it again") == 2, proc.stderr[-4000:]
+    cached, ran = stage_outcomes(proc.stderr, proc.stdout)
+    assert ran == {f"generate {TAG}/t0.9", f"generate {TAG}/t0.8"}, proc.stderr[-4000:]
+    assert_same_results(baseline["out"], tmp_path / "D")
+    for label, rec in records.items():  # the same content is back under the same content address
+        assert parts.read(settings, rec) is not None, label
 
 
 def _alter_value(obj: bytes, old: float, new: float) -> bytes:

@@ -83,6 +83,25 @@ def test_eos_stops_a_row_and_compacts(tiny_lm, prompts):
             assert before["token_ids"] == after["token_ids"]
 
 
+@pytest.mark.parametrize("dec", DECODINGS[:1] + DECODINGS[3:4], ids=lambda d: d.key)
+def test_static_kv_cache_samples_what_the_growing_cache_samples(tiny_lm, prompts, dec):
+    """The preallocated cache (written in place, compacted when rows hit EOS) changes nothing but speed."""
+    free = _gen(tiny_lm, prompts, dec)
+    eos = tuple({free["token_ids"][i][2 + i] for i in range(0, free.height, 3)})  # some rows stop early
+    static = _gen(tiny_lm, prompts, dec, eos_ids=eos)
+    dynamic = _gen(tiny_lm, prompts, dec, eos_ids=eos, kv_cache="dynamic")
+    assert 0 < (static["finish_reason"] == "eos").sum() < static.height
+    assert static.drop("step_entropy", "step_logprob").equals(dynamic.drop("step_entropy", "step_logprob"))
+    for col in ("step_entropy", "step_logprob"):
+        torch.testing.assert_close(torch.tensor(static[col].explode().to_list()),
+                                   torch.tensor(dynamic[col].explode().to_list()), atol=1e-5, rtol=0)
+
+
+def test_unknown_kv_cache_kind_is_refused(tiny_lm, prompts):
+    with pytest.raises(ValueError, match="cache: expected 'static' or 'dynamic', got 'paged'"):
+        _gen(tiny_lm, prompts, DECODINGS[0], kv_cache="paged")
+
+
 def test_top_k_one_is_greedy_with_zero_entropy(tiny_lm, prompts):
     g = _gen(tiny_lm, prompts, DecodingSpec(top_k=1), samples_per_prompt=1)
     assert all(abs(h) < 1e-6 for hs in g["step_entropy"] for h in hs)
