@@ -6,7 +6,8 @@ other processes hits each variant alike):
 
   * entcal      ``tasks.generate.generate_table`` with ``DecodingSpec(temperature=1.0)``,
                 ``eos_ids=()`` so every row runs to ``--new-tokens``; records per-step entropy and
-                log-prob through ``kernels.token_stats``; preallocated (static) KV cache.
+                log-prob through ``kernels.token_stats``; preallocated (static) KV cache; on CUDA the
+                decode step is compiled with CUDA graphs (``--compile``), as in a study.
   * entcal_dynamic  the same with transformers' growing KV cache (``kv_cache="dynamic"``), the
                 one ``model.generate`` uses: the difference is what writing the cache in place buys.
   * entcal_nostats  the same call with ``tasks.generate.kernels`` swapped (inside this benchmark
@@ -101,7 +102,7 @@ def _stats_off():
         gen.kernels = saved
 
 
-def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int, device):
+def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int, device, compiled: bool):
     from tasks.config import DecodingSpec
     from tasks.generate import generate_table, left_pad
 
@@ -114,7 +115,8 @@ def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int
 
     def entcal(key: str = "entcal", kv_cache: str = "static") -> int:
         df = generate_table(model, prompts, decoding, max_new_tokens=new_tokens, seed=seed,
-                            batch_size=batch, eos_ids=(), pad_id=pad, kv_cache=kv_cache)
+                            batch_size=batch, eos_ids=(), pad_id=pad, kv_cache=kv_cache,
+                            compiled=compiled and kv_cache == "static")
         last[key] = df["token_ids"].to_list()
         return int(df["token_ids"].list.len().sum())
 
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant (best is reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="compile entcal's decode step (auto: on CUDA, as a study does)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args(argv)
@@ -213,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {spec.label} on {device} ({model.dtype}), loaded in {load_s:.1f} s; batch {batch}, "
         f"prompt tokens {min(lens)}..{max(lens)}, new tokens {args.new_tokens}, "
         f"torch threads {torch.get_num_threads()}")
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     runners, last = _runners(model, prompts, new_tokens=args.new_tokens, batch=batch, seed=args.seed, pad=pad,
-                       device=device)
+                             device=device, compiled=compiled)
     want = batch * args.new_tokens
 
     for v in variants:  # warm-up: one full run each
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda" else "cpu", "dtype": str(model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "batch": batch, "prompt_tokens": args.prompt_tokens, "prompt_lengths": [min(lens), max(lens)],
+        "batch": batch, "compiled": compiled, "prompt_tokens": args.prompt_tokens, "prompt_lengths": [min(lens), max(lens)],
         "prompts": args.prompts, "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
         "model_load_s": load_s, "variants": res,
         "nostats_same_tokens": same if "entcal" in last and "entcal_nostats" in last else None,

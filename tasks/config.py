@@ -37,6 +37,9 @@ class ModelSpec(_Closed):
     gguf: str | None = Field(None, description="path to a .gguf file (dequantised on load)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the sampler's decode step over its static KV cache (CUDA graphs on "
+        "CUDA); auto = on for CUDA, off on CPU")
     family: str | None = Field(None, description="model family, for scaling fits")
     params: float | None = Field(None, description="parameter count (counted from weights if unset)")
 

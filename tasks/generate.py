@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from typing import Callable
 
 import polars as pl
@@ -96,6 +97,33 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def decoder(model, compiled: bool):
+    """The forward used for one-token decode steps: the model itself, or ``torch.compile(model)``
+    (once per model and process) over the static cache; on CUDA in "reduce-overhead" mode, i.e. every
+    step replays a CUDA graph instead of launching each layer's kernels from Python."""
+    if not compiled:
+        return model
+    if model not in _COMPILED:
+        cuda = next(model.parameters()).device.type == "cuda"
+        _COMPILED[model] = torch.compile(model, mode="reduce-overhead" if cuda else None)
+    return _COMPILED[model]
+
+
+def _compact(cache, keep: torch.Tensor, static: bool, compiled: bool) -> None:
+    """Drop finished rows from the KV cache (a static cache keeps its length: index_select per layer)."""
+    if not static:
+        cache.batch_select_indices(keep)
+        return
+    cache.reorder_cache(keep)
+    if compiled:  # new tensors: tell the compiler their addresses stay fixed, so CUDA graphs keep replaying
+        for layer in cache.layers:
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+
+
 @torch.inference_mode()
 def sample_batch(
     model,
@@ -110,81 +138,97 @@ def sample_batch(
     row_names: list[str] | None = None,
     adjust: Adjust | None = None,
     kv_cache: str = "static",
+    compiled: bool = False,
 ) -> list[dict]:
     """Sample one continuation per prompt. Returns per row: token_ids, step_entropy, step_logprob,
     finish_reason. ``on_step(n_tokens)`` is called after each decode step with the tokens it made.
 
     ``adjust(t, z, cache, mask, positions) -> z̃`` reshapes the sampling distribution's logits before
     the draw (calibration methods, tasks/recalibrate.py); entropy and log-prob are then those of z̃.
-    ``kv_cache``: "static" (preallocated, in place; the growing cache when ``adjust`` is set) or "dynamic"."""
+    ``kv_cache``: "static" (preallocated, in place; the growing cache when ``adjust`` is set) or "dynamic".
+    ``compiled``: decode steps through ``decoder(model, True)`` (static cache only).
+
+    Tokens and statistics stay on the device until the batch ends: the host waits on the device only
+    to drop rows that hit EOS (when there are EOS ids) and once at the end."""
     device = next(model.parameters()).device
-    n = len(prompts)
+    n, steps = len(prompts), max_new_tokens
     uniforms = torch.stack([
-        torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-        for s in seeds
+        torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds
     ]).to(device)
     ids, mask = left_pad(prompts, pad_id, device)
     width = ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    static = new_cache(model, width + max_new_tokens, "dynamic" if adjust is not None else kv_cache)
+    static = new_cache(model, width + steps, "dynamic" if adjust is not None else kv_cache)
+    compiled = compiled and static is not None
     if static is not None:  # the mask spans the whole cache; column width + t opens when token t is fed
-        mask = torch.cat([mask, torch.zeros((n, max_new_tokens), dtype=mask.dtype, device=device)], dim=-1)
+        mask = torch.cat([mask, torch.zeros((n, steps), dtype=mask.dtype, device=device)], dim=-1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=static, use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
-    logits = out.logits[:, -1]
-    next_pos = positions[:, -1:] + 1
+    cache, logits, next_pos = out.past_key_values, out.logits[:, -1], positions[:, -1:] + 1
+    step_fn = decoder(model, compiled)
+    graphs = compiled and device.type == "cuda"
     alive = torch.arange(n, device=device)  # original row index of each batch row
-    tokens = [[] for _ in range(n)]
-    entropy = [[] for _ in range(n)]
-    logprob = [[] for _ in range(n)]
-    finish = ["length"] * n
-    eos = torch.tensor(eos_ids or (-1,), device=device)
+    tok_out = torch.zeros((n, steps), dtype=torch.long, device=device)
+    ent_out = torch.zeros((n, steps), dtype=torch.float32, device=device)
+    lp_out = torch.zeros((n, steps), dtype=torch.float32, device=device)
+    length = torch.full((n,), steps, dtype=torch.long, device=device)  # tokens made, EOS included
+    first_bad = torch.full((n,), steps, dtype=torch.long, device=device)  # first step with NaN / +inf logits
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
     kw = decoding.kernel_kwargs()
-    for t in range(max_new_tokens):
+    for t in range(steps):
         bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1)  # -inf is a legitimate mask
-        if bad.any():
-            row = int(alive[bad.nonzero()[0, 0]])
-            name = row_names[row] if row_names else str(row)
-            raise NonFiniteLogits(f"NaN or +inf in the model's logits for example {name} at generation step {t} "
-                                  "(try dtype: float32, or check the model's weights)")
+        first_bad[alive] = torch.minimum(first_bad[alive], torch.where(bad, t, steps))
         z = scaled_logits(logits, **kw)  # temperature and truncation applied once per step
         if adjust is not None:
             z = adjust(t, z, cache, mask, next_pos)
         tok = sample_tokens(z, uniforms[alive, t])
         stats = kernels.token_stats(z, tok)  # z is already q's logits: τ = 1, nothing left to truncate
-        tok_l, h_l, lp_l = tok.tolist(), stats.entropy.tolist(), stats.target_logprob.tolist()
-        for j, row in enumerate(alive.tolist()):
-            tokens[row].append(tok_l[j])
-            entropy[row].append(h_l[j])
-            logprob[row].append(lp_l[j])
+        tok_out[alive, t], ent_out[alive, t], lp_out[alive, t] = tok, stats.entropy, stats.target_logprob
         if on_step:
-            on_step(len(tok_l))
-        done = torch.isin(tok, eos)
-        for j in done.nonzero().flatten().tolist():
-            finish[int(alive[j])] = "eos"
-        if t == max_new_tokens - 1:
+            on_step(alive.numel())
+        if t == steps - 1:
             break
-        if done.any():
-            keep = (~done).nonzero().flatten()
-            if keep.numel() == 0:
-                break
-            if static is not None:
-                cache.reorder_cache(keep)
-            else:
-                cache.batch_select_indices(keep)
-            alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
+        if eos is not None:
+            done = torch.isin(tok, eos)
+            if done.any():  # the one per-step wait on the device, and only with EOS ids
+                _raise_if_bad(first_bad, steps, row_names)
+                length[alive[done]] = t + 1
+                keep = (~done).nonzero().flatten()
+                if keep.numel() == 0:
+                    break
+                _compact(cache, keep, static is not None, compiled)
+                alive, tok, mask, next_pos = alive[keep], tok[keep], mask[keep], next_pos[keep]
         if static is not None:
             mask[:, width + t] = 1
         else:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = step_fn(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                      use_cache=True)
         cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+    _raise_if_bad(first_bad, steps, row_names)
+    finished = length < steps
+    if eos is not None:  # a row whose token at the final step is EOS finished by EOS too
+        finished |= torch.isin(tok_out[:, -1], eos)
+    lengths, fin = length.tolist(), finished.tolist()
+    toks, ents, lps = tok_out.tolist(), ent_out.tolist(), lp_out.tolist()
     return [
-        {"token_ids": tokens[i], "step_entropy": entropy[i], "step_logprob": logprob[i], "finish_reason": finish[i]}
-        for i in range(n)
+        {"token_ids": toks[i][:k], "step_entropy": ents[i][:k], "step_logprob": lps[i][:k],
+         "finish_reason": "eos" if fin[i] else "length"}
+        for i, k in enumerate(lengths)
     ]
+
+
+def _raise_if_bad(first_bad: torch.Tensor, steps: int, row_names: list[str] | None) -> None:
+    """NaN / +inf logits seen so far (``first_bad[row] < steps``): name the first such example and its step."""
+    t = int(first_bad.min())
+    if t >= steps:
+        return
+    row = int(first_bad.argmin())
+    name = row_names[row] if row_names else str(row)
+    raise NonFiniteLogits(f"NaN or +inf in the model's logits for example {name} at generation step {t} "
+                          "(try dtype: float32, or check the model's weights)")
 
 
 def generate_table(
@@ -202,9 +246,10 @@ def generate_table(
     adjust: Adjust | None = None,
     key: str | None = None,
     kv_cache: str = "static",
+    compiled: bool = False,
 ) -> pl.DataFrame:
     """The generations table for one decoding. ``progress(done_rows, total_rows)`` after each batch;
-    ``adjust`` and ``kv_cache`` as in sample_batch, ``key`` names the decoding column (default: the
+    ``adjust``, ``kv_cache`` and ``compiled`` as in sample_batch, ``key`` names the decoding column (default: the
     decoding's key)."""
     jobs = [
         (ex, s, p) for ex, p in zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list())
@@ -217,7 +262,7 @@ def generate_table(
         rows = sample_batch(
             model, [jobs[i][2] for i in idx], [row_seed(seed, jobs[i][0], jobs[i][1]) for i in idx],
             decoding, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-            row_names=[jobs[i][0] for i in idx], adjust=adjust, kv_cache=kv_cache,
+            row_names=[jobs[i][0] for i in idx], adjust=adjust, kv_cache=kv_cache, compiled=compiled,
         )
         results.update(zip(idx, rows))
         if progress:
@@ -241,6 +286,7 @@ def generate(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, *,
              progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
     """Load ``model`` (cached per process) and sample the generations table for one decoding."""
     lm = load_model(model)
+    compiled = model.compile == "on" or (model.compile == "auto" and lm.device.type == "cuda")
     return generate_table(lm.model, prompts, decoding, max_new_tokens=max_new_tokens,
                           samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
-                          eos_ids=lm.eos_ids, pad_id=pad_id(lm.tokenizer), progress=progress)
+                          eos_ids=lm.eos_ids, pad_id=pad_id(lm.tokenizer), progress=progress, compiled=compiled)

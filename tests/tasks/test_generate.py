@@ -97,6 +97,21 @@ def test_static_kv_cache_samples_what_the_growing_cache_samples(tiny_lm, prompts
                                    torch.tensor(dynamic[col].explode().to_list()), atol=1e-5, rtol=0)
 
 
+def test_compiled_decode_step_samples_what_eager_samples(tiny_lm, prompts):
+    """torch.compile over the static cache (CUDA graphs on CUDA; inductor's C++ here), with rows
+    leaving the batch at EOS so the compiled step meets several batch sizes."""
+    dec = DECODINGS[1]
+    free = _gen(tiny_lm, prompts, dec)
+    eos = tuple({free["token_ids"][i][2 + i] for i in range(0, free.height, 3)})
+    eager = _gen(tiny_lm, prompts, dec, eos_ids=eos)
+    compiled = _gen(tiny_lm, prompts, dec, eos_ids=eos, compiled=True)
+    assert 0 < (eager["finish_reason"] == "eos").sum() < eager.height
+    assert compiled.drop("step_entropy", "step_logprob").equals(eager.drop("step_entropy", "step_logprob"))
+    for col in ("step_entropy", "step_logprob"):
+        torch.testing.assert_close(torch.tensor(compiled[col].explode().to_list()),
+                                   torch.tensor(eager[col].explode().to_list()), atol=1e-4, rtol=0)
+
+
 def test_unknown_kv_cache_kind_is_refused(tiny_lm, prompts):
     with pytest.raises(ValueError, match="cache: expected 'static' or 'dynamic', got 'paged'"):
         _gen(tiny_lm, prompts, DECODINGS[0], kv_cache="paged")
@@ -116,3 +131,20 @@ def test_inverse_cdf_never_draws_a_truncated_token():
     # frequencies follow the distribution
     many = sample_tokens(z[:1].expand(20000, -1), torch.rand(20000, generator=torch.Generator().manual_seed(0)))
     assert abs((many == 3).float().mean().item() - 1 / (1 + math.exp(-1))) < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (none on this machine)")
+def test_cuda_graph_decode_steps_sample_what_eager_cuda_samples(tiny_model_dir, prompts):
+    from tasks.config import ModelSpec
+    from tasks.models import load_model
+
+    lm = load_model(ModelSpec(path=str(tiny_model_dir), name="tiny", device="cuda", dtype="float32"))
+    free = _gen(lm, prompts, DECODINGS[0])
+    eos = tuple({free["token_ids"][i][2 + i] for i in range(0, free.height, 3)})
+    eager = _gen(lm, prompts, DECODINGS[0], eos_ids=eos)
+    graphs = _gen(lm, prompts, DECODINGS[0], eos_ids=eos, compiled=True)
+    assert graphs.drop("step_entropy", "step_logprob").equals(eager.drop("step_entropy", "step_logprob"))
+    for col in ("step_entropy", "step_logprob"):
+        torch.testing.assert_close(torch.tensor(graphs[col].explode().to_list()),
+                                   torch.tensor(eager[col].explode().to_list()), atol=1e-4, rtol=0)
