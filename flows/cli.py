@@ -32,7 +32,10 @@ def _environment() -> None:
     from storage.settings import from_env
 
     settings = from_env()
+    (settings.state_dir / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
     os.environ.setdefault("PREFECT_HOME", str(settings.state_dir / "prefect"))
+    # absolute, so Ray workers and other processes started from here find the same stack.json
+    os.environ["ENTCAL_STATE_DIR"] = str(settings.state_dir)
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(settings.state_dir / "results"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
