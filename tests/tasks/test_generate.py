@@ -23,6 +23,20 @@ def prompts(tiny_lm):
     return df.with_columns(pl.col("prompt_ids").list.head(pl.lit(pl.Series([12, 9, 12, 5, 12, 7]))))
 
 
+def assert_same_samples(a: pl.DataFrame, b: pl.DataFrame, atol: float) -> None:
+    """Same rows, tokens and finish reasons; step statistics equal up to ``atol`` (rounding)."""
+    assert a.drop("step_entropy", "step_logprob").equals(b.drop("step_entropy", "step_logprob"))
+    for col in ("step_entropy", "step_logprob"):
+        torch.testing.assert_close(torch.tensor(a[col].explode().to_list()), torch.tensor(b[col].explode().to_list()),
+                                   atol=atol, rtol=0)
+
+
+def _early_eos(lm, prompts, dec) -> tuple[int, ...]:
+    """Tokens that some rows sample early on: as EOS ids they end those rows mid-batch."""
+    free = _gen(lm, prompts, dec)
+    return tuple({free["token_ids"][i][2 + i] for i in range(0, free.height, 3)})
+
+
 def _gen(lm, prompts, dec, **kw):
     args = dict(max_new_tokens=20, samples_per_prompt=2, seed=3, batch_size=4, eos_ids=(), pad_id=0)
     args.update(kw)
@@ -46,11 +60,7 @@ def test_shards_concatenate_to_the_unsharded_table(tiny_lm, prompts):
     parts = shards(prompts, 4)
     assert [p.height for p in parts] == [4, 2]
     joined = pl.concat([_gen(tiny_lm, p, DECODINGS[1]) for p in parts])
-    # same rows and samples; floats differ only by batch padding's rounding
-    assert joined.drop("step_entropy", "step_logprob").equals(whole.drop("step_entropy", "step_logprob"))
-    for col in ("step_entropy", "step_logprob"):
-        torch.testing.assert_close(torch.tensor(joined[col].explode().to_list()),
-                                   torch.tensor(whole[col].explode().to_list()), atol=1e-5, rtol=0)
+    assert_same_samples(joined, whole, atol=1e-5)  # floats differ only by batch padding's rounding
 
 
 @pytest.mark.parametrize("dec", DECODINGS, ids=lambda d: d.key)
@@ -86,30 +96,20 @@ def test_eos_stops_a_row_and_compacts(tiny_lm, prompts):
 @pytest.mark.parametrize("dec", DECODINGS[:1] + DECODINGS[3:4], ids=lambda d: d.key)
 def test_static_kv_cache_samples_what_the_growing_cache_samples(tiny_lm, prompts, dec):
     """The preallocated cache (written in place, compacted when rows hit EOS) changes nothing but speed."""
-    free = _gen(tiny_lm, prompts, dec)
-    eos = tuple({free["token_ids"][i][2 + i] for i in range(0, free.height, 3)})  # some rows stop early
+    eos = _early_eos(tiny_lm, prompts, dec)
     static = _gen(tiny_lm, prompts, dec, eos_ids=eos)
-    dynamic = _gen(tiny_lm, prompts, dec, eos_ids=eos, kv_cache="dynamic")
     assert 0 < (static["finish_reason"] == "eos").sum() < static.height
-    assert static.drop("step_entropy", "step_logprob").equals(dynamic.drop("step_entropy", "step_logprob"))
-    for col in ("step_entropy", "step_logprob"):
-        torch.testing.assert_close(torch.tensor(static[col].explode().to_list()),
-                                   torch.tensor(dynamic[col].explode().to_list()), atol=1e-5, rtol=0)
+    assert_same_samples(static, _gen(tiny_lm, prompts, dec, eos_ids=eos, kv_cache="dynamic"), atol=1e-5)
 
 
 def test_compiled_decode_step_samples_what_eager_samples(tiny_lm, prompts):
     """torch.compile over the static cache (CUDA graphs on CUDA; inductor's C++ here), with rows
     leaving the batch at EOS so the compiled step meets several batch sizes."""
     dec = DECODINGS[1]
-    free = _gen(tiny_lm, prompts, dec)
-    eos = tuple({free["token_ids"][i][2 + i] for i in range(0, free.height, 3)})
+    eos = _early_eos(tiny_lm, prompts, dec)
     eager = _gen(tiny_lm, prompts, dec, eos_ids=eos)
-    compiled = _gen(tiny_lm, prompts, dec, eos_ids=eos, compiled=True)
     assert 0 < (eager["finish_reason"] == "eos").sum() < eager.height
-    assert compiled.drop("step_entropy", "step_logprob").equals(eager.drop("step_entropy", "step_logprob"))
-    for col in ("step_entropy", "step_logprob"):
-        torch.testing.assert_close(torch.tensor(compiled[col].explode().to_list()),
-                                   torch.tensor(eager[col].explode().to_list()), atol=1e-4, rtol=0)
+    assert_same_samples(_gen(tiny_lm, prompts, dec, eos_ids=eos, compiled=True), eager, atol=1e-4)
 
 
 def test_unknown_kv_cache_kind_is_refused(tiny_lm, prompts):
@@ -140,11 +140,6 @@ def test_cuda_graph_decode_steps_sample_what_eager_cuda_samples(tiny_model_dir, 
     from tasks.models import load_model
 
     lm = load_model(ModelSpec(path=str(tiny_model_dir), name="tiny", device="cuda", dtype="float32"))
-    free = _gen(lm, prompts, DECODINGS[0])
-    eos = tuple({free["token_ids"][i][2 + i] for i in range(0, free.height, 3)})
+    eos = _early_eos(lm, prompts, DECODINGS[0])
     eager = _gen(lm, prompts, DECODINGS[0], eos_ids=eos)
-    graphs = _gen(lm, prompts, DECODINGS[0], eos_ids=eos, compiled=True)
-    assert graphs.drop("step_entropy", "step_logprob").equals(eager.drop("step_entropy", "step_logprob"))
-    for col in ("step_entropy", "step_logprob"):
-        torch.testing.assert_close(torch.tensor(graphs[col].explode().to_list()),
-                                   torch.tensor(eager[col].explode().to_list()), atol=1e-4, rtol=0)
+    assert_same_samples(_gen(lm, prompts, DECODINGS[0], eos_ids=eos, compiled=True), eager, atol=1e-4)
