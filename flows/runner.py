@@ -8,13 +8,14 @@ cached ``generate`` task whose table lands in the artifact store as a parquet pa
 once to Prefect's Ray task runner (prefect-ray): on the cluster at ``RAY_ADDRESS`` if set, else on
 a Ray instance started for this flow run on 127.0.0.1; scoring and the calibration fits (the other
 model-bound work) run there too, so the flow's machine needs no GPU. Each such task asks for one
-GPU when the cluster has GPUs. Ray workers read the S3 endpoint and credentials from their own environment
-(or the embedded stack's ``stack.json``), never from the task's arguments.
+GPU when the cluster has GPUs. Ray workers read the S3 endpoint and credentials from their own
+environment (or the embedded stack's ``stack.json``), never from the task's arguments.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from urllib.parse import urlparse
 
 import polars as pl
@@ -34,6 +35,37 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class PartError(UserError, RuntimeError):
     """A generation part cannot be read back even after regenerating it."""
+
+
+class RayUnreachable(UserError, RuntimeError):
+    """RAY_ADDRESS names no Ray cluster that answers."""
+
+
+def ray_address() -> tuple[str | None, str | None, int | None]:
+    """(RAY_ADDRESS or None, its host, its port): ``host:port`` (GCS) or ``ray://host:port`` (Ray Client)."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None or address == "auto":
+        return address, None, None
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    try:
+        return address, parsed.hostname, parsed.port
+    except ValueError:
+        return address, parsed.hostname, None
+
+
+def check_ray(config: StudyConfig) -> None:
+    """With ``executor: ray`` and RAY_ADDRESS set, the address must take a connection: a dead address
+    would otherwise keep ray.init retrying for minutes."""
+    address, host, port = ray_address()
+    if config.executor != "ray" or address in (None, "auto"):
+        return
+    if not host or not port:
+        raise RayUnreachable(f"RAY_ADDRESS {address!r}: expected host:port or ray://host:port")
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as err:
+        raise RayUnreachable(f"Ray at {address} is unreachable ({err.strerror or err}): check RAY_ADDRESS, "
+                             "or unset it to start a local Ray") from None
 
 
 class Stages:
@@ -82,10 +114,9 @@ class Stages:
             from prefect_ray import RayTaskRunner
             from prefect_ray.context import remote_options
 
-            address = os.environ.get("RAY_ADDRESS") or None
-            host = (urlparse(address if "://" in address else f"ray://{address}").hostname if address else None)
+            address, host, _ = ray_address()
             init: dict = {}
-            if host is None or host in LOOPBACK:
+            if address is None or host in LOOPBACK:
                 # Ray rewrites 127.0.0.1 to the machine's address unless told this is a one-machine cluster
                 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
                 init["_node_ip_address"] = "127.0.0.1"

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 
 from flows import calibration
 from flows.calibration import calibrate_pair
-from flows.runner import Stages
+from flows.runner import Stages, check_ray
 from flows.stages import publish_calibration_task, publish_child_task, report_task
 from storage.settings import from_env
 from storage.tracking import Tracker, TrackingError
@@ -36,6 +36,7 @@ def preflight(config: StudyConfig) -> None:
         max_positions(model)  # reads the model's config (no weights): a broken model dir fails here
     for dataset in config.datasets:
         datasets.check_source(dataset)
+    check_ray(config)
 
 
 @flow(name="entcal-study", log_prints=True)

@@ -103,6 +103,18 @@ def test_bad_endpoint(tmp_path, tiny_model_dir, stack, make_env, needle):
     _assert_one_line(proc, needle)
 
 
+@pytest.mark.parametrize("address, needle", [("127.0.0.1:{port}", "Ray at 127.0.0.1:{port} is unreachable"),
+                                             ("ray://nohost", "expected host:port or ray://host:port")],
+                         ids=["ray-unreachable", "ray-address-without-port"])
+def test_bad_ray_address(tmp_path, tiny_model_dir, stack, address, needle):
+    from storage.stack import free_port
+
+    port = free_port()
+    cfg = _write(tmp_path, tiny_config(tiny_model_dir, executor="ray"))
+    proc = run_cli("run", "--config", cfg, env={"RAY_ADDRESS": address.format(port=port)})
+    _assert_one_line(proc, needle.format(port=port))
+
+
 def test_nan_logits_name_the_example_and_step(tmp_path, stack, prefect_server):
     from tests.conftest import build_tiny_model
     from transformers import AutoModelForCausalLM
