@@ -199,8 +199,9 @@ class StudyConfig(_Closed):
     shard_size: int = Field(0, ge=0, description="prompts per cached generation shard (0 = one shard): a crash "
                             "loses at most one shard's work")
     executor: Literal["local", "ray"] = Field(
-        "local", description="where generation shards run: one after another in the flow's process, or all at "
-        "once as Ray tasks (prefect-ray; the cluster at RAY_ADDRESS, else a local Ray), one GPU each when there are GPUs")
+        "local", description="where generation shards, scoring and calibration fits run: one after another in the "
+        "flow's process, or as Ray tasks, shards all at once (prefect-ray; the cluster at RAY_ADDRESS, else a local "
+        "Ray), one GPU each when the cluster has GPUs")
     epsilon: float = Field(1e-4, gt=0, lt=1, description="weight of the untruncated distribution when scoring truncated decodings")
     bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for the EntCE CI")
     ci_level: float = Field(0.95, gt=0, lt=1)
