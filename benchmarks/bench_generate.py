@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
 
     from tasks.config import ModelSpec
-    from tasks.models import load_model, pad_id
+    from tasks.models import load_model, pad_id, pick_compile
 
     spec = ModelSpec(path=args.model_path, name=Path(args.model_path).name, device=args.device) \
         if args.model_path else ModelSpec(name=args.model, device=args.device)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"model {spec.label} on {device} ({model.dtype}), loaded in {load_s:.1f} s; batch {batch}, "
         f"prompt tokens {min(lens)}..{max(lens)}, new tokens {args.new_tokens}, "
         f"torch threads {torch.get_num_threads()}")
-    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    compiled = pick_compile(args.compile, device)
     runners, last = _runners(model, prompts, new_tokens=args.new_tokens, batch=batch, seed=args.seed, pad=pad,
                              device=device, compiled=compiled)
     want = batch * args.new_tokens

@@ -12,9 +12,9 @@ are compacted out of the batch (and out of the KV cache) so no step is spent on 
 
 KV cache: preallocated for prompt + max_new_tokens and written in place (transformers'
 StaticCache), so a step never copies the past: a growing cache concatenates every layer's keys
-and values at every step, which costs more than the attention itself at long lengths (22% of a
-SmolLM2 decode step at ~100 tokens on CPU). Calibration hooks (``adjust``) and models without a
-static cache layout use the growing cache.
+and values at every step (22% of the profiled CPU time of a SmolLM2 decode step at ~100 tokens;
+1.08x end to end in benchmarks/bench_generate.py). Calibration hooks (``adjust``) and models
+without a static cache layout use the growing cache.
 
 Output schema (DESIGN.md): example_id str, sample i32, decoding str, token_ids list[i32],
 step_entropy list[f32], step_logprob list[f32], finish_reason str ("eos" | "length").
@@ -33,7 +33,7 @@ import kernels
 from kernels.reference import scaled_logits
 from storage.errors import UserError
 from tasks.config import DecodingSpec, ModelSpec
-from tasks.models import load_model, pad_id
+from tasks.models import load_model, pad_id, pick_compile
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ def sample_batch(
     ``compiled``: decode steps through ``decoder(model, True)`` (static cache only).
 
     Tokens and statistics stay on the device until the batch ends: the host waits on the device only
-    to drop rows that hit EOS (when there are EOS ids) and once at the end."""
+    to drop rows that hit EOS (when there are EOS ids) and once at the end; NaN / +inf logits are
+    raised (naming the example and the first bad step) at the next such wait."""
     device = next(model.parameters()).device
     n, steps = len(prompts), max_new_tokens
     uniforms = torch.stack([
@@ -286,7 +287,7 @@ def generate(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, *,
              progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
     """Load ``model`` (cached per process) and sample the generations table for one decoding."""
     lm = load_model(model)
-    compiled = model.compile == "on" or (model.compile == "auto" and lm.device.type == "cuda")
     return generate_table(lm.model, prompts, decoding, max_new_tokens=max_new_tokens,
                           samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
-                          eos_ids=lm.eos_ids, pad_id=pad_id(lm.tokenizer), progress=progress, compiled=compiled)
+                          eos_ids=lm.eos_ids, pad_id=pad_id(lm.tokenizer), progress=progress,
+                          compiled=pick_compile(model.compile, lm.device))

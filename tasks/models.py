@@ -71,6 +71,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def pick_compile(name: str, device: torch.device) -> bool:
+    """Whether the sampler compiles its decode step: auto = on CUDA (CUDA graphs), not on CPU (no gain)."""
+    return name == "on" or (name == "auto" and device.type == "cuda")
+
+
 def load_tokenizer(spec: ModelSpec):
     return _load_tokenizer(spec.model_dump_json())
 
