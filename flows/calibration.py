@@ -3,20 +3,55 @@ sweeps and their Pareto front, lookahead and future-entropy calibration (SCIENCE
 
 Each generation round is the same cached `generate` task the study uses, so τ* rounds and sweep
 points are reused by later runs and by studies at the same settings.
+
+Splits: the prompts are cut into a fit split (the first ``fit_fraction``) and an evaluation split.
+τ*, the truncation sweeps, the EntCE-zeroing settings and the Pareto front are all computed on the
+evaluation split (τ* is a root search *on* it: nothing is fitted elsewhere); the lookahead and
+future-entropy α are fitted on the fit split and their before/after numbers measured on the
+evaluation split. Every table and figure says which.
+
+ε: a truncated decoding is scored as (1−ε)q + εp, so each truncated human token costs about −log ε;
+beside each setting we report the truncated share, L̄ untruncated (−log p) and L̄ re-mixed at ε×10
+and ε/10 (calibrate.logloss_at_epsilon), so a reader sees how far a conclusion moves with ε.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 
 from tasks import calibrate, recalibrate
 from tasks.config import CalibrationSpec, DecodingSpec, ModelSpec, StudyConfig
 
 SWEEPS = ("top_k", "top_p", "min_p", "top_nsigma")
 OFF = {"top_p": 1.0, "min_p": 0.0}  # settings that truncate nothing, so the τ = 1 point belongs to the sweep
+EPS_COLUMNS = ("logloss_eps_x10", "logloss_eps_div10")  # L̄ re-mixed at ε×10 and ε/10
+SETTING_COLUMNS = ("logloss", "truncated_share", "logloss_untruncated", *EPS_COLUMNS)
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a flow run (tests, notebooks)
+        return logging.getLogger(__name__)
+
+
+def _eps_lerp(rows: list[dict], method: str, param: float, col: str) -> float | None:
+    """``col`` linearly interpolated in param at ``param`` between the method's two sweep points that
+    straddle it with EntCE of opposite sign (or at the point itself): the same weight as
+    recalibrate.truncation_front uses for the zeroing setting's L̄."""
+    pts = sorted((r for r in rows if r["method"] == method and r.get(col) is not None), key=lambda r: r["param"])
+    for a, b in zip(pts, pts[1:] + pts[-1:]):
+        if a["param"] == param:
+            return a[col]
+        if a["param"] < param < b["param"] and a["entce"] * b["entce"] <= 0:
+            w = (param - a["param"]) / (b["param"] - a["param"])
+            return a[col] + w * (b[col] - a[col])
+    return None
 
 
 def _at(rows: list[dict], tau: float, col: str) -> float | None:
@@ -29,7 +64,7 @@ def _at(rows: list[dict], tau: float, col: str) -> float | None:
 def calibrate_pair(config: StudyConfig, model: ModelSpec, prompts: pl.DataFrame, tasks: dict, out_dir: Path,
                    label: str) -> dict:
     """Everything `calibration.json` holds for one (model, dataset); ``tasks`` are the study's (with storage)."""
-    logger = get_run_logger()
+    logger = _logger()
     spec: CalibrationSpec = config.calibration
     n_fit = max(1, min(prompts.height - 1, round(prompts.height * spec.fit_fraction)))
     train, evaluate = prompts.head(n_fit), prompts.tail(prompts.height - n_fit)
@@ -45,6 +80,9 @@ def calibrate_pair(config: StudyConfig, model: ModelSpec, prompts: pl.DataFrame,
                                     ci_level=config.ci_level, seed=config.seed)
         row = {"method": method, "param": float(param), "decoding": dec.key, **{k: s[k] for k in (
             "entce", "entce_ci_low", "entce_ci_high", "logloss", "logloss_untruncated", "truncated_share", "entropy")}}
+        for col, eps in zip(EPS_COLUMNS, (config.epsilon * 10, config.epsilon / 10)):
+            row[col] = (calibrate.logloss_at_epsilon(ref, horizon=config.horizon, epsilon=config.epsilon,
+                                                     new_epsilon=eps) if eps < 1 else None)
         rows.append(row)
         logger.info("calibration %s=%g: EntCE %+.3f, L̄ %.3f", method, param, s["entce"], s["logloss"])
         return row
@@ -68,17 +106,22 @@ def calibrate_pair(config: StudyConfig, model: ModelSpec, prompts: pl.DataFrame,
         if getattr(spec, method):
             rows.append({**base, "method": method, "param": off, "anchor": True})
     front = recalibrate.truncation_front(rows)
-    pareto = recalibrate.plot_pareto(rows, out_dir / f"pareto__{label}.png")
+    pareto = recalibrate.plot_pareto(rows, out_dir / f"pareto__{label}.png",
+                                    title=f"{label}: EntCE vs L̄, evaluation split, {evaluate.height} prompts")
     result = {
         "tau_star": tau["tau_star"], "tau_star_ci": tau["tau_star_ci"], "tau_converged": tau.get("converged"),
         "logloss_at_tau_star": _at(rows, tau["tau_star"], "logloss"), "logloss_at_tau_1": _at(rows, 1.0, "logloss"),
         "truncation": [
             {"method": m, "param": v["zero_param"], "entce": 0.0, "logloss": v["zero_logloss"],
-             "logloss_untruncated": v.get("zero_logloss_untruncated"), "truncated_share": v.get("zero_truncated_share")}
+             "logloss_untruncated": v.get("zero_logloss_untruncated"), "truncated_share": v.get("zero_truncated_share"),
+             **{c: _eps_lerp(rows, m, v["zero_param"], c) for c in EPS_COLUMNS}}
             for m, v in front["methods"].items() if v["zero_param"] is not None
         ],
         "sweep": rows, "pareto_front": front["front"], "figures": {"pareto": str(pareto)},
-        "fit_examples": train.height, "eval_examples": evaluate.height,
+        "fit_examples": train.height, "eval_examples": evaluate.height, "epsilon": config.epsilon,
+        "splits": {"tau_star": "evaluation", "sweep": "evaluation", "truncation": "evaluation",
+                   "pareto_front": "evaluation", "lookahead": "fit α on fit; before/after on evaluation",
+                   "future_entropy": "fit α on fit; before/after on evaluation"},
     }
     recal = dict(candidates=spec.candidates, max_new_tokens=config.max_new_tokens, horizon=config.horizon,
                  seed=config.seed, batch_size=config.batch_size, bootstrap=config.bootstrap)
@@ -100,7 +143,8 @@ def metrics(result: dict) -> dict[str, float]:
     m.update(tau_star_ci_low=lo, tau_star_ci_high=hi)
     for t in result["truncation"]:
         m[f"{t['method']}_zeroing_param"] = t["param"]
-        m[f"{t['method']}_zeroing_logloss"] = t["logloss"]
+        for col in SETTING_COLUMNS:
+            m[f"{t['method']}_zeroing_{col}"] = t.get(col)
     for name in ("lookahead", "future_entropy"):
         for k, v in result.get(name, {}).items():
             m[f"{name}_{k}"] = v
@@ -111,18 +155,34 @@ def markdown(label: str, result: dict) -> str:
     def f(v):
         return "—" if v is None else f"{v:.3f}"
 
+    eps, n_eval, n_fit = result.get("epsilon"), result["eval_examples"], result["fit_examples"]
+    ev = f"evaluation split, {n_eval} prompts"
+    e10, e01 = ("ε×10", "ε/10") if eps is None else (f"ε×10 = {eps * 10:.0e}", f"ε/10 = {eps / 10:.0e}")
+    cols = (f"| truncated share | L̄ untruncated | L̄ at {e10} | L̄ at {e01} |", "|---|---|---|---|")
+
+    def tail(r: dict) -> str:
+        return " | ".join(f(r.get(c)) for c in ("truncated_share", "logloss_untruncated", *EPS_COLUMNS)) + " |"
+
     lo, hi = result["tau_star_ci"]
     lines = [f"## Calibration: {label}", "",
              f"τ* = {f(result['tau_star'])} (CI [{f(lo)}, {f(hi)}]); L̄ at τ* = {f(result['logloss_at_tau_star'])} "
-             f"vs L̄ at τ = 1: {f(result['logloss_at_tau_1'])} (fit on {result['fit_examples']} prompts, "
-             f"evaluated on {result['eval_examples']}).", "",
-             "| method | EntCE-zeroing param | L̄ there |", "|---|---|---|"]
-    lines += [f"| {t['method']} | {f(t['param'])} | {f(t['logloss'])} |" for t in result["truncation"]]
-    lines += ["", "| calibration | α | EntCE before | EntCE after | L̄ before | L̄ after |", "|---|---|---|---|---|---|"]
+             f"vs L̄ at τ = 1: {f(result['logloss_at_tau_1'])} — root search on the {ev}.", "",
+             f"L̄ of truncated decodings mixes in the untruncated p with weight ε = {eps if eps else '?'}: "
+             f"a truncated human token costs about −log ε, so the columns at {e10} and {e01} show how far each "
+             "number moves with that arbitrary constant.", "",
+             f"EntCE-zeroing settings ({ev}):", "",
+             "| method | EntCE-zeroing param | L̄ there " + cols[0], "|---|---|---" + cols[1]]
+    lines += [f"| {t['method']} | {f(t['param'])} | {f(t['logloss'])} | {tail(t)}" for t in result["truncation"]]
+    lines += ["", f"Sweeps ({ev}):", "", "| method | param | EntCE | L̄ " + cols[0], "|---|---|---|---" + cols[1]]
+    lines += [f"| {r['method']} | {r['param']:g} | {f(r['entce'])} | {f(r['logloss'])} | {tail(r)}"
+              for r in result["sweep"] if not r.get("anchor")]
+    lines += ["", f"Recalibration: α fitted on the fit split, {n_fit} prompts; before/after on the {ev}.", "",
+              "| calibration | α | EntCE before | EntCE after | L̄ before | L̄ after |", "|---|---|---|---|---|---|"]
     for name in ("lookahead", "future_entropy"):
         if name in result:
             r = result[name]
             lines.append(f"| {name} | {f(r['alpha'])} | {f(r['entce_before'])} | {f(r['entce_after'])} | "
                          f"{f(r['logloss_before'])} | {f(r['logloss_after'])} |")
-    lines += ["", f"![pareto](pareto__{label}.png)", ""]
+    lines += ["", f"![Pareto front of EntCE against L̄, {ev}](pareto__{label}.png)", "",
+              f"Pareto front: every sweep point on the {ev}; circled: not dominated in (|EntCE|, L̄).", ""]
     return "\n".join(lines)

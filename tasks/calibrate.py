@@ -6,6 +6,9 @@
 
 The CI is a percentile bootstrap over examples (an example brings all its samples and its
 reference). Curves average h_t and l_t over the examples that reach step t.
+
+``example_sums`` gives the per-example sums the bootstrap resamples (also used by the scaling fit's
+nested bootstrap); ``logloss_at_epsilon`` re-mixes a reference table at another ε without re-scoring.
 """
 from __future__ import annotations
 
@@ -24,9 +27,12 @@ def _per_example(table: pl.DataFrame, col: str, horizon: int) -> pl.DataFrame:
     )
 
 
-def entce_summary(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int,
-                  bootstrap: int = 1000, ci_level: float = 0.95, seed: int = 0) -> dict:
-    """H̄, L̄, EntCE and its bootstrap CI, plus diagnostics. All in nats per token."""
+def example_sums(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int) -> dict[str, np.ndarray]:
+    """Per-example sums over the first ``horizon`` steps, for examples in both tables (join order).
+
+    Returns float64 arrays of shape [n_examples]: entropy_sum (Σ step_entropy over all samples, nats),
+    entropy_n (their token count), logloss_sum (Σ step_logloss of the reference, nats), logloss_n.
+    EntCE = Σ entropy_sum / Σ entropy_n − Σ logloss_sum / Σ logloss_n."""
     if generations.is_empty() or reference.is_empty():
         raise ValueError("entce_summary: expected non-empty generations and reference tables")
     h = _per_example(generations, "step_entropy", horizon)
@@ -34,11 +40,21 @@ def entce_summary(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon
     both = h.join(l, on="example_id", how="inner", suffix="_l")
     if both.is_empty():
         raise ValueError("entce_summary: generations and reference share no example_id")
-    hs, hn = both["sum"].to_numpy(), both["n"].to_numpy().astype(float)
-    ls, ln = both["sum_l"].to_numpy(), both["n_l"].to_numpy().astype(float)
+    return {"entropy_sum": both["sum"].to_numpy().astype(np.float64),
+            "entropy_n": both["n"].to_numpy().astype(np.float64),
+            "logloss_sum": both["sum_l"].to_numpy().astype(np.float64),
+            "logloss_n": both["n_l"].to_numpy().astype(np.float64)}
+
+
+def entce_summary(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int,
+                  bootstrap: int = 1000, ci_level: float = 0.95, seed: int = 0) -> dict:
+    """H̄, L̄, EntCE and its bootstrap CI, plus diagnostics. All in nats per token."""
+    sums = example_sums(generations, reference, horizon=horizon)
+    hs, hn, ls, ln = (sums[k] for k in ("entropy_sum", "entropy_n", "logloss_sum", "logloss_n"))
+    n = hs.size  # examples
     entropy, logloss = hs.sum() / hn.sum(), ls.sum() / ln.sum()
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(both), size=(bootstrap, len(both)))
+    idx = rng.integers(0, n, size=(bootstrap, n))
     boot = hs[idx].sum(1) / hn[idx].sum(1) - ls[idx].sum(1) / ln[idx].sum(1)
     lo, hi = np.quantile(boot, [(1 - ci_level) / 2, (1 + ci_level) / 2])
 
@@ -60,9 +76,31 @@ def entce_summary(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon
         "steps": horizon,
         "generated_tokens": int(hn.sum()),
         "reference_tokens": int(ln.sum()),
-        "n_examples": int(len(both)),
+        "n_examples": int(n),
         "eos_share": float((generations["finish_reason"] == "eos").mean()),
     }
+
+
+def logloss_at_epsilon(reference: pl.DataFrame, *, horizon: int, epsilon: float, new_epsilon: float) -> float:
+    """L̄ (nats/token, pooled over the first ``horizon`` tokens of every reference) had the table been
+    scored at ``new_epsilon`` instead of ``epsilon``, from the table alone (tasks/score.py):
+    step_logloss l = −log((1−ε)q + εp), step_logloss_untruncated = −log p, step_truncated ⇔ q(y) = 0.
+    So q = (e^{−l} − εp)/(1−ε), clipped ≥ 0 and exactly 0 where truncated, and l' = −log((1−ε')q + ε'p).
+    Untruncated decodings have l = −log p, so q = p and l' = l."""
+    for name, eps in (("epsilon", epsilon), ("new_epsilon", new_epsilon)):
+        if not 0 < eps < 1:
+            raise ValueError(f"logloss_at_epsilon: {name} must be in (0, 1), got {eps}")
+    cols = ("step_logloss", "step_logloss_untruncated", "step_truncated")
+    flat = (reference.select(*(pl.col(c).list.head(horizon) for c in cols))
+            .explode(*cols).drop_nulls("step_logloss"))
+    if flat.is_empty():
+        return float("nan")
+    loss = flat["step_logloss"].cast(pl.Float64).to_numpy()
+    p = np.exp(-flat["step_logloss_untruncated"].cast(pl.Float64).to_numpy())
+    cut = flat["step_truncated"].to_numpy().astype(bool)
+    q = np.where(cut, 0.0, np.clip((np.exp(-loss) - epsilon * p) / (1 - epsilon), 0.0, None))
+    with np.errstate(divide="ignore"):
+        return float(np.mean(-np.log((1 - new_epsilon) * q + new_epsilon * p)))
 
 
 def step_curves(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int) -> pl.DataFrame:

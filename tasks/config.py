@@ -104,48 +104,18 @@ class DatasetSpec(_Closed):
 
 
 class DecodingSpec(_Closed):
-    """The sampling distribution: temperature, then top-k, top-p, min-p, top-nσ (transformers' order)."""
+    """The sampling distribution: temperature, then top-k, top-p, min-p, top-nσ (transformers' order).
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    top_nsigma: float = 0.0
+    The ranges are ``Field`` constraints, so they are part of the JSON schema the Prefect UI builds its
+    form from and a deployment run with an out-of-range value is refused when it is created."""
 
-    @field_validator("temperature")
-    @classmethod
-    def _t(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"temperature must be > 0, got {v}")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _k(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {v}")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _p(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("min_p")
-    @classmethod
-    def _m(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {v}")
-        return v
-
-    @field_validator("top_nsigma")
-    @classmethod
-    def _n(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"top_nsigma must be >= 0 (0 = off), got {v}")
-        return v
+    temperature: float = Field(1.0, gt=0, le=100, description="τ > 0: logits are divided by it (1 = the model's "
+                               "own distribution; lower = sharper)")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus: keep the smallest set whose mass reaches p "
+                         "(1 = off)")
+    min_p: float = Field(0.0, ge=0, lt=1, description="keep tokens with p ≥ min_p · p_max (0 = off)")
+    top_nsigma: float = Field(0.0, ge=0, description="keep logits ≥ max − n·σ of the row (0 = off)")
 
     @property
     def truncated(self) -> bool:
@@ -192,7 +162,8 @@ class StudyConfig(_Closed):
     prompt_tokens: int = Field(64, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     min_reference_tokens: int = Field(256, ge=1, description="drop examples with a shorter continuation")
-    horizon: int = Field(256, ge=1, description="T: steps pooled into H̄ and L̄")
+    horizon: int | None = Field(None, ge=1, description="T: steps pooled into H̄ and L̄; empty = the smaller of "
+                                "max_new_tokens and min_reference_tokens (it may not exceed either)")
     samples_per_prompt: int = Field(1, ge=1)
     seed: int = 0
     batch_size: int = Field(8, ge=1)
@@ -207,6 +178,30 @@ class StudyConfig(_Closed):
     ci_level: float = Field(0.95, gt=0, lt=1)
     smoothing: float = Field(0.2, gt=0, le=1, description="exponential smoothing of plotted curves")
     calibration: CalibrationSpec | None = Field(None, description="also fit τ*, truncations, lookahead, future entropy")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_horizon(cls, data):
+        if isinstance(data, dict) and data.get("horizon") is None:
+            fields = cls.model_fields
+            new = data.get("max_new_tokens", fields["max_new_tokens"].default)
+            ref = data.get("min_reference_tokens", fields["min_reference_tokens"].default)
+            if isinstance(new, int) and isinstance(ref, int):
+                data = {**data, "horizon": min(new, ref)}
+        return data
+
+    @model_validator(mode="after")
+    def _horizon_fits(self) -> "StudyConfig":
+        # H̄ pools at most max_new_tokens steps and L̄ at most min_reference_tokens for the shortest
+        # reference: a longer T pools H̄ and L̄ over different steps, and since h_t rises with t EntCE
+        # would be biased low while the summary claims T steps.
+        for field, value, what in (("max_new_tokens", self.max_new_tokens, "generations"),
+                                   ("min_reference_tokens", self.min_reference_tokens, "references")):
+            if self.horizon > value:
+                raise ValueError(f"horizon ({self.horizon}) > {field} ({value}): H̄ and L̄ would pool different "
+                                 f"steps because {what} stop at {value}; set horizon <= {value}, raise {field}, "
+                                 "or leave horizon empty")
+        return self
 
     @model_validator(mode="after")
     def _nonempty(self) -> "StudyConfig":
@@ -223,14 +218,27 @@ class StudyConfig(_Closed):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
 
 
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def loc_name(loc: tuple) -> str:
+    """The field's own name in a pydantic error location (``decodings.0.temperature`` -> ``temperature``)."""
+    names = [str(p) for p in loc if not isinstance(p, int)]
+    return names[-1] if names else "value"
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    where = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
+    bound = _BOUNDS.get(first["type"])
+    if bound and first.get("ctx"):
+        limit = next(iter(first["ctx"].values()))
+        msg = f"{loc_name(first['loc'])} must be {bound} {limit:g}, got {first.get('input')!r}"
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; see `entcal run --help` for the fields)"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {where}: {msg}{more}"
+    return f"{source}: {where + ': ' if where else ''}{msg}{more}"
 
 
 def parse_config(data: dict, source: str = "config") -> StudyConfig:
@@ -265,11 +273,11 @@ def demo_config(quick: bool = False, calibrate: bool = False) -> dict:
     """The embedded default study: SmolLM2-135M on both built-in corpora at three temperatures; with
     ``calibrate``, a calibration study on the prose corpus."""
     if quick:
-        size = dict(num_examples=8, prompt_tokens=32, max_new_tokens=48, min_reference_tokens=48, horizon=48,
+        size = dict(num_examples=8, prompt_tokens=32, max_new_tokens=48, min_reference_tokens=48,
                     batch_size=8)
     else:
         size = dict(num_examples=24, prompt_tokens=64, max_new_tokens=160, min_reference_tokens=160,
-                    horizon=160, batch_size=12)
+                    batch_size=12)
     cfg = {"name": "demo-quick" if quick else "demo", "models": [{"name": "smollm2-135m"}],
            "datasets": [{"name": "python-docs"}, {"name": "python-stdlib"}],
            "decodings": [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}], "seed": 0, **size}
@@ -277,6 +285,6 @@ def demo_config(quick: bool = False, calibrate: bool = False) -> dict:
         cfg.update(name=cfg["name"].replace("demo", "demo-calibrate"), datasets=[{"name": "python-docs"}],
                    decodings=[{"temperature": 1.0}], calibration={"tau_rounds": 4 if quick else 6})
         if not quick:
-            cfg.update(num_examples=16, max_new_tokens=96, min_reference_tokens=96, horizon=96, batch_size=8)
+            cfg.update(num_examples=16, max_new_tokens=96, min_reference_tokens=96, batch_size=8)
     return cfg
 

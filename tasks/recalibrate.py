@@ -1,26 +1,36 @@
-"""Calibration methods (SCIENCE.md §4): temperature root τ*, truncation trade-offs, lookahead
-(Braverman et al.) and future-entropy scaling (Cao et al., Alg. 1 made practical). Plain functions.
+"""Calibration methods that change the distribution (SCIENCE.md §4): lookahead (Braverman et al.) and
+future-entropy scaling (Cao et al., Alg. 1 made practical). Plain functions. τ* and the truncation
+fronts live in tasks.fronts (re-exported here).
 
-Reweighted decodings. Both model-based methods reweight the base distribution p̂ = softmax(logits/τ)
-(untruncated decodings only) over "atoms": the top-k candidates K of p̂ and one tail block B (every
-other token, mass P_B). With a feature u per atom, q̃(a) ∝ P(a)·exp(α·u_a), and inside the block q̃ ∝ p̂:
-  lookahead        u_w = −H(next | context, w)                        (q̃ ∝ p̂·exp(−α·H))
-  future entropy   u_w = log p̂(w) − f̂(context, w)                     (q̃ ∝ exp{(1+α)·log p̂ − α·f̂})
-  tail block       u_B = γ·log P_B − φ̄, φ̄ = the p̂-weighted mean of the candidates' H or f̂ (γ = 0, 1).
-For lookahead the block rule is exactly "every tail token gets φ̄"; for future entropy the (1+α)
-exponent acts on the block's mass, not per token. Per position the log loss of q̃ is then
-−log q̃(atom of y) − log(p̂(y)/P_B if y ∈ B): a log-sum-exp of functions affine in α, so convex.
+Reweighted decodings. Both model-based methods reweight the untruncated base p̂ = softmax(logits/τ)
+of EVERY token w of the vocabulary, q̃(w) ∝ p̂(w)·exp(α·u_w), u_w = γ·log p̂(w) − φ(w):
+  lookahead        γ = 0, φ(w) = H(next | context, w)          q̃ ∝ p̂·exp(−α·H)
+  future entropy   γ = 1, φ(w) = f̂(context, w)                 q̃ ∝ p̂^{1+α}·exp(−α·f̂)
+φ is computed for the top-k candidates K of p̂ only; every other token gets φ̄, the p̂-weighted mean
+of the non-EOS candidates' φ (0 when all are EOS), so a tail token still gets γ·log p̂(w) − φ̄ (with
+f̂ constant, future entropy is exactly temperature τ/(1+α)). After EOS nothing is generated:
+φ(EOS) = 0 for every EOS id, candidate or not (H(next | EOS) := 0, f̂(EOS) := 0).
+Generation applies the rule to all V logits (exact, O(V) per row). Fitting needs, per human position,
+log Z(α) = log[Σ_K e^{(1+γα)·log p̂ − α·φ} + Σ_tail e^{(1+γα)·log p̂ − α·φ̄}] at many α: the tail
+(every token outside K and the EOS ids) is kept as entries (p̂-mass m_j, mass-weighted mean log p̂
+μ_j) that stand for m_j·e^{−μ_j} tokens of log p̂ = μ_j: one entry per token when V ≤ TAIL_BINS + 1
+(exact), else one per bin of width δ = TAIL_BIN_NATS in log p̂ below the tail's top log-prob plus one
+floor bin beyond TAIL_RANGE_NATS. P_tail, the tail's p̂-entropy and the slope at α = 0 are exact;
+for α ≠ 0 the binned log Σ_tail p̂^{1+γα} is low by at most (γα)²·δ²/8 (Hoeffding's lemma, per bin)
+plus the floor bin's share. The human token's own term is exact wherever it lies:
+−log q̃(y) = log Z(α) − (log p̂(y) + α·u_y), a log-sum-exp of functions affine in α, so convex.
 H(next | context, w) is the entropy of softmax(logits/τ) after appending w; the features after
 appending each candidate come from ONE batched forward of the k candidates per position, a single
 new token each, attending to the prefix's KV cache (copied per candidate row; in teacher-forced
 scoring a padding mask hides the cache beyond the candidate's context length).
+f̂ is a ridge regressor on the hidden state after a token, fitted to F = the SUM of the step entropies
+of the rest of that generation within the horizon (future_entropy_targets).
 """
 from __future__ import annotations
 
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -29,155 +39,16 @@ import torch
 import kernels
 from tasks.calibrate import entce_summary
 from tasks.config import DecodingSpec
+from tasks.fronts import plot_pareto, tau_star, truncation_front  # noqa: F401 (re-exported)
 from tasks.generate import generate_table
 from tasks.score import REFERENCE_SCHEMA, plain_lm_head
 
 LOOKAHEAD_BOUNDS = (-1.0, 4.0)
 FUTURE_BOUNDS = (-0.5, 4.0)  # (1 + α) stays > 0
 ROW_BLOCK = 512
-
-
-# ---------------------------------------------------------------- temperature: τ* with EntCE(τ*) = 0
-def tau_star(entce_at: Callable[[float], tuple[float, float, float]], lo: float = 0.5, hi: float = 1.5, *,
-             tol: float = 0.01, max_rounds: int = 8) -> dict:
-    """Root of EntCE(τ) in [lo, hi] by modified regula falsi: the Illinois family with Anderson–Björck
-    scaling (the end retained twice in a row has its value scaled by 1 − f(x)/f(replaced), or halved as
-    in Illinois when that is ≤ 0). Each new point is kept ≥ tol/2 inside the bracket, so the bracket
-    closes to ≤ tol instead of creeping from one side; bisection when the estimate leaves the bracket
-    or three steps failed to halve it. A bracket without a sign change is widened once, by half its
-    width, toward the end with the smaller |EntCE| (lo is kept > 0); still none: ValueError.
-    τ* is the linear root between the final bracket ends (error ≤ tol once converged; ``converged`` is
-    False when max_rounds, widening included, ran out first). CI: sort the evaluated τ; the roots of the
-    ci_low(τ) and ci_high(τ) curves by linear interpolation between adjacent evaluated points (the
-    crossing nearest τ* when several); tau_star_ci = [the root ≤ τ*, the root > τ*] (for EntCE rising
-    in τ: [root of ci_high, root of ci_low]); None on a side with no crossing among the evaluated τ."""
-    if not 0 < lo < hi:
-        raise ValueError(f"tau_star: need 0 < lo < hi, got lo={lo}, hi={hi}")
-    rounds: list[dict] = []
-
-    def ev(t: float) -> float:
-        vals = tuple(float(v) for v in entce_at(float(t)))
-        if not all(math.isfinite(v) for v in vals):
-            raise ValueError(f"tau_star: entce_at({t:g}) returned non-finite values {vals}")
-        rounds.append({"temperature": float(t), "entce": vals[0], "ci_low": vals[1], "ci_high": vals[2]})
-        return vals[0]
-
-    a, b = lo, hi
-    fa, fb = ev(a), ev(b)
-    if fa * fb > 0:
-        w = hi - lo
-        if abs(fa) <= abs(fb):
-            x = max(lo - w / 2, lo / 2)
-            fx = ev(x)
-            if fx * fa <= 0:
-                a, fa, b, fb = x, fx, lo, fa
-        else:
-            x = hi + w / 2
-            fx = ev(x)
-            if fx * fb <= 0:
-                a, fa, b, fb = hi, fb, x, fx
-        if fa * fb > 0:
-            seen = ", ".join(f"EntCE({r['temperature']:g})={r['entce']:+.4f}" for r in rounds)
-            raise ValueError(f"tau_star: EntCE does not change sign on [{min(lo, x):g}, {max(hi, x):g}] "
-                             f"({seen}); give a bracket lo/hi with EntCE of opposite signs")
-    ga, gb, side, widths = fa, fb, 0, [b - a]
-    while b - a > tol and fa != 0 and fb != 0 and len(rounds) < max_rounds:
-        x = b - gb * (b - a) / (gb - ga)
-        if not a < x < b or (len(widths) >= 4 and widths[-1] > 0.5 * widths[-4]):
-            x = (a + b) / 2
-        x = min(max(x, a + tol / 2), b - tol / 2)  # a step of ≥ tol/2: the bracket closes, not creeps
-        fx = ev(x)
-        if fx == 0:
-            a = b = x
-            fa = fb = 0.0
-            break
-        if (fx > 0) == (fa > 0):  # replaces a; b retained twice in a row: scale its value down
-            m = 1 - fx / fa
-            gb, a, fa, ga, side = (gb * (m if m > 0 else 0.5) if side == -1 else gb), x, fx, fx, -1
-        else:
-            m = 1 - fx / fb
-            ga, b, fb, gb, side = (ga * (m if m > 0 else 0.5) if side == 1 else ga), x, fx, fx, 1
-        widths.append(b - a)
-    root = a if fa == 0 else b if fb == 0 else a - fa * (b - a) / (fb - fa)
-    pts = sorted({r["temperature"]: r for r in rounds}.values(), key=lambda r: r["temperature"])
-
-    def crossing(col: str) -> float | None:
-        roots = []
-        for p, q in zip(pts, pts[1:]):
-            e0, e1 = p[col], q[col]
-            if e0 == 0 or e0 * e1 < 0:
-                w = 0.0 if e0 == 0 else e0 / (e0 - e1)
-                roots.append(p["temperature"] + w * (q["temperature"] - p["temperature"]))
-        if pts and pts[-1][col] == 0:
-            roots.append(pts[-1]["temperature"])
-        return min(roots, key=lambda r: abs(r - root)) if roots else None
-
-    ends = [r for r in (crossing("ci_low"), crossing("ci_high")) if r is not None]
-    ci = [min([r for r in ends if r <= root], default=None), max([r for r in ends if r > root], default=None)]
-    return {"tau_star": float(root), "tau_star_ci": ci, "rounds": rounds,
-            "converged": bool(b - a <= tol or fa == 0 or fb == 0), "bracket": [float(a), float(b)]}
-
-
-# ---------------------------------------------------------------- truncation trade-offs
-def _finite(*vals) -> bool:
-    return all(v is not None and math.isfinite(float(v)) for v in vals)
-
-
-def truncation_front(rows: list[dict]) -> dict:
-    """Per method (rows sorted by param): the param zeroing EntCE by linear interpolation between the two
-    sweep points that straddle 0 (the crossing with the lowest interpolated log loss if several; None if
-    none), with logloss / logloss_untruncated / truncated_share interpolated at the same weight. Front:
-    rows not dominated in (|EntCE|, logloss), both minimised, sorted by |EntCE|."""
-    methods: dict[str, dict] = {}
-    for m in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r for r in rows if r["method"] == m and _finite(r["entce"], r["param"])),
-                     key=lambda r: r["param"])
-        cands = []
-        for i, p in enumerate(pts):
-            q = pts[i + 1] if i + 1 < len(pts) else None
-            if p["entce"] == 0:
-                w, q = 0.0, p
-            elif q is not None and p["entce"] * q["entce"] < 0:
-                w = p["entce"] / (p["entce"] - q["entce"])
-            else:
-                continue
-            lerp = {k: (p[k] + w * (q[k] - p[k]) if _finite(p.get(k), q.get(k)) else None)
-                    for k in ("param", "logloss", "logloss_untruncated", "truncated_share")}
-            cands.append(lerp)
-        best = min(cands, key=lambda c: c["logloss"] if c["logloss"] is not None else math.inf, default=None)
-        methods[m] = {"zero_param": best and best["param"], "zero_logloss": best and best["logloss"],
-                      "zero_logloss_untruncated": best and best["logloss_untruncated"],
-                      "zero_truncated_share": best and best["truncated_share"],
-                      "crossings": len(cands), "points": len(pts)}
-    valid = [r for r in rows if _finite(r["entce"], r["logloss"])]
-    front = [r for r in valid if not any(
-        abs(o["entce"]) <= abs(r["entce"]) and o["logloss"] <= r["logloss"]
-        and (abs(o["entce"]) < abs(r["entce"]) or o["logloss"] < r["logloss"]) for o in valid)]
-    return {"methods": methods, "front": sorted(front, key=lambda r: (abs(r["entce"]), r["logloss"]))}
-
-
-def plot_pareto(rows: list[dict], path) -> str:
-    """EntCE against L̄, one marker/colour per method, the (|EntCE|, L̄) front circled and joined."""
-    from matplotlib.figure import Figure  # Agg via Figure.savefig: no pyplot global state
-
-    fig = Figure(figsize=(6.5, 4.5))
-    ax = fig.subplots()
-    markers = "osD^vP*Xh<>"
-    for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = sorted((r for r in rows if r["method"] == m and _finite(r["entce"], r["logloss"])),
-                     key=lambda r: r["param"])
-        ax.plot([r["logloss"] for r in pts], [r["entce"] for r in pts], marker=markers[i % len(markers)],
-                color=f"C{i}", lw=0.8, ms=5, label=m)
-    front = truncation_front(rows)["front"]
-    ax.scatter([r["logloss"] for r in front], [r["entce"] for r in front], s=140, facecolors="none",
-               edgecolors="k", lw=1.2, label="Pareto front (|EntCE|, L̄)", zorder=3)
-    ax.axhline(0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("L̄: log loss on human text (nats/token)")
-    ax.set_ylabel("EntCE = H̄ − L̄ (nats/token)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return str(path)
+TAIL_BIN_NATS = 0.05  # δ: width in log p̂ of one tail bin (fitting, V > TAIL_BINS + 1)
+TAIL_RANGE_NATS = 30.0  # bins cover [top − R, top] of the tail's log p̂; below: one floor bin
+TAIL_BINS = round(TAIL_RANGE_NATS / TAIL_BIN_NATS)
 
 
 # ---------------------------------------------------------------- batched candidate features
@@ -228,19 +99,74 @@ def _entropy_phi(temperature: float):
     return lambda logits, hidden: kernels.token_stats(logits, None, temperature=temperature).entropy
 
 
-def _atoms(logp, cand, clp, phi_c, gamma: float):
-    """(logP[N, k+1], u[N, k+1], tail entropy[N]) of the k candidates + tail block (see module doc)."""
-    tail = logp.scatter(1, cand, -math.inf)
-    lse_b = torch.logsumexp(tail, dim=1)
-    has_b = torch.isfinite(lse_b)
-    r = torch.where(has_b[:, None], tail - lse_b[:, None], torch.full_like(tail, -math.inf))
-    tail_h = -(r.exp() * torch.where(torch.isfinite(r), r, torch.zeros_like(r))).sum(1)
-    p = clp.exp()
-    phi_b = (p * phi_c).sum(1) / p.sum(1)
-    logP = torch.cat([clp, lse_b[:, None]], 1)
-    ok = torch.isfinite(logP)
-    u = gamma * torch.where(ok, logP, torch.zeros_like(logP)) - torch.cat([phi_c, phi_b[:, None]], 1)
-    return logP, torch.where(ok, u, torch.zeros_like(u)), tail_h
+def _eos_mask(ids: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:
+    return torch.zeros_like(ids, dtype=torch.bool) if eos is None else torch.isin(ids, eos)
+
+
+def _candidate_phi(cand, clp, phi_c, eos):
+    """(φ of the candidates [N, k] with φ(EOS) = 0, φ̄ [N] = p̂-weighted mean φ of the non-EOS candidates)."""
+    is_eos = _eos_mask(cand, eos)
+    phi_c = phi_c.masked_fill(is_eos, 0.0)
+    w = (clp - clp[:, :1]).exp().masked_fill(is_eos | ~torch.isfinite(clp), 0.0)
+    den = w.sum(1)
+    return phi_c, torch.where(den > 0, (w * phi_c).sum(1) / den.clamp_min(1e-30), torch.zeros_like(den))
+
+
+def reweighted_logits(z: torch.Tensor, cand: torch.Tensor, phi_c: torch.Tensor, alpha: float, gamma: float,
+                      eos: torch.Tensor | None = None) -> torch.Tensor:
+    """z̃[N, V] = z + α·u with u_w = γ·log p̂(w) − φ(w) for every token (module doc): φ_c [N, k] for the
+    candidates ``cand`` [N, k], 0 for EOS ids, φ̄ for the rest. softmax(z̃) = q̃."""
+    logp = torch.log_softmax(z, -1)
+    lp = torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))
+    phi_c, phi_bar = _candidate_phi(cand, logp.gather(1, cand), phi_c, eos)
+    u = (gamma * lp - phi_bar[:, None]).scatter(1, cand, gamma * lp.gather(1, cand) - phi_c)
+    if eos is not None:
+        u[:, eos] = gamma * lp[:, eos]
+    return z + alpha * u
+
+
+def tail_entries(logp: torch.Tensor, excluded: torch.Tensor, *, bins: int = TAIL_BINS,
+                 width: float = TAIL_BIN_NATS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tail (tokens not ``excluded`` [N, V]) of log p̂ [N, V] as (log mass [N, J], mean log p̂ [N, J]):
+    J = V exact entries (excluded ones at log mass −inf) when V ≤ bins + 1, else J = bins + 1: bin b holds
+    the tokens with log p̂ in (top − (b+1)·width, top − b·width] (top = the tail's largest log p̂), the
+    last bin everything lower; the mean is mass-weighted, so Σ_j m_j = P_tail and Σ_j m_j·μ_j = Σ p̂·log p̂
+    exactly. Empty entries: log mass −inf, mean 0."""
+    tail = logp.masked_fill(excluded, -math.inf)
+    if logp.shape[1] <= bins + 1:
+        return tail, torch.where(torch.isfinite(tail), tail, torch.zeros_like(tail))
+    top = tail.amax(1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)
+    rel = tail.sub_(top).clamp_(min=-1e4)  # ≤ 0; excluded tokens at −1e4: mass e^{−1e4} = 0
+    pr = rel.exp()
+    b = rel.mul(-1.0 / width).clamp_(max=bins).long()  # ≥ 0, truncation = floor
+    mass = torch.zeros(len(logp), bins + 1, dtype=logp.dtype, device=logp.device).scatter_add_(1, b, pr)
+    mom = torch.zeros_like(mass).scatter_add_(1, b, pr.mul_(rel))
+    full = mass > 0
+    return (torch.where(full, mass.log() + top, torch.full_like(mass, -math.inf)),
+            torch.where(full, mom / mass.clamp_min(1e-38) + top, torch.zeros_like(mass)))
+
+
+def position_atoms(logp, cand, phi_c, y, gamma: float, eos: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What q̃'s log loss and entropy need at N positions, for any α (HumanAtoms fields): log p̂ [N, V],
+    top-k ``cand`` [N, k] with features ``phi_c`` [N, k], human tokens ``y`` [N]. Atoms: the k candidates,
+    then each EOS id (log p̂ −inf where it is already a candidate); the tail as tail_entries."""
+    n = len(logp)
+    clp = logp.gather(1, cand)
+    phi_c, phi_bar = _candidate_phi(cand, clp, phi_c, eos)
+    ids, lp_a, phi_a = cand, clp, phi_c
+    if eos is not None and eos.numel():
+        ex = eos[None].expand(n, -1)
+        ex_lp = logp.gather(1, ex).masked_fill((ex[:, :, None] == cand[:, None, :]).any(-1), -math.inf)
+        ids, lp_a = torch.cat([cand, ex], 1), torch.cat([clp, ex_lp], 1)
+        phi_a = torch.cat([phi_c, torch.zeros_like(ex_lp)], 1)
+    ok = torch.isfinite(lp_a)
+    u = torch.where(ok, gamma * lp_a - phi_a, torch.zeros_like(lp_a))
+    t_lm, t_mu = tail_entries(logp, torch.zeros_like(logp, dtype=torch.bool).scatter(1, ids, True))
+    y_lp = logp.gather(1, y[:, None])[:, 0]
+    hit = cand == y[:, None]
+    phi_y = torch.where(hit.any(1), (phi_c * hit).sum(1), phi_bar).masked_fill(_eos_mask(y, eos), 0.0)
+    return {"candidates": cand, "logP": lp_a, "u": u, "tail_logm": t_lm, "tail_mu": t_mu, "tail_c": -phi_bar,
+            "y_logp": y_lp, "y_u": gamma * y_lp - phi_y}
 
 
 def lookahead_entropies(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -264,32 +190,44 @@ def lookahead_entropies(model, input_ids: torch.Tensor, attention_mask: torch.Te
 # ---------------------------------------------------------------- human text under q̃
 @dataclass
 class HumanAtoms:
-    """Per human token (all examples, in order): what the log loss / entropy of q̃ need, for any α."""
+    """Per human token (all examples, in order; M tokens): what q̃'s log loss / entropy need, for any α.
+    A = k candidates + the EOS ids; J tail entries (module doc, tail_entries)."""
 
     example_id: list[str]
     lengths: list[int]
     steps: np.ndarray  # [M] step index within its reference
-    candidates: np.ndarray  # [M, k]
-    logP: np.ndarray  # [M, k+1] float64, last column = tail block
-    u: np.ndarray  # [M, k+1]
-    y_atom: np.ndarray  # [M] atom of the human token (k = tail)
-    y_const: np.ndarray  # [M] log(p̂(y)/P_B) when y is in the tail, else 0
-    tail_entropy: np.ndarray  # [M] entropy of p̂ renormalised inside the tail block
+    candidates: np.ndarray  # [M, k] top-k token ids
+    logP: np.ndarray  # [M, A] float64 log p̂ of the atoms (−inf: an EOS id that is also a candidate)
+    u: np.ndarray  # [M, A] float64 feature γ·log p̂ − φ of the atoms (φ(EOS) = 0)
+    tail_logm: np.ndarray  # [M, J] float32 log p̂-mass of each tail entry (−inf: empty)
+    tail_mu: np.ndarray  # [M, J] float32 mass-weighted mean log p̂ of each tail entry
+    tail_c: np.ndarray  # [M] float64 −φ̄: a tail token's feature is γ·log p̂ + tail_c
+    y_logp: np.ndarray  # [M] float64 log p̂(y) of the human token
+    y_u: np.ndarray  # [M] float64 its feature u_y
+    gamma: float
 
     def alpha_per_step(self, alpha, buckets=()) -> np.ndarray:
         al = np.atleast_1d(np.asarray(alpha, dtype=np.float64))
         return al[np.searchsorted(np.asarray(buckets, dtype=np.int64), self.steps, side="right")]
 
-    def loss_entropy(self, alpha, buckets=(), sel=None) -> tuple[np.ndarray, np.ndarray]:
-        """Per-token −log q̃(y) and H(q̃) at α (a scalar, or one per step bucket)."""
-        sel = slice(None) if sel is None else sel
-        a = self.alpha_per_step(alpha, buckets)[sel]
-        s = self.logP[sel] + a[:, None] * self.u[sel]
-        m = s.max(1, keepdims=True)
-        lq = s - (m + np.log(np.exp(s - m).sum(1, keepdims=True)))
-        loss = -np.take_along_axis(lq, self.y_atom[sel, None], 1)[:, 0] - self.y_const[sel]
-        q = np.exp(lq)
-        ent = -(q * np.where(q > 0, lq, 0.0)).sum(1) + q[:, -1] * self.tail_entropy[sel]
+    def loss_entropy(self, alpha, buckets=(), sel=None, *, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Per-token −log q̃(y) and H(q̃) in nats [M or len(sel)] at α (a scalar, or one per step bucket)."""
+        idx = np.arange(len(self.steps))[slice(None) if sel is None else sel]
+        a_all = self.alpha_per_step(alpha, buckets)[idx]
+        loss, ent = np.empty(len(idx)), np.empty(len(idx))
+        for s in range(0, len(idx), chunk):
+            i, a = idx[s : s + chunk], a_all[s : s + chunk, None]
+            sc = self.logP[i] + a * self.u[i]
+            mu = self.tail_mu[i].astype(np.float64)
+            fu = self.gamma * mu + self.tail_c[i, None]
+            st = self.tail_logm[i].astype(np.float64) + a * fu
+            m = np.maximum(sc.max(1), st.max(1))[:, None]
+            lse = m + np.log(np.exp(sc - m).sum(1, keepdims=True) + np.exp(st - m).sum(1, keepdims=True))
+            loss[s : s + chunk] = lse[:, 0] - (self.y_logp[i] + a[:, 0] * self.y_u[i])
+            lqc, lqt = sc - lse, mu + a * fu - lse  # log q̃ of a candidate / of one token of a tail entry
+            qc, qt = np.exp(lqc), np.exp(st - lse)  # qt: q̃-mass of the whole entry
+            ent[s : s + chunk] = (-(qc * np.where(qc > 0, lqc, 0.0)).sum(1)
+                                  - (qt * np.where(qt > 0, lqt, 0.0)).sum(1))
         return loss, ent
 
     def table(self, alpha, buckets=(), *, key: str) -> pl.DataFrame:
@@ -302,18 +240,37 @@ class HumanAtoms:
         return pl.DataFrame(data, schema=REFERENCE_SCHEMA)
 
 
+_F64 = ("logP", "u", "tail_c", "y_logp", "y_u")
+
+
+def atoms_from_parts(example_id: list[str], lengths: list[int], steps, parts: list[dict], gamma: float) -> HumanAtoms:
+    """HumanAtoms from position_atoms outputs (in token order) and each token's step index."""
+    cat = {k: torch.cat([p[k].cpu() for p in parts]).numpy() for k in parts[0]}
+    return HumanAtoms(list(example_id), list(lengths), np.asarray(steps, dtype=np.int64), cat["candidates"],
+                      *(cat[k].astype(np.float64) for k in _F64[:2]),
+                      cat["tail_logm"].astype(np.float32), cat["tail_mu"].astype(np.float32),
+                      *(cat[k].astype(np.float64) for k in _F64[2:]), float(gamma))
+
+
+def _eos_tensor(eos_ids, device) -> torch.Tensor | None:
+    return torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device) if eos_ids else None
+
+
 @torch.inference_mode()
 def human_atoms(model, prompts: pl.DataFrame, decoding: DecodingSpec, phi, gamma: float, *, top_k: int = 16,
-                max_tokens: int, batch_size: int = 8, pad_id: int = 0, chunk: int | None = None) -> HumanAtoms:
+                max_tokens: int, batch_size: int = 8, pad_id: int = 0, eos_ids=(),
+                chunk: int | None = None) -> HumanAtoms:
     """Teacher-forced pass over prompt + first ``max_tokens`` reference tokens; for every reference
-    position its top-k candidates and phi after appending each (one batched candidate forward per block)."""
+    position its top-k candidates and phi after appending each (one batched candidate forward per block),
+    φ(EOS) = 0 for ``eos_ids``."""
     _untruncated(decoding)
     device = next(model.parameters()).device
+    eos = _eos_tensor(eos_ids, device)
     weight = plain_lm_head(model)
     weight = None if weight is None else weight.float()
     ids_all, ctx = prompts["example_id"].to_list(), prompts["prompt_ids"].to_list()
     ref = [r[:max_tokens] for r in prompts["reference_ids"].to_list()]
-    cols: dict[str, list] = {k: [] for k in ("steps", "cand", "logP", "u", "y_atom", "y_const", "tail_h")}
+    parts, steps_all = [], []
     for b in range(0, len(ids_all), batch_size):
         idx = range(b, min(b + batch_size, len(ids_all)))
         ids, mask = _right_pad([ctx[i] + ref[i] for i in idx], pad_id, device)
@@ -322,35 +279,24 @@ def human_atoms(model, prompts: pl.DataFrame, decoding: DecodingSpec, phi, gamma
         states = o.last_hidden_state if weight is not None else o.logits
         rows = torch.cat([states[j, len(ctx[i]) - 1 : len(ctx[i]) - 1 + len(ref[i])] for j, i in enumerate(idx)])
         src = torch.cat([torch.full((len(ref[i]),), j) for j, i in enumerate(idx)]).to(device)
-        steps = torch.cat([torch.arange(len(ref[i])) for i in idx]).to(device)
         clen = torch.cat([torch.arange(len(ref[i])) + len(ctx[i]) for i in idx]).to(device)
         targets = torch.cat([torch.tensor(ref[i], dtype=torch.long) for i in idx]).to(device)
+        steps_all += [s for i in idx for s in range(len(ref[i]))]
         for s in range(0, rows.shape[0], ROW_BLOCK):
             blk = rows[s : s + ROW_BLOCK].float()
             logits = blk @ weight.T if weight is not None else blk
             logp = torch.log_softmax(logits / decoding.temperature, -1)
             k = min(top_k, logp.shape[-1])
-            clp, cand = logp.topk(k, dim=-1)
+            cand = logp.topk(k, dim=-1).indices
             rq = src[s : s + ROW_BLOCK].repeat_interleave(k)
             cq = clen[s : s + ROW_BLOCK].repeat_interleave(k)
             phi_c = _candidate_pass(model, o.past_key_values, mask, rq, cq, cand.reshape(-1), phi, ctx_len=cq,
                                     chunk=chunk).view(-1, k)
-            logP, u, tail_h = _atoms(logp, cand, clp, phi_c, gamma)
-            y = targets[s : s + ROW_BLOCK]
-            hit = cand == y[:, None]
-            in_k = hit.any(1)
-            y_lp = logp.gather(1, y[:, None])[:, 0]
-            for name, v in (("steps", steps[s : s + ROW_BLOCK]), ("cand", cand), ("logP", logP), ("u", u),
-                            ("y_atom", torch.where(in_k, hit.int().argmax(1), k)),
-                            ("y_const", torch.where(in_k, torch.zeros_like(y_lp), y_lp - logP[:, -1])),
-                            ("tail_h", tail_h)):
-                cols[name].append(v.cpu())
-    if not cols["steps"]:
+            parts.append({k_: v.cpu() for k_, v in position_atoms(logp, cand, phi_c, targets[s : s + ROW_BLOCK],
+                                                                   gamma, eos).items()})
+    if not parts:
         raise ValueError("human_atoms: no reference tokens to score (empty reference_ids)")
-    cat = {k: torch.cat(v).numpy() for k, v in cols.items()}
-    f64 = {k: cat[k].astype(np.float64) for k in ("logP", "u", "y_const", "tail_h")}
-    return HumanAtoms(ids_all, [len(r) for r in ref], cat["steps"].astype(np.int64), cat["cand"], f64["logP"],
-                      f64["u"], cat["y_atom"].astype(np.int64), f64["y_const"], f64["tail_h"])
+    return atoms_from_parts(ids_all, [len(r) for r in ref], steps_all, parts, gamma)
 
 
 def _golden(f, a: float, b: float, tol: float) -> float:
@@ -398,21 +344,22 @@ def reweighted_generate(model, prompts: pl.DataFrame, decoding: DecodingSpec, ph
                         buckets=(), *, key: str, top_k: int = 16, max_new_tokens: int, samples_per_prompt: int = 1,
                         seed: int = 0, batch_size: int = 8, eos_ids=(), pad_id: int = 0,
                         chunk: int | None = None) -> pl.DataFrame:
-    """A GENERATIONS_SCHEMA table sampled from q̃ (z̃ = z + α_t·U) by tasks.generate's own sampler: same
-    uniforms, padding and compaction, so α = 0 reproduces generate_table row for row."""
+    """A GENERATIONS_SCHEMA table sampled from q̃ (z̃ = reweighted_logits, α_t per step bucket) by
+    tasks.generate's own sampler: same uniforms, padding and compaction, so α = 0 reproduces generate_table
+    row for row. ``eos_ids`` stop a row and get φ = 0."""
     _untruncated(decoding)
     al, edges = np.atleast_1d(np.asarray(alpha, dtype=float)), list(buckets)
+    eos = {}
 
     def adjust(t, z, cache, mask, next_pos):
-        logp = torch.log_softmax(z, -1)
         k = min(top_k, z.shape[-1])
-        clp, cand = logp.topk(k, dim=-1)
+        cand = z.topk(k, dim=-1).indices
         rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k)
         phi_c = _candidate_pass(model, cache, mask, rows, next_pos[:, 0][rows], cand.reshape(-1), phi,
                                 chunk=chunk).view(-1, k)
-        _, u, _ = _atoms(logp, cand, clp, phi_c, gamma)
-        U = u[:, -1:].expand_as(z).scatter(1, cand, u[:, :k])
-        return z + float(al[bisect.bisect_right(edges, t)]) * U
+        if z.device not in eos:
+            eos[z.device] = _eos_tensor(eos_ids, z.device)
+        return reweighted_logits(z, cand, phi_c, float(al[bisect.bisect_right(edges, t)]), gamma, eos[z.device])
 
     return generate_table(model, prompts, decoding, max_new_tokens=max_new_tokens,
                           samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
@@ -455,7 +402,7 @@ def _before_after(model, prompts_eval, decoding, phi, gamma, fit, tag, *, top_k,
     gen_kw = dict(max_new_tokens=max_new_tokens, samples_per_prompt=samples_per_prompt, seed=seed,
                   batch_size=batch_size, eos_ids=tuple(eos_ids), pad_id=pad_id)
     atoms = human_atoms(model, prompts_eval, decoding, phi, gamma, top_k=top_k, max_tokens=horizon,
-                        batch_size=batch_size, pad_id=pad_id, chunk=chunk)
+                        batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids, chunk=chunk)
     gens0 = generate_table(model, prompts_eval, decoding, **gen_kw)
     ref0 = atoms.table(0.0, key=decoding.key)
     if np.all(np.asarray(alpha) == 0):
@@ -488,7 +435,7 @@ def lookahead_calibration(model, prompts_train, prompts_eval, decoding: Decoding
     decoding, horizon = decoding or DecodingSpec(), horizon or max_new_tokens
     phi = _entropy_phi(decoding.temperature)
     fit = fit_alpha(human_atoms(model, prompts_train, decoding, phi, 0.0, top_k=top_k, max_tokens=horizon,
-                                batch_size=batch_size, pad_id=pad_id, chunk=chunk), bounds=bounds)
+                                batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids, chunk=chunk), bounds=bounds)
     return _before_after(model, prompts_eval, decoding, phi, 0.0, fit, "look", top_k=top_k,
                          max_new_tokens=max_new_tokens, horizon=horizon, samples_per_prompt=samples_per_prompt,
                          seed=seed, batch_size=batch_size, eos_ids=eos_ids, pad_id=pad_id, bootstrap=bootstrap,
@@ -515,11 +462,19 @@ class FutureEntropyRegressor:
         return self(hidden)
 
 
+def future_entropy_targets(step_entropy) -> np.ndarray:
+    """F[s] = Σ_{t > s} H_t (float64 [n − 1], nats) for a generation's step entropies H [n]: the total
+    entropy of the steps after token s (Cao et al.'s F_{t+1}, a sum, not a mean)."""
+    h = np.asarray(step_entropy, dtype=np.float64)
+    return np.cumsum(h[::-1])[::-1][1:].copy()
+
+
 @torch.inference_mode()
 def fit_future_regressor(model, prompts: pl.DataFrame, generations: pl.DataFrame, *, horizon: int,
                          ridge: float = 1e-2, batch_size: int = 8, pad_id: int = 0) -> FutureEntropyRegressor:
     """Target at generated token s (feature: the final hidden state at that token, i.e. after appending
-    it): the mean step_entropy of steps s+1 … end of that generation, within the first ``horizon`` steps.
+    it): future_entropy_targets, the SUM of step_entropy over steps s+1 … end of that generation within
+    the first ``horizon`` steps (nats). The last token (EOS or the horizon) has no target: f̂(EOS) := 0.
     Features standardised; minimises mean squared error + ridge·|w|², closed form from float64 moments
     accumulated batch by batch (memory D², not tokens × D)."""
     device = next(model.parameters()).device
@@ -534,8 +489,7 @@ def fit_future_regressor(model, prompts: pl.DataFrame, generations: pl.DataFrame
         ids, mask = _right_pad([c + t for c, t, _ in part], pad_id, device)
         hs = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         x = torch.cat([hs[j, len(c) : len(c) + len(t) - 1] for j, (c, t, _) in enumerate(part)]).double()
-        tails = [np.cumsum(np.asarray(e, dtype=np.float64)[::-1])[::-1] for _, _, e in part]  # Σ steps s … end
-        y = torch.from_numpy(np.concatenate([t[1:] / np.arange(len(t) - 1, 0, -1) for t in tails])).to(x.device)
+        y = torch.from_numpy(np.concatenate([future_entropy_targets(e) for _, _, e in part])).to(x.device)
         n, sx, sxx = n + len(x), sx + x.sum(0), sxx + x.T @ x
         sy, syy, sxy = sy + y.sum(), syy + (y * y).sum(), sxy + x.T @ y
     mean, ym = sx / n, sy / n
@@ -577,7 +531,7 @@ def future_entropy_calibration(model, prompts_train, prompts_eval, decoding: Dec
     reg = fit_future_regressor(model, prompts_train, gens, horizon=horizon, ridge=ridge, batch_size=batch_size,
                                pad_id=pad_id)
     atoms = human_atoms(model, prompts_train, decoding, reg.phi, 1.0, top_k=top_k, max_tokens=horizon,
-                        batch_size=batch_size, pad_id=pad_id, chunk=chunk)
+                        batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids, chunk=chunk)
     fit = fit_alpha(atoms, bounds=bounds, buckets=buckets)
     out = _before_after(model, prompts_eval, decoding, reg.phi, 1.0, fit, "fut", top_k=top_k,
                         max_new_tokens=max_new_tokens, horizon=horizon, samples_per_prompt=samples_per_prompt,

@@ -2,13 +2,14 @@
 
 Plain functions (no Prefect, no I/O except the two plot helpers), numpy only:
 
-    fit_scaling(params, entce, *, n_boot, seed) -> ScalingFit        # log EntCE on log N (SCIENCE.md §2)
+    fit_scaling(params, entce, *, examples, n_boot, ci_level, seed) -> ScalingFit  # log EntCE on log N (§2)
     expected_derail_probability(alpha, m, *, vocab=None) -> q        # E[K_{m,1}]/m, closed form
     derail_probability(alpha, m, *, vocab, seed) -> q                # K_{m,1}/m from one sample
     simulate_theory(alpha, ms, *, vocab, derail_entropy_gap_nats, horizon, method, seed) -> TheoryCurve
     fit_exponent(ms, values) -> slope of log value on log m
     theory_curves(alphas, ms) / theory_results(alphas, ms) -> one curve / one dict per α
     corpus_alpha(units | counts, *, top) -> α of a corpus (minus the log-frequency/log-rank slope)
+    corpus_alpha_stats(texts, *, top, max_words) -> α over the top 5000 lower-cased words + diagnostics
     plot_scaling(params, entce, fit, path) / plot_theory(curves, path) -> PNG files
 
 The theory (SCIENCE.md §3). Data are tokens i = 1, 2, … with p_i ∝ i^(−α). A model has seen m
@@ -27,9 +28,10 @@ derails early in almost every generation, EntCE saturates at the gap and its exp
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,29 +51,59 @@ _TAIL_TERMS = 60              # series terms of the lower incomplete gamma funct
 class ScalingFit:
     """OLS of log EntCE on log parameter count: log EntCE = intercept + slope · log N.
 
-    slope: the scaling exponent (dimensionless); intercept: log nats/token at N = 1;
-    slope_ci_low/high: 95% percentile bootstrap over models; r2: coefficient of determination.
+    slope: the scaling exponent (dimensionless); intercept: log nats/token at N = 1; r2: coefficient
+    of determination. slope_ci_low/high: percentile interval at ``ci_level`` of the nested bootstrap
+    (``fit_scaling``), or None with ``no_ci`` saying why. n_boot: resamples drawn; n_used: those the
+    CI rests on; dropped_nonpositive: resamples dropped because some model's resampled EntCE was ≤ 0
+    (log undefined); dropped_degenerate: resamples that drew one parameter count only.
     """
 
     slope: float
     intercept: float
-    slope_ci_low: float
-    slope_ci_high: float
+    slope_ci_low: float | None
+    slope_ci_high: float | None
     n_models: int
     r2: float
+    ci_level: float = 0.95
+    n_boot: int = 0
+    n_used: int = 0
+    dropped_nonpositive: int = 0
+    dropped_degenerate: int = 0
+    no_ci: str | None = None
 
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+    def describe(self) -> str:
+        """One sentence for the report: the slope, its CI (or why there is none), and what was dropped."""
+        head = f"slope {self.slope:.3f} over {self.n_models} models"
+        if self.slope_ci_low is None:
+            return f"{head}; no CI: {self.no_ci}"
+        share = self.dropped_nonpositive / self.n_boot if self.n_boot else 0.0
+        return (f"{head}, {self.ci_level:.0%} CI [{self.slope_ci_low:.3f}, {self.slope_ci_high:.3f}] "
+                f"(nested bootstrap: models, then examples within each model; {self.n_used} of {self.n_boot} "
+                f"resamples used, {share:.1%} dropped because a model's resampled EntCE was ≤ 0, "
+                f"{self.dropped_degenerate} drew a single model)")
 
 
-def fit_scaling(params: Sequence[float], entce: Sequence[float], *, n_boot: int = 1000,
-                seed: int = 0) -> ScalingFit:
-    """Fit EntCE ≈ exp(intercept) · N^slope over models.
+MIN_CI_MODELS = 3        # a slope through 2 points has no residual: no CI below this
+MIN_USED_SHARE = 0.5     # no CI when more than half the resamples had to be dropped
+_SUM_KEYS = ("entropy_sum", "entropy_n", "logloss_sum", "logloss_n")
+
+
+def fit_scaling(params: Sequence[float], entce: Sequence[float], *,
+                examples: Sequence[Mapping[str, np.ndarray]] | None = None, n_boot: int = 1000,
+                ci_level: float = 0.95, seed: int = 0) -> ScalingFit:
+    """Fit EntCE ≈ exp(intercept) · N^slope over models, with a nested-bootstrap CI on the slope.
 
     params[n]: parameter counts (> 0); entce[n]: EntCE of each model, nats/token (> 0: the log of a
-    non-positive EntCE is undefined, which raises ValueError naming the model). The slope CI
-    resamples models with replacement ``n_boot`` times, skipping resamples whose parameter counts
-    are all equal; it is NaN when no resample is usable.
+    non-positive EntCE is undefined, which raises ValueError naming the model). examples[n]: model
+    n's per-example sums (tasks.calibrate.example_sums: entropy_sum, entropy_n, logloss_sum,
+    logloss_n, each [n_examples]).
+
+    CI (only with ≥ MIN_CI_MODELS models and ``examples``): each of ``n_boot`` resamples draws models
+    with replacement, then, for every drawn model, its examples with replacement, recomputes that
+    model's EntCE = Σh/Σn_h − Σl/Σn_l and refits the slope; the interval is the (1 ∓ ci_level)/2
+    quantiles. A resample in which some drawn model's EntCE is ≤ 0 is dropped and counted
+    (``dropped_nonpositive``); one that drew a single parameter count is skipped (``dropped_degenerate``);
+    when fewer than MIN_USED_SHARE of the resamples remain, there is no CI (``no_ci`` says why).
     """
     x_raw = np.asarray(params, dtype=np.float64).reshape(-1)
     y_raw = np.asarray(entce, dtype=np.float64).reshape(-1)
@@ -92,20 +124,43 @@ def fit_scaling(params: Sequence[float], entce: Sequence[float], *, n_boot: int 
     resid = y - (intercept + slope * x)
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum(resid ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+    fit = dict(slope=slope, intercept=intercept, n_models=int(x.size), r2=r2, ci_level=float(ci_level))
+    if x.size < MIN_CI_MODELS:
+        return ScalingFit(**fit, slope_ci_low=None, slope_ci_high=None, no_ci=(
+            f"{x.size} models; a slope through {x.size} points has no residual to resample — add a third model"))
+    if examples is None:
+        return ScalingFit(**fit, slope_ci_low=None, slope_ci_high=None,
+                          no_ci="no per-example sums given to resample")
+    if len(examples) != x.size:
+        raise ValueError(f"expected per-example sums for each of the {x.size} models, got {len(examples)}")
+    sums = [{k: np.asarray(ex[k], dtype=np.float64).reshape(-1) for k in _SUM_KEYS} for ex in examples]
 
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    xb, yb = x[idx], y[idx]
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))          # outer: models
+    xb = x[idx]
+    yb = np.full(xb.shape, np.nan)
+    for m, s in enumerate(sums):                                   # inner: examples of each drawn model
+        where = np.nonzero(idx == m)
+        n_ex = s["entropy_sum"].size
+        draws = rng.integers(0, n_ex, size=(where[0].size, n_ex))
+        e = (s["entropy_sum"][draws].sum(1) / s["entropy_n"][draws].sum(1)
+             - s["logloss_sum"][draws].sum(1) / s["logloss_n"][draws].sum(1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            yb[where] = np.where(e > 0, np.log(np.where(e > 0, e, 1.0)), np.nan)
     xc = xb - xb.mean(axis=1, keepdims=True)
     var = np.sum(xc * xc, axis=1)
-    ok = var > 1e-12 * max(1.0, float(np.var(x)) * x.size)
-    if ok.any():
-        slopes = np.sum(xc[ok] * (yb[ok] - yb[ok].mean(axis=1, keepdims=True)), axis=1) / var[ok]
-        lo, hi = (float(v) for v in np.quantile(slopes, [0.025, 0.975]))
-    else:
-        lo = hi = float("nan")
-    return ScalingFit(slope=slope, intercept=intercept, slope_ci_low=lo, slope_ci_high=hi,
-                      n_models=int(x.size), r2=r2)
+    degenerate = ~(var > 1e-12 * max(1.0, float(np.var(x)) * x.size))
+    nonpositive = ~degenerate & np.isnan(yb).any(axis=1)
+    ok = ~degenerate & ~nonpositive
+    counts = dict(n_boot=int(n_boot), n_used=int(ok.sum()), dropped_nonpositive=int(nonpositive.sum()),
+                  dropped_degenerate=int(degenerate.sum()))
+    if ok.sum() < max(2, MIN_USED_SHARE * n_boot):
+        return ScalingFit(**fit, **counts, slope_ci_low=None, slope_ci_high=None, no_ci=(
+            f"only {ok.sum()} of {n_boot} resamples usable ({nonpositive.sum()} had a model with EntCE ≤ 0, "
+            f"{degenerate.sum()} drew a single model)"))
+    slopes = np.sum(xc[ok] * (yb[ok] - yb[ok].mean(axis=1, keepdims=True)), axis=1) / var[ok]
+    lo, hi = (float(v) for v in np.quantile(slopes, [(1 - ci_level) / 2, (1 + ci_level) / 2]))
+    return ScalingFit(**fit, **counts, slope_ci_low=lo, slope_ci_high=hi)
 
 
 def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -279,25 +334,78 @@ def theory_results(alphas: Sequence[float] = THEORY_ALPHAS, ms: Sequence[float] 
 
 # --------------------------------------------------------------------------- corpus α
 
+# The paper's α is the slope of a word-unigram rank-frequency law. A unit here is a lower-cased word:
+# a maximal run of Unicode letters or digits with internal apostrophes kept ("don't" is one word),
+# i.e. WORD_PATTERN matched on text.lower(); punctuation, underscores and whitespace separate words.
+WORD_PATTERN = r"[^\W_]+(?:'[^\W_]+)*"
+WORD_UNIT = f"lower-cased words, regex {WORD_PATTERN} (letters/digits, internal apostrophes; punctuation stripped)"
+CORPUS_TOP = 5000            # ranks in the fit
+CORPUS_MAX_WORDS = 2_000_000  # words counted at most (documents in corpus order)
+CORPUS_MIN_COUNT = 5         # the word at rank CORPUS_TOP must occur at least this often to trust the tail
+_WORD_RE = re.compile(WORD_PATTERN)
+
+
+def words(text: str) -> list[str]:
+    """The corpus-α units of ``text``: WORD_PATTERN matches of text.lower()."""
+    return _WORD_RE.findall(text.lower())
+
+
 def corpus_alpha(units: Sequence[str] | Mapping[str, int] | Sequence[int] | str, *,
-                 top: int = 1000) -> float:
+                 top: int = CORPUS_TOP) -> float:
     """Power-law exponent α of a corpus: minus the OLS slope of log frequency on log rank over its
-    ``top`` most frequent units. units: a list of units (e.g. whitespace words), a plain string
-    (split on whitespace), a {unit: count} mapping, or a sequence of counts. Returns α (positive
-    for any corpus whose frequencies fall with rank)."""
+    ``top`` most frequent units. units: a list of units, a plain string (split into ``words``), a
+    {unit: count} mapping, or a sequence of counts. Returns α (positive for any corpus whose
+    frequencies fall with rank)."""
+    counts = _counts(units)[: int(top)]
+    if counts.size < 2:
+        raise ValueError(f"corpus_alpha needs at least 2 distinct units, got {counts.size}")
+    ranks = np.arange(1, counts.size + 1, dtype=np.float64)
+    return -_ols(np.log(ranks), np.log(counts))[0]
+
+
+def _counts(units) -> np.ndarray:
+    """Counts of the distinct units, float64, sorted descending."""
     if isinstance(units, str):
-        units = units.split()
+        units = words(units)
     if isinstance(units, Mapping):
         counts = np.asarray(list(units.values()), dtype=np.float64)
     elif len(units) and all(isinstance(u, (int, float, np.integer, np.floating)) for u in units[:64]):
         counts = np.asarray(units, dtype=np.float64)
     else:
         counts = np.asarray(list(Counter(units).values()), dtype=np.float64)
-    counts = np.sort(counts[counts > 0])[::-1][: int(top)]
-    if counts.size < 2:
-        raise ValueError(f"corpus_alpha needs at least 2 distinct units, got {counts.size}")
-    ranks = np.arange(1, counts.size + 1, dtype=np.float64)
-    return -_ols(np.log(ranks), np.log(counts))[0]
+    return np.sort(counts[counts > 0])[::-1]
+
+
+def corpus_alpha_stats(texts: Iterable[str], *, top: int = CORPUS_TOP, max_words: int = CORPUS_MAX_WORDS,
+                       min_count: int = CORPUS_MIN_COUNT) -> dict:
+    """α over the ``top`` most frequent ``words`` of the first ``max_words`` words of ``texts``.
+
+    Returns {alpha, top (ranks actually fitted), unit (WORD_UNIT), words (counted), documents (read),
+    distinct, count_at_top (occurrences of the word at the last fitted rank), warning (str or None)}.
+    Warns when the corpus has fewer than ``top`` distinct words (the fit uses what there is) or when
+    the word at the last rank occurs fewer than ``min_count`` times (the tail is noise). ValueError
+    when there are fewer than 2 distinct words."""
+    counter: Counter = Counter()
+    total = docs = 0
+    for text in texts:
+        w = words(text)[: max_words - total]
+        counter.update(w)
+        total += len(w)
+        docs += 1
+        if total >= max_words:
+            break
+    counts = _counts(dict(counter))
+    alpha = corpus_alpha(counts.tolist(), top=top)
+    used = int(min(top, counts.size))
+    at_top = int(counts[used - 1])
+    warnings = []
+    if counts.size < top:
+        warnings.append(f"only {counts.size} distinct words (< {top}): α is fitted over all of them; add text")
+    if at_top < min_count:
+        warnings.append(f"the word at rank {used} occurs only {at_top} times (< {min_count}): the tail of the "
+                        "rank-frequency fit is noise; add text")
+    return {"alpha": float(alpha), "top": used, "unit": WORD_UNIT, "words": int(total), "documents": int(docs),
+            "distinct": int(counts.size), "count_at_top": at_top, "warning": "; ".join(warnings) or None}
 
 
 # --------------------------------------------------------------------------- plots
@@ -315,7 +423,8 @@ def plot_scaling(params: Sequence[float], entce: Sequence[float], fit: ScalingFi
     ax.scatter(x, y, color="C0", zorder=3, label="models")
     grid = np.geomspace(x.min(), x.max(), 50)
     ax.plot(grid, np.exp(fit.intercept) * grid ** fit.slope, color="C1",
-            label=f"slope {fit.slope:.3f} [{fit.slope_ci_low:.3f}, {fit.slope_ci_high:.3f}]")
+            label=(f"slope {fit.slope:.3f} (no CI)" if fit.slope_ci_low is None else
+                   f"slope {fit.slope:.3f} [{fit.slope_ci_low:.3f}, {fit.slope_ci_high:.3f}]"))
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="EntCE (nats/token)")
     ax.legend(fontsize=8)
     fig.tight_layout()

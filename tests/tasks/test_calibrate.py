@@ -45,3 +45,49 @@ def test_curves_average_examples_reaching_each_step():
 
 def test_smooth():
     assert smooth([1.0, 3.0, float("nan"), 3.0], 0.5) == [1.0, 2.0, 2.0, 2.5]
+
+
+def test_example_sums_are_what_the_ci_resamples():
+    from tasks.calibrate import example_sums
+
+    gens, ref = _tables([[3.0] * 10, [1.0] * 4], [[2.0] * 10, [0.5] * 3])
+    sums = example_sums(gens, ref, horizon=8)
+    assert sums["entropy_sum"].tolist() == [24.0, 4.0] and sums["entropy_n"].tolist() == [8.0, 4.0]
+    assert sums["logloss_sum"].tolist() == [16.0, 1.5] and sums["logloss_n"].tolist() == [8.0, 3.0]
+    s = entce_summary(gens, ref, horizon=8, bootstrap=20)
+    assert s["entce"] == pytest.approx(28 / 12 - 17.5 / 11)
+
+
+def _random_prompts(lm, n=4, p=9, r=14):
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    V = lm.model.config.vocab_size
+    return pl.DataFrame({
+        "example_id": [f"e{i}" for i in range(n)], "dataset": ["d"] * n,
+        "prompt_ids": [torch.randint(2, V, (p - i,), generator=g).tolist() for i in range(n)],
+        "reference_ids": [torch.randint(2, V, (r,), generator=g).tolist() for _ in range(n)],
+    }, schema_overrides={"prompt_ids": pl.List(pl.Int32), "reference_ids": pl.List(pl.Int32)})
+
+
+def test_logloss_at_epsilon_equals_a_direct_rescore(tiny_lm):
+    from tasks.calibrate import logloss_at_epsilon
+    from tasks.config import DecodingSpec
+    from tasks.score import score_table
+
+    prompts = _random_prompts(tiny_lm)
+    decs = [DecodingSpec(top_k=5), DecodingSpec(top_p=0.8), DecodingSpec(min_p=0.1, temperature=0.7), DecodingSpec()]
+    horizon, eps = 12, 1e-4
+    ref = score_table(tiny_lm.model, prompts, decs, max_tokens=horizon, epsilon=eps, batch_size=4)
+    assert ref["step_truncated"].explode().mean() > 0.2  # the test needs truncated tokens
+    for new_eps in (1e-3, 1e-5, 0.3):
+        direct = score_table(tiny_lm.model, prompts, decs, max_tokens=horizon, epsilon=new_eps, batch_size=4)
+        for dec in decs:
+            r, d = (t.filter(pl.col("decoding") == dec.key) for t in (ref, direct))
+            want = d["step_logloss"].explode().cast(pl.Float64).mean()
+            got = logloss_at_epsilon(r, horizon=horizon, epsilon=eps, new_epsilon=new_eps)
+            assert got == pytest.approx(want, abs=2e-4), (dec.key, new_eps)
+            if dec.truncated:  # a truncated token costs −log ε': the number moves with ε
+                assert abs(got - r["step_logloss"].explode().mean()) > 0.1
+    with pytest.raises(ValueError, match="new_epsilon must be in"):
+        logloss_at_epsilon(ref, horizon=horizon, epsilon=eps, new_epsilon=1.0)

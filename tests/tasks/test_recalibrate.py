@@ -154,22 +154,23 @@ def test_batched_lookahead_entropies_equal_naive_loop(sharp_model):
         torch.testing.assert_close(out["logprobs"][i], top.values, atol=1e-5, rtol=0)
 
 
-def _explicit_log_qtilde(logp, cand, phi, alpha, gamma):
-    """q̃ over the whole vocabulary, written out from the module's definition (candidates + tail block)."""
+def _explicit_log_qtilde(logp, cand, phi, alpha, gamma, eos=()):
+    """q̃ over the whole vocabulary, written out token by token from SCIENCE.md §4: every token gets
+    (1+γα)·log p̂ − α·φ; φ = the candidate's feature, 0 for EOS, else φ̄ (p̂-weighted over non-EOS
+    candidates)."""
     logp = logp.double()
-    p_c = logp[cand].exp()
-    phi_bar = float((p_c * phi).sum() / p_c.sum())
-    tail = torch.ones_like(logp, dtype=torch.bool)
-    tail[cand] = False
-    log_pb = torch.logsumexp(logp[tail], 0)
-    z = logp + alpha * (gamma * log_pb - phi_bar)  # tail: p̂·(P_B^γ·e^{−φ̄})^α
-    z[cand] = logp[cand] + alpha * (gamma * logp[cand] - phi)
-    return torch.log_softmax(z, 0)
+    phi = torch.as_tensor(phi, dtype=torch.float64).clone()
+    is_eos = torch.tensor([int(c) in eos for c in cand], dtype=torch.bool)
+    phi[is_eos] = 0.0
+    p_c = logp[cand].exp().masked_fill(is_eos, 0.0)
+    phi_tok = torch.full_like(logp, float((p_c * phi).sum() / p_c.sum()) if p_c.sum() > 0 else 0.0)
+    phi_tok[cand] = phi
+    phi_tok[list(eos)] = 0.0
+    return torch.log_softmax(logp + alpha * (gamma * logp - phi_tok), 0)
 
 
-def _check_against_explicit(atoms, m, logp, phi, alpha, gamma, y):
-    lq = _explicit_log_qtilde(logp, torch.as_tensor(atoms.candidates[m]), torch.as_tensor(phi, dtype=torch.float64),
-                              alpha, gamma)
+def _check_against_explicit(atoms, m, logp, phi, alpha, gamma, y, eos=()):
+    lq = _explicit_log_qtilde(logp, torch.as_tensor(atoms.candidates[m]), phi, alpha, gamma, eos)
     loss, ent = atoms.loss_entropy(alpha)
     assert loss[m] == pytest.approx(float(-lq[y]), abs=1e-4)
     assert ent[m] == pytest.approx(float(-(lq.exp() * lq).sum()), abs=1e-4)
@@ -236,18 +237,203 @@ def sharp_model(tiny_lm):
     return model
 
 
-def test_lookahead_generation_matches_teacher_forced_rescore(sharp_model, prompts):
+def _regressor(hidden: int, *, scale: float, bias: float, seed: int = 0):
+    """A real FutureEntropyRegressor with fixed weights (scale = 0: f̂ is the constant ``bias``)."""
+    from tasks.recalibrate import FutureEntropyRegressor
+
+    g = torch.Generator().manual_seed(seed)
+    return FutureEntropyRegressor(torch.zeros(hidden), torch.ones(hidden), scale * torch.randn(hidden, generator=g),
+                                  bias, 0.0, 0)
+
+
+def _method(name, model, reg_scale=0.5):
+    """(generate, features) of one method with its keyword arguments bound."""
+    if name == "lookahead":
+        return lookahead_generate, lookahead_features, {}
+    reg = _regressor(model.config.hidden_size, scale=reg_scale, bias=3.0)
+    return (lambda m, p, d, **kw: future_generate(m, p, reg, d, **kw),
+            lambda m, p, d, **kw: future_features(m, p, reg, d, **kw), {})
+
+
+@pytest.mark.parametrize("method", ["lookahead", "future"])
+def test_generation_matches_teacher_forced_rescore_with_eos(sharp_model, prompts, method):
     """α ≠ 0: H(q̃_t) and log q̃(token) recorded while sampling (left padding, KV cache, per-step candidate
-    pass) equal the teacher-forced scorer run on the generated tokens (right padding, masked prefixes)."""
-    dec = DecodingSpec(temperature=0.9)
-    gens = lookahead_generate(sharp_model, prompts.head(5), dec, alpha=1.5, top_k=5, max_new_tokens=N_NEW,
-                              seed=7, batch_size=3)
+    pass, φ(EOS) = 0) equal the teacher-forced scorer run on the generated tokens (right padding, masked
+    prefixes, the tail as exact entries)."""
+    dec, gen, feat = DecodingSpec(temperature=0.9), *_method(method, sharp_model)[:2]
+    kw = dict(top_k=5, max_new_tokens=N_NEW, seed=7, batch_size=3)
+    free = gen(sharp_model, prompts.head(5), dec, alpha=1.5, **kw)
+    common = pl.Series(np.concatenate(free["token_ids"].to_list())).value_counts(sort=True)
+    eos = tuple(int(t) for t in common[:, 0].head(2))  # frequent tokens: some rows stop at them
+    gens = gen(sharp_model, prompts.head(5), dec, alpha=1.5, eos_ids=eos, **kw)
+    assert (gens["finish_reason"] == "eos").any()
     as_ref = prompts.head(5).drop("reference_ids").join(
         gens.select("example_id", pl.col("token_ids").alias("reference_ids")), on="example_id")
-    loss, ent = lookahead_features(sharp_model, as_ref, dec, top_k=5, max_tokens=N_NEW, batch_size=2
-                                   ).loss_entropy(1.5)
+    loss, ent = feat(sharp_model, as_ref, dec, top_k=5, max_tokens=N_NEW, batch_size=2, eos_ids=eos).loss_entropy(1.5)
     np.testing.assert_allclose(ent, np.concatenate(gens["step_entropy"].to_list()), atol=1e-4)
     np.testing.assert_allclose(-loss, np.concatenate(gens["step_logprob"].to_list()), atol=1e-4)
+
+
+# ---------------------------------------------------------------- the exact q̃ rule (SCIENCE.md §4)
+ALPHAS = (1.0, 3.0, -0.4)
+
+
+@pytest.fixture(scope="module")
+def flat_model(tiny_lm):
+    """The tiny model with its final norm zeroed: every logit is 0, p̂ is uniform over the vocabulary."""
+    import copy
+
+    model = copy.deepcopy(tiny_lm.model)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("which", ["tiny", "flat"])
+def test_constant_future_entropy_is_temperature_in_generation(tiny_lm, flat_model, prompts, which):
+    """f̂ constant: q̃ ∝ p̂^{1+α} for every token, i.e. temperature τ/(1+α): the same tokens, entropies and
+    log-probs as tasks.generate's sampler at that temperature (a lumped tail atom would move the tail)."""
+    model = tiny_lm.model if which == "tiny" else flat_model
+    reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
+    kw = dict(max_new_tokens=N_NEW, seed=3, batch_size=4)
+    for alpha in ALPHAS:
+        q = future_generate(model, prompts.head(4), reg, DecodingSpec(temperature=1.2), alpha=alpha, top_k=6, **kw)
+        t = generate_table(model, prompts.head(4), DecodingSpec(temperature=1.2 / (1 + alpha)), **kw)
+        _same_samples(q, t)
+        if which == "flat":
+            np.testing.assert_allclose(np.concatenate(q["step_entropy"].to_list()), math.log(model.config.vocab_size),
+                                       atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tiny", "flat"])
+def test_constant_future_entropy_is_temperature_in_fitting(tiny_lm, flat_model, prompts, which):
+    """The same in fitting: HumanAtoms' log loss and entropy at α equal the teacher-forced scorer at τ/(1+α)."""
+    model = tiny_lm.model if which == "tiny" else flat_model
+    reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
+    atoms = future_features(model, prompts.head(3), reg, DecodingSpec(temperature=1.2), top_k=6, max_tokens=N_NEW)
+    for alpha in ALPHAS:
+        ref = score_table(model, prompts.head(3), [DecodingSpec(temperature=1.2 / (1 + alpha))], max_tokens=N_NEW,
+                          epsilon=1e-4)
+        loss, ent = atoms.loss_entropy(alpha)
+        np.testing.assert_allclose(loss, np.concatenate(ref["step_logloss"].to_list()), atol=1e-4)
+        np.testing.assert_allclose(ent, np.concatenate(ref["step_entropy"].to_list()), atol=1e-4)
+
+
+def _rows(v: int = 50_000, k: int = 8):
+    """log p̂ [3, V] float32: flat; a near-flat row whose tail outweighs the candidates; a Zipf row."""
+    g = torch.Generator().manual_seed(0)
+    flat = torch.zeros(v)
+    nearflat = torch.cat([torch.full((k,), 3.0), 0.3 * torch.randn(v - k, generator=g)])
+    zipf = -1.1 * torch.log(torch.arange(1, v + 1, dtype=torch.float64)).float() + 0.5 * torch.randn(v, generator=g)
+    return torch.log_softmax(torch.stack([flat, nearflat, zipf]), -1)
+
+
+def test_synthetic_rows_constant_phi_is_temperature_generation_and_fitting():
+    """V = 50k rows (histogram tail): with φ the same for every candidate, generation's logits are exactly
+    (1+α)·log p̂ up to a constant, and fitting's loss / entropy equal temperature 1/(1+α) within the
+    histogram's bound (exact on the flat row, whose tail is one bin)."""
+    from tasks.recalibrate import TAIL_BIN_NATS, atoms_from_parts, position_atoms, reweighted_logits
+
+    logp, k = _rows(), 8
+    cand = logp.topk(k, -1).indices
+    phi_c = torch.full((3, k), 2.5)
+    y = torch.tensor([17, 20_000, 3])  # all in the tail
+    atoms = atoms_from_parts(["x"], [3], [0, 1, 2], [position_atoms(logp, cand, phi_c, y, 1.0)], 1.0)
+    assert atoms.tail_logm.shape[1] < 1000  # binned, not one entry per token
+    for alpha in ALPHAS:
+        want = torch.log_softmax((1 + alpha) * logp.double(), -1)
+        got = torch.log_softmax(reweighted_logits(logp, cand, phi_c, alpha, 1.0).double(), -1)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        loss, ent = atoms.loss_entropy(alpha)
+        h = -(want.exp() * want).sum(-1).numpy()
+        bound = alpha ** 2 * TAIL_BIN_NATS ** 2 / 8
+        assert loss[0] == pytest.approx(-float(want[0, 17]), abs=1e-6)
+        assert ent[0] == pytest.approx(h[0], abs=1e-6)
+        np.testing.assert_allclose(loss, -want.gather(1, y[:, None])[:, 0].numpy(), atol=bound + 1e-5)
+        np.testing.assert_allclose(ent, h, atol=10 * bound + 1e-4)
+    # the brief's near-flat row at α = 1: p̂^{2} concentrates on the candidates; q̃'s tail mass stays small
+    lq = torch.log_softmax(reweighted_logits(logp, cand, phi_c, 1.0, 1.0).double(), -1)
+    tail = torch.ones(logp.shape[1], dtype=torch.bool)
+    tail[cand[1]] = False
+    assert logp[1, tail].exp().sum() > 0.5 and lq[1, tail].exp().sum() < logp[1, tail].exp().sum()
+
+
+def test_tail_histogram_within_its_bound_of_exact():
+    """log Σ_tail p̂^{1+α} from the bins is low by 0 … α²δ²/8; P_tail and Σ p̂·log p̂ are exact."""
+    from tasks.recalibrate import TAIL_BIN_NATS, tail_entries
+
+    logp = _rows().double()
+    excluded = torch.zeros_like(logp, dtype=torch.bool).scatter(1, logp.topk(8, -1).indices, True)
+    lm, mu = tail_entries(logp.float(), excluded)
+    lm, mu = lm.double(), mu.double()
+    tail = logp.masked_fill(excluded, -math.inf)
+    torch.testing.assert_close(torch.logsumexp(lm, 1), torch.logsumexp(tail, 1), atol=1e-5, rtol=0)
+    plogp = (tail.exp() * tail.nan_to_num(0, 0, 0)).sum(1)
+    torch.testing.assert_close((lm.exp() * mu).sum(1), plogp, atol=1e-4, rtol=1e-5)
+    for alpha in (-0.5, 0.5, 1.0, 4.0):
+        exact = torch.logsumexp((1 + alpha) * tail, 1)
+        approx = torch.logsumexp(lm + alpha * mu, 1)
+        err = exact - approx
+        assert (err >= -1e-5).all() and (err <= alpha ** 2 * TAIL_BIN_NATS ** 2 / 8 + 1e-5).all(), (alpha, err)
+
+
+def test_eos_candidates_get_phi_zero(tiny_lm, prompts):
+    """φ(EOS) = 0: a candidate that is an EOS id has lookahead feature 0 (H(next | EOS) := 0) and future
+    feature log p̂ (f̂(EOS) := 0); the other candidates keep theirs; the same rule in generation's logits."""
+    from tasks.recalibrate import reweighted_logits
+
+    model = tiny_lm.model
+    base = lookahead_features(model, prompts.head(2), top_k=6, max_tokens=N_NEW)
+    eos = int(base.candidates[5, 2])  # a candidate at position 5 (rank 3)
+    atoms = lookahead_features(model, prompts.head(2), top_k=6, max_tokens=N_NEW, eos_ids=(eos,))
+    is_eos = atoms.candidates == eos
+    assert is_eos[5, 2] and (atoms.u[:, :6][is_eos] == 0).all()
+    assert (atoms.u[:, :6][~is_eos] < 0).all()  # entropies > 0 elsewhere
+    np.testing.assert_allclose(atoms.u[:, :6][~is_eos], base.u[:, :6][~is_eos])
+    reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
+    fut = future_features(model, prompts.head(2), reg, top_k=6, max_tokens=N_NEW, eos_ids=(eos,))
+    lp = fut.logP[:, :6]
+    np.testing.assert_allclose(fut.u[:, :6], np.where(fut.candidates == eos, lp, lp - 4.0), atol=1e-6)
+    # an EOS id outside the top-k is its own atom with φ = 0
+    out = ~is_eos.any(1)
+    np.testing.assert_allclose(fut.u[out, 6], fut.logP[out, 6], atol=1e-6)
+    np.testing.assert_allclose(atoms.u[out, 6], 0.0)
+    # generation: z̃ − z = α·(γ·log p̂ − φ) with φ(EOS) = 0, candidate or not
+    logp = torch.log_softmax(torch.randn(2, 50, generator=torch.Generator().manual_seed(1)), -1)
+    cand = logp.topk(4, -1).indices
+    e = torch.tensor([int(cand[0, 1]), int(logp[1].argmin())])
+    d = reweighted_logits(logp, cand, torch.full((2, 4), 3.0), 2.0, 1.0, e) - logp
+    torch.testing.assert_close(d[:, e], 2.0 * logp[:, e])
+    torch.testing.assert_close(d[1, cand[1]], 2.0 * (logp[1, cand[1]] - 3.0))
+
+
+@pytest.mark.parametrize("method", ["lookahead", "future"])
+def test_eos_phi_zero_in_generation(tiny_lm, prompts, method):
+    """First step of generation with EOS ids: the recorded H(q̃) and log q̃(token) are those of
+    q̃ ∝ p̂^{1+γα}·exp(−α·φ) with φ(EOS) = 0, computed here from the model's logits and naive features."""
+    model, alpha, k, one = tiny_lm.model, 1.0, 6, prompts.head(4)
+    ctx = one["prompt_ids"].to_list()
+    with torch.inference_mode():
+        logps = [torch.log_softmax(model(input_ids=torch.tensor([c])).logits[0, -1].float(), -1) for c in ctx]
+    eos = tuple(sorted({int(lp.topk(2).indices[1]) for lp in logps}))  # a candidate in every row
+    reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
+    if method == "lookahead":
+        gens = lookahead_generate(model, one, alpha=alpha, top_k=k, max_new_tokens=1, eos_ids=eos, seed=4)
+    else:
+        gens = future_generate(model, one, reg, alpha=alpha, top_k=k, max_new_tokens=1, eos_ids=eos, seed=4)
+    for c, lp, row in zip(ctx, logps, gens.iter_rows(named=True)):
+        cand = lp.topk(k).indices
+        phi = [_naive_entropy(model, c + [int(w)]) for w in cand] if method == "lookahead" else [4.0] * k
+        lq = _explicit_log_qtilde(lp, cand, phi, alpha, 0.0 if method == "lookahead" else 1.0, eos)
+        assert row["step_entropy"][0] == pytest.approx(float(-(lq.exp() * lq).sum()), abs=1e-4)
+        assert row["step_logprob"][0] == pytest.approx(float(lq[row["token_ids"][0]]), abs=1e-4)
+
+
+def test_future_entropy_target_is_the_sum_of_later_steps():
+    from tasks.recalibrate import future_entropy_targets
+
+    np.testing.assert_allclose(future_entropy_targets([1.0, 2.0, 3.0, 4.0]), [9.0, 7.0, 4.0])
+    assert future_entropy_targets([5.0]).shape == (0,)
 
 
 def test_fit_alpha_never_worse_than_zero_and_buckets(tiny_lm, prompts):
@@ -258,10 +444,8 @@ def test_fit_alpha_never_worse_than_zero_and_buckets(tiny_lm, prompts):
     assert fit["logloss"] <= min(grid) + 1e-6  # golden section found the convex minimum
     a = fit["alpha"]
     if -1 < a < 4 and a != 0:  # interior optimum: the feature is calibrated, E_q̃[u] = u(y) on average
-        s = atoms.logP + a * atoms.u
-        q = np.exp(s - s.max(1, keepdims=True))
-        q /= q.sum(1, keepdims=True)
-        grad = ((q * atoms.u).sum(1) - np.take_along_axis(atoms.u, atoms.y_atom[:, None], 1)[:, 0]).mean()
+        h = 1e-3
+        grad = (atoms.loss_entropy(a + h)[0].mean() - atoms.loss_entropy(a - h)[0].mean()) / (2 * h)
         assert abs(grad) < 1e-3
     assert fit_lookahead_alpha(tiny_lm.model, prompts, top_k=8, max_tokens=N_NEW)["alpha"] == fit["alpha"]
     table = lookahead_score(tiny_lm.model, prompts, alpha=fit["alpha"], top_k=8, max_tokens=N_NEW)
@@ -281,8 +465,10 @@ def test_uninformative_feature_gets_alpha_zero():
 
     rng = np.random.default_rng(0)
     logp = np.log(rng.dirichlet(np.ones(5), size=40))
-    atoms = HumanAtoms(["a", "b"], [20, 20], np.tile(np.arange(20), 2), np.zeros((40, 4), dtype=np.int64), logp,
-                       np.full((40, 5), 0.7), rng.integers(0, 5, 40), np.zeros(40), np.zeros(40))
+    y = rng.integers(0, 5, 40)
+    atoms = HumanAtoms(["a", "b"], [20, 20], np.tile(np.arange(20), 2), np.zeros((40, 5), dtype=np.int64), logp,
+                       np.full((40, 5), 0.7), np.full((40, 1), -np.inf, np.float32), np.zeros((40, 1), np.float32),
+                       np.full(40, 0.7), logp[np.arange(40), y], np.full(40, 0.7), 0.0)
     fit = fit_alpha(atoms)  # u is the same for every atom: q̃ = p̂ for all α, and the tie goes to α = 0
     assert fit["alpha"] == 0.0 and fit["logloss"] == fit["logloss_alpha0"]
 
@@ -308,7 +494,7 @@ def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
     reg = fit_future_regressor(model, train, gens, horizon=N_NEW)
     assert reg.n == 10 * (N_NEW - 1) and reg.r2 > 0
     # the same fit written out: feature = final hidden state at generated token s (unpadded forward),
-    # target = mean entropy of steps s+1 … end
+    # target = total entropy of steps s+1 … end (a sum, Cao et al.'s F_{t+1})
     ctx = dict(zip(train["example_id"].to_list(), train["prompt_ids"].to_list()))
     xs, ys = [], []
     for ex, toks, ent in gens.select("example_id", "token_ids", "step_entropy").iter_rows():
@@ -316,7 +502,7 @@ def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
             hs = model(input_ids=torch.tensor([ctx[ex] + toks]), output_hidden_states=True).hidden_states[-1][0]
         for t in range(len(toks) - 1):
             xs.append(hs[len(ctx[ex]) + t].double())
-            ys.append(float(np.mean(ent[t + 1 :])))
+            ys.append(float(np.sum(np.asarray(ent[t + 1 :], dtype=np.float64))))
     x, y = torch.stack(xs), torch.tensor(ys, dtype=torch.float64)
     xz = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-6)
     gram = xz.T @ xz / len(x) + 1e-2 * torch.eye(x.shape[1], dtype=x.dtype)

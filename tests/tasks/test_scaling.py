@@ -21,9 +21,25 @@ def _planted(n_models: int = 8, noise: float = 0.02, seed: int = 1):
     return params.tolist(), entce.tolist()
 
 
+def _examples(entce: float, *, n: int = 200, noise: float = 0.3, seed: int = 0) -> dict:
+    """Per-example sums (calibrate.example_sums layout) of a model whose pooled EntCE is ``entce``
+    exactly: 20 tokens per example, per-token entropy and log loss spread by ``noise`` nats."""
+    rng = np.random.default_rng(seed)
+    dh, dl = rng.standard_normal(n), rng.standard_normal(n)
+    h = 2.0 + entce + noise * (dh - dh.mean())
+    l = 2.0 + noise * (dl - dl.mean())
+    return {"entropy_sum": 20 * h, "entropy_n": np.full(n, 20.0), "logloss_sum": 20 * l,
+            "logloss_n": np.full(n, 20.0)}
+
+
+def _pooled(ex: dict) -> float:
+    return ex["entropy_sum"].sum() / ex["entropy_n"].sum() - ex["logloss_sum"].sum() / ex["logloss_n"].sum()
+
+
 def test_fit_scaling_recovers_planted_slope():
     params, entce = _planted()
-    fit = scaling.fit_scaling(params, entce, n_boot=1000, seed=0)
+    examples = [_examples(e, noise=0.05, seed=i) for i, e in enumerate(entce)]
+    fit = scaling.fit_scaling(params, entce, examples=examples, n_boot=1000, seed=0)
     assert abs(fit.slope - PLANTED_SLOPE) < 0.02
     assert fit.slope_ci_low <= PLANTED_SLOPE <= fit.slope_ci_high
     assert fit.slope_ci_low < fit.slope < fit.slope_ci_high
@@ -35,12 +51,65 @@ def test_fit_scaling_recovers_planted_slope():
 def test_fit_scaling_exact_power_law_and_is_deterministic():
     params = [5e8, 1e9, 7e9, 7e10]
     entce = [0.5 * n ** -0.1 for n in params]
-    a = scaling.fit_scaling(params, entce, seed=3)
-    b = scaling.fit_scaling(params, entce, seed=3)
-    assert a == b
+    examples = [_examples(e, noise=0.0) for e in entce]
+    a = scaling.fit_scaling(params, entce, examples=examples, seed=3)
+    b = scaling.fit_scaling(params, entce, examples=examples, seed=3)
+    assert a.slope == b.slope and a.slope_ci_low == b.slope_ci_low and a.slope_ci_high == b.slope_ci_high
     assert a.slope == pytest.approx(-0.1, abs=1e-12)
     assert a.intercept == pytest.approx(math.log(0.5), abs=1e-9)
-    assert a.slope_ci_low == pytest.approx(-0.1, abs=1e-9)  # every resample lies on the line
+    assert a.slope_ci_low == pytest.approx(-0.1, abs=1e-9)  # no example noise: every resample on the line
+
+
+def test_two_models_give_a_slope_and_say_why_there_is_no_ci():
+    # Before: resampling 2 models gave a zero-width "CI [−0.149, −0.149]".
+    params, entce = [1.35e8, 3.6e8], [0.30, 0.26]
+    fit = scaling.fit_scaling(params, entce, examples=[_examples(e) for e in entce], n_boot=200)
+    assert fit.slope == pytest.approx(math.log(0.26 / 0.30) / math.log(3.6e8 / 1.35e8))
+    assert fit.slope_ci_low is None and fit.slope_ci_high is None
+    text = fit.describe()
+    assert f"slope {fit.slope:.3f}" in text and "no CI: 2 models" in text and "add a third model" in text
+
+
+def test_nested_bootstrap_ci_comes_from_example_noise():
+    # EntCE lies exactly on a power law across models: resampling models alone gives a zero-width CI;
+    # resampling examples within each model gives a width that grows with the per-example spread.
+    params = [1e8, 4e8, 1.6e9, 6.4e9]
+    entce = [0.4 * (n / 1e8) ** -0.2 for n in params]
+    widths = []
+    for noise in (0.1, 0.4):
+        ex = [_examples(e, noise=noise, seed=i) for i, e in enumerate(entce)]
+        assert [_pooled(x) for x in ex] == pytest.approx(entce)
+        fit = scaling.fit_scaling(params, entce, examples=ex, n_boot=600, ci_level=0.95, seed=0)
+        assert fit.slope == pytest.approx(-0.2)
+        assert fit.slope_ci_low < -0.2 < fit.slope_ci_high
+        assert fit.n_used + fit.dropped_nonpositive + fit.dropped_degenerate == fit.n_boot == 600
+        widths.append(fit.slope_ci_high - fit.slope_ci_low)
+    assert 1e-3 < widths[0] < widths[1]
+    narrow = scaling.fit_scaling(params, entce, examples=ex, n_boot=600, ci_level=0.5, seed=0)
+    assert narrow.slope_ci_high - narrow.slope_ci_low < widths[1]
+    assert "50% CI" in narrow.describe() and "nested bootstrap" in narrow.describe()
+
+
+def test_resamples_with_non_positive_entce_are_dropped_and_counted():
+    params = [1e8, 1e9, 1e10]
+    entce = [0.5, 0.2, 0.01]  # the largest model is nearly calibrated: some resamples give EntCE ≤ 0
+    ex = [_examples(e, noise=0.3, seed=i) for i, e in enumerate(entce)]
+    fit = scaling.fit_scaling(params, entce, examples=ex, n_boot=400, seed=1)
+    assert 0 < fit.dropped_nonpositive < fit.n_boot / 2
+    assert fit.slope_ci_low is not None
+    share = fit.dropped_nonpositive / fit.n_boot
+    assert f"{share:.1%} dropped because a model's resampled EntCE was ≤ 0" in fit.describe()
+    ex[2] = _examples(0.001, noise=1.0, seed=9)   # EntCE ≤ 0 in about half the resamples and more
+    worse = scaling.fit_scaling(params, [0.5, 0.2, _pooled(ex[2])], examples=ex, n_boot=400, seed=1)
+    assert worse.slope_ci_low is None and "resamples usable" in worse.no_ci
+
+
+def test_fit_scaling_without_examples_has_no_ci():
+    params, entce = _planted(4)
+    fit = scaling.fit_scaling(params, entce)
+    assert fit.slope_ci_low is None and "per-example" in fit.no_ci
+    with pytest.raises(ValueError, match="each of the 4 models"):
+        scaling.fit_scaling(params, entce, examples=[_examples(0.1)])
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.013])
@@ -61,6 +130,26 @@ def test_fit_scaling_needs_two_distinct_models():
         scaling.fit_scaling([1e9, 1e9], [0.1, 0.2])
     with pytest.raises(ValueError, match="as many"):
         scaling.fit_scaling([1e9, 2e9], [0.1])
+
+
+def test_study_scaling_sections_use_per_example_sums(tmp_path):
+    from flows.study import scaling_sections
+    from tasks.config import StudyConfig
+
+    sizes = {"m1": 1e8, "m2": 4e8, "m3": 1.6e9}
+    cfg = StudyConfig.model_validate({
+        "models": [{"path": f"/nonexistent/{m}", "name": m, "family": "fam", "params": n} for m, n in sizes.items()],
+        "datasets": [{"name": "python-docs"}], "bootstrap": 300, "ci_level": 0.9})
+    entce = {m: 0.4 * (n / 1e8) ** -0.2 for m, n in sizes.items()}
+    rows = [{"model": m, "dataset": "python-docs", "temperature": t, "truncated": False, "entce": e * t}
+            for m, e in entce.items() for t in (1.0, 1.5)]
+    sums = {(m, "python-docs"): _examples(e, noise=0.3, seed=k) for k, (m, e) in enumerate(entce.items())}
+    (three,) = scaling_sections(cfg, rows, tmp_path, sums)
+    assert "slope -0.200 over 3 models, 90% CI [" in three and "300 resamples" in three
+    assert (tmp_path / "scaling__fam__python-docs.png").stat().st_size > 1000
+    two = cfg.model_copy(update={"models": cfg.models[:2]})
+    (text,) = scaling_sections(two, [r for r in rows if r["model"] != "m3"], tmp_path, sums)
+    assert "no CI: 2 models; a slope through 2 points has no residual to resample" in text
 
 
 # --------------------------------------------------------------------------- theory
@@ -167,13 +256,60 @@ def test_corpus_alpha_from_counts_and_mapping():
         scaling.corpus_alpha(["only", "only"])
 
 
+def test_words_lower_case_and_strip_punctuation():
+    assert scaling.words("The cat's hat, the CAT; don't_stop (x2).") == [
+        "the", "cat's", "hat", "the", "cat", "don't", "stop", "x2"]
+    assert "regex " + scaling.WORD_PATTERN in scaling.WORD_UNIT
+
+
+def test_corpus_alpha_stats_cap_and_warnings():
+    rng = np.random.default_rng(3)
+    ids = rng.choice(20_000, size=600_000, p=scaling.zipf_probs(1.0, 20_000))
+    docs = [" ".join(f"W{i}." for i in ids[k : k + 1000]) for k in range(0, ids.size, 1000)]
+    out = scaling.corpus_alpha_stats(docs, max_words=500_500)
+    assert out["words"] == 500_500 and out["documents"] == 501 and out["top"] == 5000
+    assert out["alpha"] == pytest.approx(1.0, abs=0.1)
+    assert out["count_at_top"] >= 5 and out["warning"] is None
+    small = scaling.corpus_alpha_stats(["a a a b b c", "a b d"])
+    assert small["top"] == small["distinct"] == 4 and small["count_at_top"] == 1
+    assert "only 4 distinct words (< 5000)" in small["warning"] and "occurs only 1 times" in small["warning"]
+
+
+def test_corpus_alpha_stage_uses_top_5000_lowercased_words_of_the_whole_corpus():
+    # Before: the first 200 documents, whitespace units, top 1000, a bare float.
+    from flows.stages import corpus_alpha_task
+    from tasks import datasets
+    from tasks.config import DatasetSpec
+
+    spec = DatasetSpec(name="python-stdlib")
+    out = corpus_alpha_task.fn(spec)
+    assert out["top"] == 5000 and out["unit"] == scaling.WORD_UNIT
+    assert out["words"] > 500_000 and out["documents"] > 200 and out["count_at_top"] >= 5
+    first = [d.text for _, d in zip(range(out["documents"]), datasets.documents(spec))]
+    assert out["alpha"] == pytest.approx(scaling.corpus_alpha_stats(first, max_words=out["words"])["alpha"])
+
+
+def test_corpus_alpha_section_states_unit_counts_and_warning():
+    from tasks.report import corpus_alpha_section
+
+    stats = scaling.corpus_alpha_stats(["a a a b b c", "a b d"])
+    text = corpus_alpha_section({"tiny": stats, "empty": None})
+    row = next(line for line in text.splitlines() if line.startswith("| tiny |"))
+    assert f"| {stats['alpha']:.3f} | {1 / stats['alpha'] - 1:+.3f} | 4 | 9 | 2 | 1 |" in row
+    assert "only 4 distinct words" in row
+    assert f"Unit: {scaling.WORD_UNIT}." in text and "| empty | —" in text
+
+
 # --------------------------------------------------------------------------- plots
 
 def test_plots_write_png(tmp_path):
     params, entce = _planted()
-    fit = scaling.fit_scaling(params, entce, n_boot=200)
+    fit = scaling.fit_scaling(params, entce, examples=[_examples(e, seed=i) for i, e in enumerate(entce)], n_boot=200)
     out = tmp_path / "scaling.png"
     scaling.plot_scaling(params, entce, fit, str(out))
+    no_ci = scaling.fit_scaling(params[:2], entce[:2])
+    scaling.plot_scaling(params[:2], entce[:2], no_ci, str(tmp_path / "two.png"))
+    assert (tmp_path / "two.png").stat().st_size > 1000
     curves = scaling.theory_curves((1.2, 2.0))
     out2 = tmp_path / "theory.png"
     scaling.plot_theory(curves, str(out2))

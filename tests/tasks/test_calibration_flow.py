@@ -1,0 +1,112 @@
+"""flows/calibration.py: ε sensitivity beside every setting, and which split each number comes from."""
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+import torch
+
+from flows import calibration
+from tasks import generate, recalibrate, score
+from tasks.calibrate import logloss_at_epsilon
+from tasks.config import StudyConfig
+
+
+def _prompts(lm, n=6, p=9, r=14):
+    g = torch.Generator().manual_seed(5)
+    V = lm.model.config.vocab_size
+    return pl.DataFrame({
+        "example_id": [f"e{i}" for i in range(n)], "dataset": ["d"] * n,
+        "prompt_ids": [torch.randint(2, V, (p - i % 3,), generator=g).tolist() for i in range(n)],
+        "reference_ids": [torch.randint(2, V, (r,), generator=g).tolist() for _ in range(n)],
+    }, schema_overrides={"prompt_ids": pl.List(pl.Int32), "reference_ids": pl.List(pl.Int32)})
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_spec, tiny_lm, tmp_path_factory):
+    cfg = StudyConfig.model_validate({
+        "models": [tiny_spec.model_dump()], "num_examples": 6, "prompt_tokens": 8, "max_new_tokens": 10,
+        "min_reference_tokens": 10, "horizon": 10, "batch_size": 6, "bootstrap": 30, "epsilon": 1e-4,
+        "calibration": {"tau_bracket": [0.3, 3.0], "tau_rounds": 3, "top_k": [2, 8, 60], "top_p": [0.3, 0.9],
+                        "min_p": [], "top_nsigma": [], "lookahead": False, "future_entropy": False}})
+    prompts = _prompts(tiny_lm)
+    refs = {}
+
+    def score_fn(**kw):
+        out = score.score(**kw)
+        refs[kw["decodings"][0].key] = out
+        return out
+
+    tasks = {"generate": lambda model, prompts, decoding, **kw: generate.generate(model, prompts, decoding, **kw),
+             "score": score_fn}
+    out_dir = tmp_path_factory.mktemp("cal")
+    result = calibration.calibrate_pair(cfg, tiny_spec, prompts, tasks, out_dir, "tiny__d")
+    return cfg, result, refs
+
+
+def test_every_setting_reports_logloss_at_other_epsilons(calibrated):
+    cfg, result, refs = calibrated
+    json.dumps(result, default=str)
+    assert result["epsilon"] == cfg.epsilon
+    moved = 0
+    for row in result["sweep"]:
+        ref = refs[row["decoding"]]
+        for col, eps in (("logloss_eps_x10", 1e-3), ("logloss_eps_div10", 1e-5)):
+            want = logloss_at_epsilon(ref, horizon=cfg.horizon, epsilon=cfg.epsilon, new_epsilon=eps)
+            assert row[col] == pytest.approx(want)
+        assert {"truncated_share", "logloss_untruncated"} <= set(row)
+        if row["method"] == "temperature":  # nothing truncated: ε does not enter
+            assert row["logloss_eps_x10"] == pytest.approx(row["logloss"], abs=1e-4)
+        elif row["truncated_share"] > 0:
+            moved += 1  # each truncated token costs ≈ −log ε: ×10 on ε is ≈ −2.3 nats on it
+            assert row["logloss_eps_x10"] < row["logloss"] < row["logloss_eps_div10"]
+    assert moved >= 2
+    for t in result["truncation"]:
+        assert set(calibration.EPS_COLUMNS) <= set(t)
+        # the interpolation weight is truncation_front's: re-interpolating L̄ gives its zero_logloss
+        assert calibration._eps_lerp(result["sweep"], t["method"], t["param"], "logloss") == pytest.approx(t["logloss"])
+
+
+def test_markdown_and_metrics_say_the_split_and_the_epsilon_columns(calibrated):
+    cfg, result, _ = calibrated
+    md = calibration.markdown("tiny__d", result)
+    ev = f"evaluation split, {result['eval_examples']} prompts"
+    assert result["eval_examples"] == 3 and result["fit_examples"] == 3
+    assert f"root search on the {ev}" in md and f"EntCE-zeroing settings ({ev})" in md
+    assert f"Sweeps ({ev})" in md and f"Pareto front of EntCE against L̄, {ev}" in md
+    assert "α fitted on the fit split, 3 prompts; before/after on the evaluation split, 3 prompts" in md
+    assert "fit on 3 prompts" not in md  # the old claim: τ* was never fitted on the fit split
+    assert "L̄ at ε×10 = 1e-03 | L̄ at ε/10 = 1e-05 |" in md
+    sweep_lines = [line for line in md.splitlines() if line.startswith("| top_k | ")]
+    assert len(sweep_lines) >= 3 and all(line.count("|") == 9 for line in sweep_lines)
+    assert result["splits"]["tau_star"] == "evaluation"
+
+
+def test_metrics_name_the_zeroing_epsilon_columns():
+    result = {"tau_star": 0.9, "tau_star_ci": [0.8, None], "logloss_at_tau_star": 3.0, "logloss_at_tau_1": 3.1,
+              "truncation": [{"method": "top_k", "param": 12.5, "entce": 0.0, "logloss": 3.4,
+                              "logloss_untruncated": 3.2, "truncated_share": 0.02, "logloss_eps_x10": 3.2,
+                              "logloss_eps_div10": 3.6}]}
+    m = calibration.metrics(result)
+    assert m["top_k_zeroing_logloss_eps_x10"] == 3.2 and m["top_k_zeroing_logloss_eps_div10"] == 3.6
+    assert m["top_k_zeroing_truncated_share"] == 0.02 and m["top_k_zeroing_logloss_untruncated"] == 3.2
+    assert "tau_star_ci_high" not in m
+    md = calibration.markdown("m__d", {**result, "sweep": [], "fit_examples": 5, "eval_examples": 7, "epsilon": 1e-4})
+    assert "τ* = 0.900" in md and "root search on the evaluation split, 7 prompts" in md
+    assert "| top_k | 12.500 | 3.400 | 0.020 | 3.200 | 3.200 | 3.600 |" in md
+
+
+def test_eps_lerp_matches_truncation_front_interpolation():
+    rows = [{"method": "top_p", "param": p, "entce": e, "logloss": l, "logloss_untruncated": 3.0,
+             "truncated_share": s, "logloss_eps_x10": l - 2 * s} for p, e, l, s in
+            [(0.5, -0.4, 3.9, 0.2), (0.8, -0.1, 3.5, 0.1), (0.95, 0.3, 3.2, 0.02), (1.0, 0.5, 3.1, 0.0)]]
+    z = recalibrate.truncation_front(rows)["methods"]["top_p"]
+    w = 0.1 / 0.4
+    assert z["zero_param"] == pytest.approx(0.8 + w * 0.15)
+    got = calibration._eps_lerp(rows, "top_p", z["zero_param"], "logloss_eps_x10")
+    assert got == pytest.approx((3.5 - 0.2) + w * ((3.2 - 0.04) - (3.5 - 0.2)))
+    assert calibration._eps_lerp(rows, "top_p", z["zero_param"], "logloss") == pytest.approx(z["zero_logloss"])
+    assert calibration._eps_lerp(rows, "top_p", 0.6, "logloss") is None  # no sign change there
+    assert math.isclose(calibration._eps_lerp(rows, "top_p", 0.8, "logloss"), 3.5)
