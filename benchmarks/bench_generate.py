@@ -78,7 +78,8 @@ def _prompts(source: str, tokenizer, batch: int, prompt_tokens: int, vocab: int,
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=g).tolist()
     return pl.DataFrame({"example_id": [f"random/{i}" for i in range(batch)], "dataset": ["random"] * batch,
-                         "prompt_ids": ids, "reference_ids": [[] for _ in range(batch)]}, schema=PROMPTS_SCHEMA)
+                         "prompt_ids": ids, "reference_ids": [[] for _ in range(batch)],
+                         "prompt_text": [None] * batch, "reference_text": [None] * batch}, schema=PROMPTS_SCHEMA)
 
 
 def _no_stats(logits: torch.Tensor, targets=None, **_kw):

@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from storage.errors import UserError
@@ -25,6 +27,22 @@ class UserErrorFilter(logging.Filter):
         if record.exc_info and isinstance(record.exc_info[1], self.kinds):
             record.exc_info, record.exc_text = None, None
         return True
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an orderly exit: the study's ``finally``, Prefect's crash hooks and
+    ``ensure``'s shutdown of the services it started all run (the default action would skip them)."""
+
+
+_stopping: list[int] = []  # the SIGTERM already turned into Terminated: later ones let the clean-up finish
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _stopping:
+        print("entcal: already stopping", file=sys.stderr)
+        return
+    _stopping.append(signum)
+    raise Terminated(signum)
 
 
 def _environment() -> None:
@@ -60,13 +78,42 @@ def check_prefect(api_url: str | None) -> None:
         raise ServiceError(f"Prefect API at {api_url} is unreachable; check PREFECT_API_URL or `entcal stack status`")
 
 
+def stop_orphan_prefect_servers(home: str | None) -> list[int]:
+    """Stop Prefect's ephemeral API servers on this PREFECT_HOME whose entcal process is gone.
+
+    Without PREFECT_API_URL each CLI run starts one (a uvicorn child process) and stops it at exit; a CLI
+    killed with SIGKILL leaves it running, re-parented to init. Returns the pids stopped."""
+    import psutil
+
+    stopped: list[psutil.Process] = []
+    for p in psutil.process_iter(["cmdline", "ppid"]):
+        try:
+            if "prefect.server.api.server:create_app" not in " ".join(p.info["cmdline"] or []):
+                continue
+            env = p.environ()
+            parent = p.parent()
+            if env.get("PREFECT__SERVER_EPHEMERAL") != "1" or not home or env.get("PREFECT_HOME") != home:
+                continue
+            if parent is not None and p.info["ppid"] != 1 and "python" in parent.name():
+                continue  # its process is alive
+            p.terminate()
+            stopped.append(p)
+            logging.getLogger(__name__).warning("stopped Prefect's ephemeral server (pid %d) left by a killed "
+                                                "entcal process", p.pid)
+        except psutil.Error:
+            continue
+    for p in psutil.wait_procs(stopped, timeout=10)[1]:
+        p.kill()
+    return [p.pid for p in stopped]
+
+
 def print_result(result: dict) -> None:
     print("\nEntCE = H̄ − L̄ (nats/token), 95% bootstrap CI over examples:")
     for r in result["rows"]:
         print(f"  {r['model']:<14} {r['dataset']:<14} {r['decoding']:<10} EntCE {r['entce']:+.3f} "
               f"[{r['entce_ci_low']:+.3f}, {r['entce_ci_high']:+.3f}]  H̄ {r['entropy']:.3f}  L̄ {r['logloss']:.3f}")
     print(f"\nMLflow run: {result['run_url']}")
-    print(f"Report:     {result['report']}")
+    print(f"Report:     {result.get('html') or result['report']}")
     for label, cal in result.get("calibration", {}).items():
         lo, hi = cal["tau_star_ci"]
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
@@ -98,6 +145,8 @@ def cmd_study(cfg_dict: dict | None, args) -> int:
 
     preflight(config)
     check_prefect(os.environ.get("PREFECT_API_URL"))
+    if not os.environ.get("PREFECT_API_URL"):
+        stop_orphan_prefect_servers(os.environ.get("PREFECT_HOME"))
     with ensure(("s3", "mlflow")) as settings:
         check_server(settings.mlflow_uri)
         result = study(config, out=args.out)
@@ -207,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "urllib3", "botocore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _environment()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)  # Prefect's flow engine chains to it after marking the run Crashed
     if not args.debug:
         for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).addFilter(UserErrorFilter((UserError,)))
@@ -229,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"entcal: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("entcal: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print("entcal: terminated" if isinstance(err, Terminated) else "entcal: interrupted", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -138,7 +138,8 @@ class Stages:
         pieces = shards(prompts, self.config.shard_size)
         calls = [(f"generate {tag}/{d.key}" + (f"/shard{i}" if len(pieces) > 1 else ""),
                   dict(model=model, prompts=piece, decoding=d, max_new_tokens=max_new_tokens,
-                       samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size))
+                       samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
+                       shard=i if len(pieces) > 1 else None))
                  for d in decodings for i, piece in enumerate(pieces)]
         states = self._states("generate", [kw for _, kw in calls])
         tables = [self._part(label, kw, state) for (label, kw), state in zip(calls, states)]

@@ -3,13 +3,22 @@
 Stable metric names for MLflow's comparison views: ``entce``, ``entropy_mean``, ``logloss_mean``,
 ``entce_ci_low``, ``entce_ci_high`` (and per-step curves ``step_entropy`` / ``step_logloss``,
 logged with ``log_batch`` in chunks because one HTTP call per step is slow).
-Uses ``MlflowClient`` with explicit run ids, so nothing depends on a thread-local active run.
+Uses ``MlflowClient`` with explicit run ids, so nothing depends on a thread-local active run;
+since ``create_run`` adds no standard tags, ``Tracker.start`` adds them (user, source, git commit,
+description). Experiments are tagged ``mlflow.experimentKind = custom_model_development`` (the UI's
+"Machine learning" kind) so they open on their runs, not on the GenAI traces overview.
+System metrics (``system/cpu_utilization_percentage``, memory, GPU) come from MLflow's own
+``SystemMetricsMonitor`` on the runs that do model work, every ``SYSTEM_METRICS_INTERVAL_S``
+seconds (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides).
 """
 from __future__ import annotations
 
-import json
+import getpass
 import logging
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,10 +32,34 @@ from storage.errors import UserError
 log = logging.getLogger(__name__)
 
 BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # "Machine learning" in MLflow 3.17's UI: opens on the runs
+NOTE = "mlflow.note.content"  # the run's (or experiment's) description in the UI
+SYSTEM_METRICS_INTERVAL_S = 5.0
+_MONITORS: dict[str, object] = {}  # run id -> SystemMetricsMonitor, stopped by Tracker.finish
+_MONITORS_LOCK = threading.Lock()
 
 
 class TrackingError(UserError, RuntimeError):
     """MLflow is unreachable or refused a write: the message names the server."""
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming the process that starts a run (``entcal.owner_host`` / ``_pid`` / ``_start``: the
+    process's start time, seconds since the epoch), so a later study can end the runs of a killed one."""
+    from storage.stack import owner_record
+
+    rec = owner_record()
+    return {"entcal.owner_host": rec["host"], "entcal.owner_pid": str(rec["pid"]), "entcal.owner_start": str(rec["start"])}
+
+
+def owner_of(tags: dict) -> dict | None:
+    """The owner record (storage.stack.owner_record's shape) in a run's tags or a flow run's labels, else None."""
+    try:
+        return {"host": tags["entcal.owner_host"], "pid": int(tags["entcal.owner_pid"]),
+                "start": float(tags["entcal.owner_start"]) if tags.get("entcal.owner_start") not in (None, "None") else None}
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def check_server(uri: str | None, timeout_s: float = 5.0) -> None:
@@ -37,6 +70,23 @@ def check_server(uri: str | None, timeout_s: float = 5.0) -> None:
         raise TrackingError("no MLflow server: set MLFLOW_TRACKING_URI or run `entcal stack up`")
     if uri.startswith(("http://", "https://")) and not http_ok(uri.rstrip("/") + "/health", timeout_s):
         raise TrackingError(f"MLflow at {uri} is unreachable; check MLFLOW_TRACKING_URI or `entcal stack status`")
+
+
+def git_commit() -> str:
+    """HEAD of the repository this package lives in, or "unknown"."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "unknown"
 
 
 def _as_tracking_error(method):
@@ -57,12 +107,25 @@ def _as_tracking_error(method):
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str):
+    """One experiment on one MLflow server. ``source`` names the code that makes the runs
+    (``mlflow.source.name``); ``description`` becomes the experiment's description when it is created."""
+
+    def __init__(self, uri: str, experiment: str, *, source: str | None = None, description: str | None = None):
         self.uri = uri.rstrip("/")
         self.client = MlflowClient(tracking_uri=uri)
+        self.standard_tags = {"mlflow.user": _user(), "mlflow.source.name": source or Path(sys.argv[0]).name,
+                              "mlflow.source.type": "JOB", "mlflow.source.git.commit": git_commit()}
         try:
             exp = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            if exp is None:
+                tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **({NOTE: description} if description else {})}
+                self.experiment_id = self.client.create_experiment(experiment, tags=tags)
+            else:
+                self.experiment_id = exp.experiment_id
+                if not exp.tags.get(EXPERIMENT_KIND_TAG):  # made before kinds existed: opens on traces
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                if description and not exp.tags.get(NOTE):
+                    self.client.set_experiment_tag(self.experiment_id, NOTE, description)
         except MlflowException as err:
             raise TrackingError(f"MLflow at {uri}: {str(err).splitlines()[0][:200]}") from None
         except Exception as err:  # connection errors surface as requests/urllib3 exceptions
@@ -73,16 +136,58 @@ class Tracker:
         return f"{self.uri}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     @_as_tracking_error
-    def start(self, name: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-        tags = dict(tags or {})
+    def start(self, name: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None,
+              description: str | None = None) -> str:
+        """A RUNNING run with the standard tags the fluent API would add (user, source, git commit),
+        ``tags`` on top, and ``description`` as its note."""
+        tags = {**self.standard_tags, **owner_tags(), **(tags or {})}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
+        if description:
+            tags[NOTE] = description
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
     @_as_tracking_error
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """Stop the run's system-metrics monitor (flushing its samples), then end the run."""
+        self.stop_system_metrics(run_id)
         self.client.set_terminated(run_id, status=status)
+
+    def finish_quietly(self, run_id: str, status: str = "FAILED") -> None:
+        """End a run on the way out of a failure: a second error (MLflow down) is logged, not raised,
+        so the first one reaches the user."""
+        try:
+            self.finish(run_id, status)
+        except TrackingError as err:
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
+
+    def start_system_metrics(self, run_id: str, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> None:
+        """Sample CPU, memory, disk, network (and GPU where pynvml sees one) into ``system/*`` metrics
+        of ``run_id`` every ``interval_s`` seconds, in a daemon thread, until ``finish``."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        try:
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=self.uri)
+            monitor.start()
+        except Exception as err:  # a diagnostic never fails a study
+            log.warning("no system metrics for MLflow run %s: %s", run_id, err)
+            return
+        with _MONITORS_LOCK:
+            _MONITORS[run_id] = monitor
+
+    def stop_system_metrics(self, run_id: str) -> None:
+        with _MONITORS_LOCK:
+            monitor = _MONITORS.pop(run_id, None)
+        if monitor is not None:
+            monitor.finish()
+
+    @_as_tracking_error
+    def latest_run(self, filter_string: str, *, exclude: str | None = None):
+        """The newest run of this experiment matching ``filter_string`` (other than ``exclude``), or None."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                       order_by=["attributes.start_time DESC"], max_results=2)
+        return next((r for r in runs if r.info.run_id != exclude), None)
 
     @_as_tracking_error
     def log_params(self, run_id: str, params: dict) -> None:
@@ -122,15 +227,76 @@ class Tracker:
         self.client.log_dict(run_id, obj, name)
 
     @_as_tracking_error
-    def log_input_table(self, run_id: str, df: pl.DataFrame, name: str, digest: str) -> None:
-        """Record the prompts table as an MLflow dataset input (shown in the run's 'Datasets')."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        schema = json.dumps({"mlflow_colspec": [{"name": c, "type": str(t)} for c, t in df.schema.items()]})
-        ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"table": name}),
-                     schema=schema, profile=json.dumps({"num_rows": df.height}))
-        self.client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "eval")])])
+    def log_table_view(self, run_id: str, df: pl.DataFrame, artifact_file: str) -> None:
+        """A table the MLflow UI shows (``MlflowClient.log_table``, JSON). MLflow appends to an existing
+        table file, so a retried publish would double its rows: an existing file is left as it is."""
+        folder = str(Path(artifact_file).parent)
+        if artifact_file in {f.path for f in self.client.list_artifacts(run_id, None if folder == "." else folder)}:
+            return
+        self.client.log_table(run_id, df.to_pandas(), artifact_file)
 
     @_as_tracking_error
-    def artifact_uri(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.artifact_uri
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        """A matplotlib ``Figure`` as a PNG artifact (shown inline in the run's artifacts)."""
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    @_as_tracking_error
+    def log_input_table(self, run_id: str, df: pl.DataFrame, name: str, digest: str,
+                        source: str | None = None) -> None:
+        """Record the prompts table as an MLflow dataset input (the run's 'Datasets'), through
+        ``mlflow.data``: ``source`` is where the table lives (an ``s3://`` URI), else the code that made it."""
+        from mlflow.data.pandas_dataset import from_pandas
+        from mlflow.entities import DatasetInput, InputTag
+
+        ds = from_pandas(df.to_pandas(), source=source, name=name, digest=digest)
+        self.client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
+                                                              tags=[InputTag("mlflow.data.context", "eval")])])
+
+    # ---- runs left RUNNING by a process that died (kill -9 runs no finally and no Prefect hook)
+    def _running(self, filter_string: str) -> list:
+        exps = [e.experiment_id for e in self.client.search_experiments(filter_string="name LIKE 'entcal/%'")]
+        exps = sorted(set(exps) | {self.experiment_id})
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(exps, filter_string=f"attributes.status = 'RUNNING' and {filter_string}",
+                                           max_results=500, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    @_as_tracking_error
+    def end_orphans(self, logger=None) -> list[str]:
+        """Set KILLED every RUNNING run of the entcal experiments whose owner process on this host is
+        gone (see ``owner_tags``), logging one line per run (to ``logger``, else this module's). Returns their ids."""
+        import socket
+
+        from storage.stack import owner_alive
+
+        ended = []
+        for run in self._running(f"tags.`entcal.owner_host` = '{socket.gethostname()}'"):
+            owner = owner_of(run.data.tags)
+            if owner is None or owner_alive(owner):
+                continue
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+            (logger or log).warning("MLflow run %s (%s) was left RUNNING by entcal process %s, which is gone: set KILLED",
+                        run.info.run_id, run.info.run_name, owner["pid"])
+        return ended
+
+    @_as_tracking_error
+    def end_tagged(self, key: str, value: str, status: str) -> list[str]:
+        """End, with ``status``, the RUNNING runs tagged ``key`` = ``value`` and their RUNNING child runs."""
+        ended = []
+        for run in self._running(f"tags.`{key}` = '{value}'"):
+            for child in self._running(f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"):
+                self.client.set_terminated(child.info.run_id, status=status)
+                ended.append(child.info.run_id)
+            self.client.set_terminated(run.info.run_id, status=status)
+            ended.append(run.info.run_id)
+        return ended
+
+    @_as_tracking_error
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)

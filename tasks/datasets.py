@@ -6,7 +6,9 @@ from ``pydoc_data.topics``; ``python-stdlib``: the standard library's own source
 WritingPrompts, CodeContests) with its filters.
 
 Every document gets a stable id; examples are taken in dataset order after filtering.
-Output schema (DESIGN.md): example_id str, dataset str, prompt_ids list[i32], reference_ids list[i32].
+Output schema (DESIGN.md): example_id str, dataset str, prompt_ids list[i32], reference_ids list[i32],
+prompt_text str (the prompt decoded with the model's tokenizer, special tokens such as chat markup kept:
+what the model conditions on), reference_text str (the human continuation decoded).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ PROMPTS_SCHEMA = {
     "dataset": pl.String,
     "prompt_ids": pl.List(pl.Int32),
     "reference_ids": pl.List(pl.Int32),
+    "prompt_text": pl.String,
+    "reference_text": pl.String,
 }
 
 # The paper's presets: hub parquet files (read by polars over hf://) and how a row becomes a document.
@@ -270,6 +274,10 @@ def build_prompts(
         rows["prompt_ids"].append(prompt)
         rows["reference_ids"].append(ids[cut : cut + max_reference_tokens])
         stats.kept += 1
+    kw = dict(clean_up_tokenization_spaces=False)
+    # batch_decode([]) returns one empty string, not an empty list: decode only what there is
+    rows["prompt_text"] = tokenizer.batch_decode(rows["prompt_ids"], skip_special_tokens=False, **kw) if stats.kept else []
+    rows["reference_text"] = tokenizer.batch_decode(rows["reference_ids"], skip_special_tokens=True, **kw) if stats.kept else []
     return pl.DataFrame(rows, schema=PROMPTS_SCHEMA), stats
 
 

@@ -4,6 +4,11 @@ Not ``model.generate``: we own the loop so that, at every step, the full entropy
 distribution we sample from (temperature, top-k, top-p, min-p, top-nσ) and the sampled token's
 log-prob come out of ``kernels.token_stats`` on the same logits the token was drawn from.
 
+One distribution, one rounding: those logits are float32, hidden.float() @ W.float().T from the
+decoder's final hidden state when the LM head is plain (``tasks.score.plain_lm_head``), i.e. the
+rounding tasks/score.py scores human text with, not the model-dtype (bf16) logits of ``model(...)``;
+other heads fall back to the model's logits as float32. The draw inverts the CDF in float64.
+
 Reproducibility: every (example, sample) row owns a generator seeded from (seed, example_id,
 sample) that draws its uniforms up front; a token is drawn by inverting the CDF of q_t with the
 step's uniform. A row's sample therefore depends only on its own logits, not on which rows
@@ -17,7 +22,9 @@ and values at every step (22% of the profiled CPU time of a SmolLM2 decode step 
 without a static cache layout use the growing cache.
 
 Output schema (DESIGN.md): example_id str, sample i32, decoding str, token_ids list[i32],
-step_entropy list[f32], step_logprob list[f32], finish_reason str ("eos" | "length").
+step_entropy list[f32], step_logprob list[f32], finish_reason str ("eos" | "length"), text str (the
+continuation decoded, special tokens skipped), tokens list[str] (each token's own text, special tokens
+included; "".join(tokens) is the full decode). text and tokens are null when no tokenizer was given.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from kernels.reference import scaled_logits
 from storage.errors import UserError
 from tasks.config import DecodingSpec, ModelSpec
 from tasks.models import load_model, pad_id, pick_compile
+from tasks.score import plain_lm_head
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,8 @@ GENERATIONS_SCHEMA = {
     "step_entropy": pl.List(pl.Float32),
     "step_logprob": pl.List(pl.Float32),
     "finish_reason": pl.String,
+    "text": pl.String,
+    "tokens": pl.List(pl.String),
 }
 
 
@@ -62,9 +72,13 @@ def row_seed(seed: int, example_id: str, sample: int) -> int:
 
 
 def sample_tokens(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw from softmax(z) rows (z may hold -inf) with uniforms u[N] in [0, 1)."""
+    """Inverse-CDF draw from softmax(z) rows (z[N, V] may hold -inf) with uniforms u[N] in [0, 1) -> [N] long.
+
+    The CDF and the draw are float64: in float32 a CDF near 1 moves in steps of 6e-8 (2^-24), so a token
+    with q below ~3e-8 late in a large vocabulary added nothing to it and was never drawn. The softmax
+    stays float32 (relative error ~1e-7 per token; 4x cheaper on CPU than a float64 softmax)."""
     probs = torch.softmax(z.float(), dim=-1)
-    cdf = torch.cumsum(probs, dim=-1)
+    cdf = torch.cumsum(probs.double(), dim=-1)
     target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
     # side="right": the first token whose cdf exceeds the draw; zero-probability tokens never win
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
@@ -98,17 +112,41 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+Step = Callable[..., tuple[torch.Tensor, object]]
 
 
-def decoder(model, compiled: bool):
-    """The forward used for one-token decode steps: the model itself, or ``torch.compile(model)``
-    (once per model and process) over the static cache; on CUDA in "reduce-overhead" mode, i.e. every
-    step replays a CUDA graph instead of launching each layer's kernels from Python."""
+def step_function(model) -> Step:
+    """``step(**forward kwargs) -> (x, cache)`` at each row's last position: x is the decoder's final
+    hidden state [N, D] (model dtype) when the LM head is plain (``plain_lm_head``), else the model's
+    logits [N, V]; ``head_logits`` turns x into float32 logits."""
+    if plain_lm_head(model) is None:
+        def step(**kw):
+            out = model(**kw, logits_to_keep=1)
+            return out.logits[:, -1], out.past_key_values
+    else:
+        base = model.get_decoder()
+
+        def step(**kw):
+            out = base(**kw)
+            return out.last_hidden_state[:, -1], out.past_key_values
+    return step
+
+
+def head_logits(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Float32 logits [N, V]: hidden [N, D] @ weight[V, D].T in float32 (the rounding tasks/score.py
+    scores with), or the model's logits x [N, V] as float32 when ``weight`` is None."""
+    return x.float() if weight is None else x.float() @ weight.T
+
+
+def decoder(model, compiled: bool) -> Step:
+    """The one-token decode step (``step_function``), or ``torch.compile`` of it (once per model and
+    process) over the static cache; on CUDA in "reduce-overhead" mode, i.e. every step replays a CUDA
+    graph instead of launching each layer's kernels from Python. The LM head stays outside the graph."""
     if not compiled:
-        return model
+        return step_function(model)
     if model not in _COMPILED:
         cuda = next(model.parameters()).device.type == "cuda"
-        _COMPILED[model] = torch.compile(model, mode="reduce-overhead" if cuda else None)
+        _COMPILED[model] = torch.compile(step_function(model), mode="reduce-overhead" if cuda else None)
     return _COMPILED[model]
 
 
@@ -143,6 +181,10 @@ def sample_batch(
     """Sample one continuation per prompt. Returns per row: token_ids, step_entropy, step_logprob,
     finish_reason. ``on_step(n_tokens)`` is called after each decode step with the tokens it made.
 
+    Statistics and draw share one z[N, V] per step: ``scaled_logits`` of float32 logits from the final
+    hidden state through the plain LM head (``head_logits``; the model's logits as float32 otherwise),
+    then ``adjust``; entropy and log-prob by ``kernels.token_stats(z)``, the token by ``sample_tokens(z)``.
+
     ``adjust(t, z, cache, mask, positions) -> z̃`` reshapes the sampling distribution's logits before
     the draw (calibration methods, tasks/recalibrate.py); entropy and log-prob are then those of z̃.
     ``kv_cache``: "static" (preallocated, in place; the growing cache when ``adjust`` is set) or "dynamic".
@@ -163,9 +205,11 @@ def sample_batch(
     compiled = compiled and static is not None
     if static is not None:  # the mask spans the whole cache; column width + t opens when token t is fed
         mask = torch.cat([mask, torch.zeros((n, steps), dtype=mask.dtype, device=device)], dim=-1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=static, use_cache=True,
-                logits_to_keep=1)
-    cache, logits, next_pos = out.past_key_values, out.logits[:, -1], positions[:, -1:] + 1
+    head = plain_lm_head(model)
+    head = None if head is None else head.float()  # once per batch: a no-op for a float32 model
+    x, cache = step_function(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    past_key_values=static, use_cache=True)
+    logits, next_pos = head_logits(x, head), positions[:, -1:] + 1
     step_fn = decoder(model, compiled)
     graphs = compiled and device.type == "cuda"
     alive = torch.arange(n, device=device)  # original row index of each batch row
@@ -205,9 +249,9 @@ def sample_batch(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        out = step_fn(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                      use_cache=True)
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+        x, cache = step_fn(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                           use_cache=True)
+        logits, next_pos = head_logits(x, head), next_pos + 1
     _raise_if_bad(first_bad, steps, row_names)
     finished = length < steps
     if eos is not None:  # a row whose token at the final step is EOS finished by EOS too
@@ -248,10 +292,11 @@ def generate_table(
     key: str | None = None,
     kv_cache: str = "static",
     compiled: bool = False,
+    tokenizer=None,
 ) -> pl.DataFrame:
     """The generations table for one decoding. ``progress(done_rows, total_rows)`` after each batch;
     ``adjust``, ``kv_cache`` and ``compiled`` as in sample_batch, ``key`` names the decoding column (default: the
-    decoding's key)."""
+    decoding's key); ``tokenizer`` (optional) fills the text and tokens columns (null without it)."""
     jobs = [
         (ex, s, p) for ex, p in zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list())
         for s in range(samples_per_prompt)
@@ -268,11 +313,39 @@ def generate_table(
         results.update(zip(idx, rows))
         if progress:
             progress(len(results), len(jobs))
+    ids = [results[i]["token_ids"] for i in range(len(jobs))]
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if tokenizer is not None else [None] * len(jobs)
+    pieces = token_strings(tokenizer, ids) if tokenizer is not None else [None] * len(jobs)
     data = [
-        {"example_id": ex, "sample": s, "decoding": key or decoding.key, **results[i]}
+        {"example_id": ex, "sample": s, "decoding": key or decoding.key, **results[i], "text": texts[i],
+         "tokens": pieces[i]}
         for i, (ex, s, _) in enumerate(jobs)
     ]
     return pl.DataFrame(data, schema=GENERATIONS_SCHEMA)
+
+
+def token_strings(tokenizer, rows: list[list[int]]) -> list[list[str]]:
+    """Each token's own text, per row (special tokens included, so len(out[r]) == len(rows[r])).
+
+    A character whose UTF-8 bytes span several byte-level tokens goes to the token that completes it
+    (the tokens before it get ""), so "".join(out[r]) == decode(rows[r]) for valid UTF-8. Each distinct id is decoded
+    once. SentencePiece decoders that strip a leading space do so per token here too."""
+    uniq = sorted({i for r in rows for i in r})
+    kw = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    piece = dict(zip(uniq, tokenizer.batch_decode([[i] for i in uniq], **kw)))
+    out = []
+    for ids in rows:
+        strs: list[str] = []
+        pending: list[int] = []
+        for k, i in enumerate(ids):
+            pending.append(i)
+            s = piece[i] if len(pending) == 1 else tokenizer.decode(pending, **kw)
+            if s.endswith("\ufffd") and len(pending) < 4 and k + 1 < len(ids):
+                continue  # an incomplete character: its remaining bytes come in the next tokens
+            strs += [""] * (len(pending) - 1) + [s]
+            pending = []
+        out.append(strs)
+    return out
 
 
 def shards(prompts: pl.DataFrame, shard_size: int) -> list[pl.DataFrame]:
@@ -290,4 +363,4 @@ def generate(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, *,
     return generate_table(lm.model, prompts, decoding, max_new_tokens=max_new_tokens,
                           samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
                           eos_ids=lm.eos_ids, pad_id=pad_id(lm.tokenizer), progress=progress,
-                          compiled=pick_compile(model.compile, lm.device))
+                          compiled=pick_compile(model.compile, lm.device), tokenizer=lm.tokenizer)

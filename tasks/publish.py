@@ -2,38 +2,52 @@
 
 Local writes are atomic: a child's tables go to ``<name>.partial/`` and are renamed into place
 only when complete, so a crashed run never leaves a directory that looks finished.
+
+Names: ``child_name`` (``<model>__<dataset>__<decoding>``) is the ``--out`` directory of a child
+and its ``entcal.child`` tag; ``display_name`` (``t1 · python-docs · smollm2-135m``) is its MLflow
+run name, the decoding first because that is where the runs of one study differ and the runs
+table cuts long names. Descriptions (the runs' notes) say what was measured and, once known, the
+result rounded for reading; the metrics themselves are never rounded.
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import platform
 import shutil
-import subprocess
 from importlib import metadata
 from pathlib import Path
 
 import polars as pl
 import torch
 
-from storage.tracking import Tracker
+from storage import s3
+from storage.settings import Settings
+from storage.tracking import Tracker, git_commit
+from tasks.calibrate import _per_example
 from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
 
 PACKAGES = ("torch", "transformers", "prefect", "mlflow", "polars", "triton")
+LIST_FIELDS = {"models": "label", "datasets": "label", "decodings": "key"}
+log = logging.getLogger(__name__)
+TEXT_CHARS = 80  # characters of each example's first generation in the per-example table
 
 
 def child_name(model: ModelSpec, dataset: DatasetSpec, decoding: DecodingSpec) -> str:
+    """The child's ``--out`` directory name (a contract: tests and README rely on it)."""
     return f"{model.label}__{dataset.label}__{decoding.key}"
+
+
+def display_name(model: ModelSpec, dataset: DatasetSpec, decoding: DecodingSpec) -> str:
+    """The child's MLflow run name, distinguishing part first: ``t1 · python-docs · tiny``."""
+    return f"{decoding.key} · {dataset.label} · {model.label}"
 
 
 def provenance() -> dict[str, str]:
     """Tags: git commit, package versions, device."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    tags = {"git_commit": commit or "unknown", "python": platform.python_version(),
+    tags = {"git_commit": git_commit(), "python": platform.python_version(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"}
     for pkg in PACKAGES:
         try:
@@ -44,12 +58,142 @@ def provenance() -> dict[str, str]:
 
 
 def flat_params(cfg: StudyConfig) -> dict[str, str]:
-    """Study-level params: the scalar knobs plus the lists as compact JSON."""
+    """Study-level params, all scalar: the knobs, the lists as comma-joined labels / decoding keys, and
+    calibration on/off (the whole config is the run's config.json / config.yaml artifact)."""
     d = cfg.model_dump(mode="json")
-    out = {k: v for k, v in d.items() if not isinstance(v, list)}
-    for k in ("models", "datasets", "decodings"):
-        out[k] = json.dumps(d[k], separators=(",", ":"))
+    out = {k: v for k, v in d.items() if not isinstance(v, (list, dict)) and k != "calibration"}
+    for field, attr in LIST_FIELDS.items():
+        out[field] = ",".join(getattr(item, attr) for item in getattr(cfg, field))
+    out["calibration"] = "on" if cfg.calibration else "off"
     return out
+
+
+def changed_settings(before: dict, after: dict) -> list[str]:
+    """``key old → new`` for every param that differs between two launches (missing = ``—``)."""
+    return [f"{k} {before.get(k, '—')} → {after.get(k, '—')}" for k in sorted(set(before) | set(after))
+            if str(before.get(k)) != str(after.get(k))]
+
+
+def study_description(cfg: StudyConfig, *, previous=None) -> str:
+    """The parent run's note (markdown): config digest, the settings, and what changed since ``previous``
+    (the experiment's newest earlier study run, an ``mlflow.entities.Run``, or None)."""
+    p = flat_params(cfg)
+    lines = [f"Study **{cfg.name}**, config `{cfg.digest()}`: EntCE = H̄ − L̄ (nats/token) of every model × "
+             "dataset × decoding.",
+             f"- models: {p['models']} · datasets: {p['datasets']} · decodings: {p['decodings'].replace(',', ', ')}",
+             f"- num_examples {cfg.num_examples} · max_new_tokens {cfg.max_new_tokens} · "
+             f"horizon T = {cfg.horizon} · samples_per_prompt {cfg.samples_per_prompt} · seed {cfg.seed} · "
+             f"calibration {p['calibration']}"]
+    if previous is not None:
+        changes = changed_settings(previous.data.params, p)
+        what = "; ".join(changes) if changes else "nothing (same settings: a re-run)"
+        lines.append(f"- changed since the previous launch {previous.info.run_name}: {what}")
+    return "\n".join(lines)
+
+
+def child_description(cfg: StudyConfig, model: ModelSpec, dataset: DatasetSpec, decoding: DecodingSpec) -> str:
+    """What the child run measures, written when it starts."""
+    return (f"EntCE = H̄ − L̄ of {model.label} on {dataset.label} at {decoding.key} over T = {cfg.horizon} steps, "
+            f"{cfg.num_examples} prompts × {cfg.samples_per_prompt} sample(s); study {cfg.name} "
+            f"(config `{cfg.digest()}`); `--out` directory {child_name(model, dataset, decoding)}")
+
+
+def result_sentence(summary: dict) -> str:
+    """The result for reading (rounded here only): ``EntCE = 2.1 − 3.4 = −1.3 nats/token (95% CI …)``."""
+    return (f"Result: EntCE = {summary['entropy']:.3f} − {summary['logloss']:.3f} = {summary['entce']:+.3f} "
+            f"nats/token ({summary.get('ci_level', 0.95):.0%} CI [{summary['entce_ci_low']:+.3f}, "
+            f"{summary['entce_ci_high']:+.3f}]) over {summary['n_examples']} examples")
+
+
+def headline_metrics(rows: list[dict], *, several_models: bool) -> dict[str, float]:
+    """The parent's metrics: ``entce_<dataset>_<decoding>`` (``entce_<model>_<dataset>_<decoding>``
+    when the study has several models), the children's EntCE unrounded."""
+    return {"entce_" + "_".join([r["model"]] * several_models + [r["dataset"], r["decoding"]]): r["entce"]
+            for r in rows}
+
+
+def results_markdown(rows: list[dict]) -> str:
+    """The study's results for the parent's note, rounded for reading (the metrics are not)."""
+    lines = ["| decoding | dataset | model | EntCE (nats/token) | CI |", "|---|---|---|---|---|"]
+    lines += [f"| {r['decoding']} | {r['dataset']} | {r['model']} | {r['entce']:+.3f} | "
+              f"[{r['entce_ci_low']:+.3f}, {r['entce_ci_high']:+.3f}] |" for r in rows]
+    return "\n".join(lines)
+
+
+def experiment_description(name: str) -> str:
+    return (f"entcal study {name}: one parent run per launch (named {name}-<UTC time>, its note gives the config "
+            "digest and what changed since the previous launch), one child run per model × dataset × decoding "
+            "(named <decoding> · <dataset> · <model>)")
+
+
+def config_files(cfg: StudyConfig) -> dict[str, dict]:
+    """{artifact file: content} of the config, as JSON and YAML (MlflowClient.log_dict picks by suffix)."""
+    d = cfg.model_dump(mode="json")
+    return {"config.json": d, "config.yaml": d}
+
+
+def upload_prompts(settings: Settings, prompts: pl.DataFrame, digest: str) -> str | None:
+    """The prompts table as ``s3://<bucket>/prompts/<digest>.parquet`` (its lineage source in MLflow),
+    or None without an S3 endpoint. Content-addressed, so writing it again changes nothing."""
+    if not settings.s3_endpoint:
+        return None
+    buf = io.BytesIO()
+    prompts.write_parquet(buf)
+    key = f"prompts/{digest}.parquet"
+    s3.put_bytes(settings, key, buf.getvalue())
+    return f"s3://{settings.bucket}/{key}"
+
+
+def text_tokenizer(model: ModelSpec):
+    """The model's tokenizer to decode the per-example text, or None when it cannot be loaded here
+    (e.g. prepare was served from another machine's cache): the table then has no text column."""
+    from tasks.models import load_tokenizer
+
+    try:
+        return load_tokenizer(model)
+    except Exception as err:  # the text is a convenience: never fail a publish for it
+        log.warning("no decoded text in the per-example table of %s: %s", model.label, err)
+        return None
+
+
+def example_table(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int,
+                  tokenizer=None) -> pl.DataFrame:
+    """One row per example: entropy_mean (H̄ of its samples), logloss_mean (L̄ of its reference),
+    entce, tokens pooled (nats/token, first ``horizon`` steps), the first sample's finish_reason and,
+    with a tokenizer, the first ``TEXT_CHARS`` characters of its decoded text."""
+    h = _per_example(generations, "step_entropy", horizon)
+    l = _per_example(reference, "step_logloss", horizon)
+    first = generations.group_by("example_id", maintain_order=True).first()
+    out = (h.join(l, on="example_id", how="left", suffix="_l")
+           .join(first.select("example_id", "finish_reason", "token_ids"), on="example_id", how="left")
+           .select("example_id", (pl.col("sum") / pl.col("n")).alias("entropy_mean"),
+                   (pl.col("sum_l") / pl.col("n_l")).alias("logloss_mean"),
+                   pl.col("n").alias("generated_tokens"), pl.col("n_l").alias("reference_tokens"),
+                   "finish_reason", "token_ids")
+           .with_columns((pl.col("entropy_mean") - pl.col("logloss_mean")).alias("entce")))
+    if tokenizer is not None:
+        texts = [tokenizer.decode(ids, skip_special_tokens=True)[:TEXT_CHARS] for ids in out["token_ids"].to_list()]
+        out = out.with_columns(pl.Series("text", texts, dtype=pl.String))
+    cols = ["example_id", "entropy_mean", "logloss_mean", "entce", "generated_tokens", "reference_tokens",
+            "finish_reason"]
+    return out.select(cols + (["text"] if tokenizer is not None else []))
+
+
+def error_accumulation_figure(curves: pl.DataFrame, title: str):
+    """A child's h_t and l_t against t (unsmoothed) as a matplotlib ``Figure`` (no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    steps = curves["step"].to_list() if "step" in curves.columns else list(range(curves.height))
+    fig = Figure(figsize=(6, 3.5), dpi=110)
+    ax = fig.add_subplot()
+    ax.plot(steps, curves["entropy_mean"].to_list(), label="entropy of generations h_t")
+    ax.plot(steps, curves["logloss_mean"].to_list(), linestyle="--", label="log loss on human text l_t")
+    ax.set_xlabel("generation step t")
+    ax.set_ylabel("nats / token")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def summary_json(summary: dict, cfg: StudyConfig, model: ModelSpec, dataset: DatasetSpec,
@@ -79,26 +223,44 @@ def write_child_dir(out: Path, name: str, tables: dict[str, pl.DataFrame], summa
 
 
 def log_child(tracker: Tracker, parent_id: str, name: str, *, params: dict, summary: dict,
-              curves: pl.DataFrame, tables: dict[str, pl.DataFrame], prompts_digest: str) -> str:
-    """One child MLflow run: params, stable metric names, per-step curves, tables, summary.json."""
-    run_id = tracker.start(name, parent_id=parent_id, tags={"entcal.stage": "child"})
+              curves: pl.DataFrame, tables: dict[str, pl.DataFrame], prompts_digest: str,
+              run_id: str | None = None, prompts_uri: str | None = None, examples: pl.DataFrame | None = None,
+              description: str | None = None) -> str:
+    """One child MLflow run: params, stable metric names, per-step curves, the prompts as a dataset
+    input, tables (parquet, plus ``examples`` as a table MLflow shows), its figure, summary.json; then
+    the result appended to its note and the run finished.
+
+    ``run_id``: a run the caller started (spanning generation and scoring) and ends FAILED if this
+    raises; without it a run named ``name`` is started here and ended FAILED here on failure."""
+    own = run_id is None
+    if own:
+        run_id = tracker.start(name, parent_id=parent_id, tags={"entcal.stage": "child"}, description=description)
     try:
         tracker.log_params(run_id, params)
         tracker.log_metrics(run_id, {
             "entce": summary["entce"], "entropy_mean": summary["entropy"], "logloss_mean": summary["logloss"],
             "entce_ci_low": summary["entce_ci_low"], "entce_ci_high": summary["entce_ci_high"],
-            "logloss_untruncated_mean": summary["logloss_untruncated"],
-            "truncated_share": summary["truncated_share"], "sampled_surprisal_mean": summary["sampled_surprisal"],
-            "n_examples": summary["n_examples"], "eos_share": summary["eos_share"],
+            "diag/logloss_untruncated_mean": summary["logloss_untruncated"],
+            "diag/truncated_share": summary["truncated_share"],
+            "diag/sampled_surprisal_mean": summary["sampled_surprisal"],
+            "diag/eos_share": summary["eos_share"], "diag/n_examples": summary["n_examples"],
         })
         tracker.log_curves(run_id, {"step_entropy": curves["entropy_mean"].to_list(),
                                     "step_logloss": curves["logloss_mean"].to_list()})
-        tracker.log_input_table(run_id, tables["prompts"], f"prompts:{params.get('dataset', '')}", prompts_digest)
+        tracker.log_input_table(run_id, tables["prompts"], f"prompts:{params.get('dataset', '')}", prompts_digest,
+                                source=prompts_uri)
         for table, df in tables.items():
             tracker.log_table(run_id, df, table)
+        if examples is not None:
+            tracker.log_table_view(run_id, examples, "tables/examples.json")
+        tracker.log_figure(run_id, error_accumulation_figure(curves, f"{name}: h_t vs l_t"),
+                           "figures/error_accumulation.png")
         tracker.log_json(run_id, summary, "summary.json")
-    except BaseException:
-        tracker.finish(run_id, "FAILED")
+        tracker.set_tags(run_id, {"mlflow.note.content": "\n\n".join(filter(None, [description,
+                                                                                   result_sentence(summary)]))})
+    except BaseException as err:
+        if own:
+            tracker.finish_quietly(run_id, "FAILED" if isinstance(err, Exception) else "KILLED")
         raise
     tracker.finish(run_id)
     return run_id

@@ -78,3 +78,25 @@ def test_too_few_usable_texts_fail_once_before_any_service_starts(tmp_path, tiny
     assert not (state / "stack.json").exists() and not (state / "logs").exists()
     assert not (state / "mlflow.db").exists() and not (state / "s3").exists()
     assert elapsed < 120, elapsed  # import + tokenise one corpus; it used to start MLflow and retry 3 times
+
+
+def test_user_errors_are_never_retried(prefect_harness):
+    """Every stage with retries retries a transient error but not a UserError (a config mistake fails once)."""
+    from prefect import task
+
+    from flows import stages
+    from tasks.config import ConfigError
+
+    with_retries = [t for t in vars(stages).values() if getattr(t, "retries", 0) and hasattr(t, "fn")]
+    assert {t.name for t in with_retries} >= {"prepare", "publish-child", "report", "publish-calibration"}
+    assert all(t.retry_condition_fn is stages.retry_unless_user_error for t in with_retries)
+    calls = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=stages.retry_unless_user_error)
+    def fails(kind):
+        calls.append(kind)
+        raise kind("boom")
+
+    for kind, attempts in ((ConfigError, 1), (ConnectionError, 3)):
+        assert fails(kind, return_state=True).is_failed()
+        assert calls.count(kind) == attempts, (kind, calls)

@@ -362,6 +362,20 @@ def test_compose_static_services_get_their_environment(compose):
     assert prefect["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
 
 
+def test_compose_static_prefect_ui_is_told_the_api_url_the_browser_uses(compose):
+    """The UI's /ui-settings api_url must be the host's published API address, in a setting Prefect reads."""
+    from prefect.settings.models.server.ui import ServerUISettings
+
+    server = compose["services"]["prefect-server"]
+    names = ServerUISettings.model_fields["api_url"].validation_alias.choices
+    readable = {n.upper() for n in names if isinstance(n, str)}
+    (key,) = [k for k in environment(server) if k in readable]
+    published = {p.rsplit(":", 2)[-2]: p.rsplit(":", 1)[-1] for p in map(resolve, server["ports"])}
+    container_port = as_argv(server["command"])[as_argv(server["command"]).index("--port") + 1]
+    host_port = next(h for h, c in published.items() if c == container_port)
+    assert resolve(environment(server)[key]) == f"http://127.0.0.1:{host_port}/api"
+
+
 def test_compose_static_mlflow_stores_in_postgres_and_the_bucket(compose):
     services = compose["services"]
     mlflow = services["mlflow"]

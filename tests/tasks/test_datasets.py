@@ -78,3 +78,15 @@ def test_instruction_formats(tiny_lm):
     doc = Document("d", "Once upon a time", instruction="Write a story")
     assert tok.decode(_prefix_ids(tok, doc, "qa")) == "Q: Write a story\nA: "
     assert _prefix_ids(tok, Document("d", "text"), "auto") == []
+
+
+def test_prompt_and_reference_text_are_the_decoded_ids(tiny_lm):
+    tok = tiny_lm.tokenizer
+    df, _ = build_prompts(documents(DatasetSpec(name="python-docs")), tok, label="python-docs", num_examples=3,
+                          prompt_tokens=16, min_reference_tokens=20, max_reference_tokens=30)
+    assert df.schema["prompt_text"] == pl.String and df.schema["reference_text"] == pl.String
+    docs = {d.doc_id: d.text for _, d in zip(range(50), documents(DatasetSpec(name="python-docs")))}
+    for ex, p, r, pt, rt in df.select("example_id", "prompt_ids", "reference_ids", "prompt_text",
+                                      "reference_text").iter_rows():
+        assert pt == tok.decode(p) and rt == tok.decode(r, skip_special_tokens=True)
+        assert docs[ex].startswith(pt + rt)  # the human text, cut where the prompt ends

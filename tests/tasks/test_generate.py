@@ -143,3 +143,49 @@ def test_cuda_graph_decode_steps_sample_what_eager_cuda_samples(tiny_model_dir, 
     eos = _early_eos(lm, prompts, DECODINGS[0])
     eager = _gen(lm, prompts, DECODINGS[0], eos_ids=eos)
     assert_same_samples(_gen(lm, prompts, DECODINGS[0], eos_ids=eos, compiled=True), eager, atol=1e-4)
+
+
+def test_inverse_cdf_draws_a_token_of_probability_1e9_late_in_a_large_vocabulary():
+    """A float32 CDF near 1 moves in steps of 6e-8: tokens of q ~ 1e-9 there added nothing to it and
+    were never drawn. Each is drawn when the uniform falls inside its interval of q (exact, float64)."""
+    v = 151_936
+    tiny = [v - 5000, v - 40, v - 1]
+    z = torch.zeros(v)  # equal logits elsewhere: q's intervals do not depend on exp's rounding
+    z[tiny] = math.log(1e-9 * (v - len(tiny)) / (1 - 1e-9 * len(tiny)))
+    cdf = torch.cumsum(torch.softmax(z.double(), 0), 0)
+    lo, hi = cdf[[j - 1 for j in tiny]], cdf[tiny]
+    assert ((hi - lo - 1e-9).abs() < 1e-12).all() and (lo > 0.95).all()  # q = 1e-9 where the CDF is near 1
+    u = torch.stack([lo + 0.1e-9, (lo + hi) / 2, hi - 0.1e-9], 1).flatten()
+    drawn = sample_tokens(z.expand(u.numel(), -1), u)
+    assert drawn.tolist() == [j for j in tiny for _ in range(3)]
+
+
+@pytest.mark.parametrize("dec", DECODINGS[:2], ids=lambda d: d.key)
+def test_bf16_model_samples_from_the_logits_score_uses(tiny_lm, prompts, dec):
+    """One distribution, one rounding: with a bfloat16 model the sampler's logits are float32 hidden @ W.T
+    from the final hidden state, as in tasks/score.py, so the recorded entropy equals the re-scored one
+    to float32 rounding; sampling from bf16 logits differed by ~1e-2 nats here."""
+    import copy
+
+    bf16 = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
+    # one batch in both: the same rows share the bf16 forward, so only the head's rounding could differ
+    gens = generate_table(bf16, prompts, dec, max_new_tokens=20, seed=3, batch_size=prompts.height)
+    as_ref = prompts.join(gens.select("example_id", pl.col("token_ids").alias("gen")), on="example_id")
+    as_ref = as_ref.with_columns(reference_ids=pl.col("gen")).drop("gen")
+    ref = score_table(bf16, as_ref, [dec], max_tokens=100, epsilon=1e-4, batch_size=prompts.height)
+    joined = gens.join(ref, on="example_id")
+    torch.testing.assert_close(torch.tensor(joined["step_entropy"].explode().to_list()),
+                               torch.tensor(joined["step_entropy_right"].explode().to_list()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(joined["step_logprob"].explode().to_list()),
+                               -torch.tensor(joined["step_logloss"].explode().to_list()), atol=1e-5, rtol=0)
+
+
+def test_text_columns_decode_the_tokens_and_are_null_without_a_tokenizer(tiny_lm, prompts):
+    tok = tiny_lm.tokenizer
+    plain = _gen(tiny_lm, prompts, DECODINGS[0])
+    named = _gen(tiny_lm, prompts, DECODINGS[0], tokenizer=tok)
+    assert plain.schema == named.schema and plain["text"].is_null().all() and plain["tokens"].is_null().all()
+    assert named.drop("text", "tokens").equals(plain.drop("text", "tokens"))  # decoding changes no sample
+    for ids, text, tokens in named.select("token_ids", "text", "tokens").iter_rows():
+        assert text == tok.decode(ids, skip_special_tokens=True)
+        assert len(tokens) == len(ids) and "".join(tokens) == tok.decode(ids, skip_special_tokens=False)

@@ -1,0 +1,76 @@
+"""Browser fixtures: a real Chromium driven by Playwright, a fresh context (no stored UI state) per
+test, and screenshots of every step.
+
+Chromium is the system one (Debian's `apt-get install chromium`, or $ENTCAL_CHROMIUM): Playwright's
+own browser download does not work offline. Without Playwright or a browser the tests skip and say why.
+Screenshots go to $ENTCAL_SCREENSHOTS (default <repo>/test-output/screenshots/), one PNG per step,
+named <test>-<nn>-<step>.png; each path is printed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
+TIMEOUT_MS = 60_000  # a busy 2-core machine: the Prefect UI's first load alone can take 10+ s
+
+
+def chromium_path() -> str | None:
+    """$ENTCAL_CHROMIUM, else the first Chromium-family browser on PATH, else None."""
+    if os.environ.get("ENTCAL_CHROMIUM"):
+        return os.environ["ENTCAL_CHROMIUM"] if Path(os.environ["ENTCAL_CHROMIUM"]).is_file() else None
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("browser tests need Playwright: pip install -e '.[test]'")
+    exe = chromium_path()
+    if not exe:
+        pytest.skip("browser tests need Chromium: apt-get install chromium (or set ENTCAL_CHROMIUM to a browser)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A page in a fresh browser context: no localStorage or cookies, as a first-time user; the
+    browser's clock is in New York, so a time shown in UTC is the server's doing, not the browser's."""
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000}, timezone_id="America/New_York")
+    ctx.set_default_timeout(TIMEOUT_MS)
+    ctx.set_default_navigation_timeout(TIMEOUT_MS)
+    pg = ctx.new_page()
+    yield pg
+    ctx.close()
+
+
+@pytest.fixture
+def shot(page, request):
+    """shot(step) saves a screenshot of the page and returns its path (also printed)."""
+    out = Path(os.environ.get("ENTCAL_SCREENSHOTS") or ROOT / "test-output" / "screenshots")
+    out.mkdir(parents=True, exist_ok=True)
+    test = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    count = [0]
+
+    def take(step: str) -> Path:
+        count[0] += 1
+        path = out / f"{test}-{count[0]:02d}-{step}.png"
+        page.screenshot(path=str(path))
+        print(f"screenshot: {path}")
+        return path
+
+    return take
