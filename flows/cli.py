@@ -113,6 +113,8 @@ def print_result(result: dict) -> None:
         print(f"  {r['model']:<14} {r['dataset']:<14} {r['decoding']:<10} EntCE {r['entce']:+.3f} "
               f"[{r['entce_ci_low']:+.3f}, {r['entce_ci_high']:+.3f}]  H̄ {r['entropy']:.3f}  L̄ {r['logloss']:.3f}")
     print(f"\nMLflow run: {result['run_url']}")
+    if result.get("experiment_url"):
+        print(f"MLflow experiment: {result['experiment_url']}")
     print(f"Report:     {result.get('html') or result['report']}")
     for label, cal in result.get("calibration", {}).items():
         lo, hi = cal["tau_star_ci"]

@@ -29,13 +29,13 @@ def deployments(nightly: Schedule | None = None, nightly_config: dict | None = N
     """The nightly and on-demand deployments; ``nightly`` / ``nightly_config`` replace the nightly's
     schedule and study (tests serve the real deployment with a schedule due in seconds)."""
     nightly_dep = study.to_deployment(
-        name="nightly", schedules=[nightly or nightly_schedule()],
+        name="nightly", schedules=[nightly or nightly_schedule()], _sync=True,
         parameters={"config": nightly_config or demo_config(quick=False)}, enforce_parameter_schema=True,
         description="The demo study every night at 03:00 UTC: SmolLM2-135M on both built-in corpora.",
         tags=["entcal", "scheduled"],
     )
     on_demand = study.to_deployment(
-        name="on-demand", parameters={"config": demo_config(quick=True)}, enforce_parameter_schema=True,
+        name="on-demand", parameters={"config": demo_config(quick=True)}, enforce_parameter_schema=True, _sync=True,
         description="A study you launch from the UI: edit models, datasets and decodings in the form.",
         tags=["entcal", "on-demand"],
     )

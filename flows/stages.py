@@ -210,7 +210,7 @@ def report_task(tracker: Tracker, parent_id: str, out_dir: str, name: str, summa
         tracker.log_file(parent_id, path, "report")
 
     def view(file: str) -> str:  # MLflow's UI route for one artifact; it shows .html in an iframe
-        return f"{run_url}/artifacts/report/{file}"
+        return tracker.run_url(parent_id, f"/artifacts/report/{file}")
     download = f"{tracker.uri}/get-artifact?path=report/report.html&run_uuid={parent_id}"
     head = (f"**[The full report in MLflow]({view('report.html')})** (figures, and generations shaded by "
             f"entropy) · [download report.html]({download})\n\n")

@@ -82,7 +82,9 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
     tracker.log_params(parent_id, publish.flat_params(config))
     for file, doc in publish.config_files(config).items():
         tracker.log_json(parent_id, doc, file)
+    tracker.set_view_state()  # the runs table experiment_url opens: headline metric columns, newest first
     logger.info("MLflow study run: %s", tracker.run_url(parent_id))
+    logger.info("MLflow experiment: %s", tracker.experiment_url())
     link_mlflow_run(config.name, tracker.run_url(parent_id))
     stages = Stages(config, settings, logger)
     run = stages.run
@@ -190,7 +192,8 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
         stages.close()
         tracker.finish(parent_id, status)
     logger.info("stages served from cache: %s", ", ".join(stages.cached) or "none")
-    return {"run_url": tracker.run_url(parent_id), "run_id": parent_id, "report": files["report"], "html": files.get("html"),
+    return {"run_url": tracker.run_url(parent_id), "experiment_url": tracker.experiment_url(), "run_id": parent_id,
+            "report": files["report"], "html": files.get("html"),
             "out_dir": str(out_dir), "rows": rows, "cached": stages.cached, "ran": stages.ran,
             "calibration": calibrations, "corpus_alpha": alphas}
 

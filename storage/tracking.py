@@ -5,8 +5,11 @@ Stable metric names for MLflow's comparison views: ``entce``, ``entropy_mean``, 
 logged with ``log_batch`` in chunks because one HTTP call per step is slow).
 Uses ``MlflowClient`` with explicit run ids, so nothing depends on a thread-local active run;
 since ``create_run`` adds no standard tags, ``Tracker.start`` adds them (user, source, git commit,
-description). Experiments are tagged ``mlflow.experimentKind = custom_model_development`` (the UI's
-"Machine learning" kind) so they open on their runs, not on the GenAI traces overview.
+description). Experiments are tagged ``mlflow.experimentKind = custom_model_development``, but MLflow
+3.17's UI picks its GenAI or Model-training view from the URL's ``workflowType`` (else a browser-stored
+choice, GenAI by default), so every link made here carries ``workflowType=machine_learning``, and
+``experiment_url`` adds ``viewStateShareKey=entcal``: the shared view state ``set_view_state`` stores in
+the experiment tag ``mlflow.sharedViewState.entcal`` (the headline metric columns, newest run first).
 System metrics (``system/cpu_utilization_percentage``, memory, GPU) come from MLflow's own
 ``SystemMetricsMonitor`` on the runs that do model work, every ``SYSTEM_METRICS_INTERVAL_S``
 seconds (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides).
@@ -35,6 +38,10 @@ BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # "Machine learning" in MLflow 3.17's UI: opens on the runs
 NOTE = "mlflow.note.content"  # the run's (or experiment's) description in the UI
+ML_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI ignores experimentKind: the URL chooses the view
+VIEW_STATE_KEY = "entcal"  # ?viewStateShareKey=entcal loads the experiment tag VIEW_STATE_TAG + VIEW_STATE_KEY
+VIEW_STATE_TAG = "mlflow.sharedViewState."
+HEADLINE_COLUMNS = ("entce", "entce_ci_low", "entce_ci_high", "entropy_mean", "logloss_mean")
 SYSTEM_METRICS_INTERVAL_S = 5.0
 _MONITORS: dict[str, object] = {}  # run id -> SystemMetricsMonitor, stopped by Tracker.finish
 _MONITORS_LOCK = threading.Lock()
@@ -132,8 +139,35 @@ class Tracker:
             raise TrackingError(f"MLflow at {uri} is unreachable ({err.__class__.__name__}); "
                                 "is the server up? `entcal stack status`") from None
 
-    def run_url(self, run_id: str) -> str:
-        return f"{self.uri}/#/experiments/{self.experiment_id}/runs/{run_id}"
+    def run_url(self, run_id: str, path: str = "") -> str:
+        """The run's page in the Model-training view; ``path`` is a sub-route (``/artifacts/report/x.html``),
+        put before the query string."""
+        return f"{self.uri}/#/experiments/{self.experiment_id}/runs/{run_id}{path}?{ML_VIEW}"
+
+    def experiment_url(self) -> str:
+        """The experiment's runs table in the Model-training view, with the shared view state of
+        ``set_view_state`` (MLflow shows an error notification if that tag is missing)."""
+        return f"{self.uri}/#/experiments/{self.experiment_id}/runs?{ML_VIEW}&viewStateShareKey={VIEW_STATE_KEY}"
+
+    @staticmethod
+    def view_state(metrics: tuple[str, ...] = HEADLINE_COLUMNS, width_px: int = 150) -> dict:
+        """MLflow 3.17's shared view state (search facets and uiState fields): ``metrics`` and Dataset as
+        columns ``width_px`` pixels wide, newest run first. Column ids are the UI's canonical keys
+        (``metrics.`entce```). The UI applies ``columnWidths`` only to the columns in ``columnOrder``, so
+        the metric columns are listed there too. MLflow drops runsExpanded/runsPinned/runsHidden from a
+        shared state, so child runs still open by their parent's expander."""
+        columns = [f"metrics.`{m}`" for m in metrics]
+        return {"orderByKey": "attributes.start_time", "orderByAsc": False,
+                "selectedColumns": [*columns, "attributes.`Dataset`"], "columnOrder": columns,
+                "columnWidths": {c: width_px for c in columns}}
+
+    @_as_tracking_error
+    def set_view_state(self, state: dict | None = None) -> None:
+        """Store ``state`` (default ``view_state()``) as JSON in the experiment tag ``experiment_url`` loads."""
+        import json
+
+        self.client.set_experiment_tag(self.experiment_id, VIEW_STATE_TAG + VIEW_STATE_KEY,
+                                       json.dumps(state or self.view_state()))
 
     @_as_tracking_error
     def start(self, name: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None,

@@ -97,6 +97,12 @@ def test_user_errors_are_never_retried(prefect_harness):
         calls.append(kind)
         raise kind("boom")
 
+    from prefect import flow
+
+    @flow
+    def stage(kind):  # a task runs inside a flow, as in a study (a bare call outside one leaks its context)
+        return fails(kind, return_state=True)
+
     for kind, attempts in ((ConfigError, 1), (ConnectionError, 3)):
-        assert fails(kind, return_state=True).is_failed()
+        assert stage(kind, return_state=True).is_failed()
         assert calls.count(kind) == attempts, (kind, calls)

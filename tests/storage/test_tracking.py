@@ -3,6 +3,7 @@ what a user sees in the MLflow UI (experiment kind, standard tags, system metric
 tables and figures), read back through MlflowClient."""
 import getpass
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -175,3 +176,38 @@ def test_latest_run_finds_the_previous_study_launch(stack):
     query = "tags.`entcal.stage` = 'study'"
     assert tracker.latest_run(query).info.run_id == second
     assert tracker.latest_run(query, exclude=second).info.run_id == first
+
+
+def test_experiment_url_loads_a_shared_view_state_of_the_headline_metric_columns(stack):
+    from storage.tracking import HEADLINE_COLUMNS
+
+    tracker = _tracker(stack)
+    tracker.set_view_state()
+    url = tracker.experiment_url()
+    assert url == (f"{tracker.uri}/#/experiments/{tracker.experiment_id}/runs"
+                   "?workflowType=machine_learning&viewStateShareKey=entcal")
+    key = re.search(r"viewStateShareKey=(\w+)", url).group(1)
+    tag = MlflowClient(stack.mlflow_uri).get_experiment(tracker.experiment_id).tags[f"mlflow.sharedViewState.{key}"]
+    state = json.loads(tag)
+    assert state["selectedColumns"] == [f"metrics.`{m}`" for m in HEADLINE_COLUMNS] + ["attributes.`Dataset`"]
+    assert state["columnOrder"] == state["selectedColumns"][:-1] == list(state["columnWidths"])  # widths need an order
+    assert min(state["columnWidths"].values()) >= 150
+    assert (state["orderByKey"], state["orderByAsc"]) == ("attributes.start_time", False)
+    run_id = tracker.start("r")
+    assert tracker.run_url(run_id) == f"{url.split('/runs?')[0]}/runs/{run_id}?workflowType=machine_learning"
+    assert tracker.run_url(run_id, "/artifacts/report/report.html").endswith(
+        f"/runs/{run_id}/artifacts/report/report.html?workflowType=machine_learning")
+
+
+def test_the_installed_mlflow_ui_reads_the_view_state_and_column_ids_tracking_writes():
+    """The names storage.tracking relies on, in the JS bundle of the installed MLflow: an MLflow upgrade
+    that renames them fails here, not silently in a user's browser."""
+    import mlflow
+
+    js = "".join(p.read_text(errors="replace")
+                 for p in (Path(mlflow.__file__).parent / "server/js/build/static/js").glob("*.js"))
+    assert '"viewStateShareKey"' in js and '"mlflow.sharedViewState."' in js
+    assert 'e+".`"+t+"`"' in js  # makeCanonicalSortKey: metrics.`entce`
+    assert 'ATTRIBUTES:"attributes"' in js and 'DATASET:"Dataset"' in js and 'DATE:"attributes.start_time"' in js
+    assert '"selectedColumns","columnOrder","columnWidths"' in js  # uiState keys a shared state may set
+    assert 'MACHINE_LEARNING="machine_learning"' in js and '"workflowType"' in js
