@@ -124,3 +124,16 @@ def tiny_config(model_dir: Path, **over) -> dict:
            "min_reference_tokens": 8, "horizon": 8, "bootstrap": 20}
     cfg.update(over)
     return cfg
+
+
+def random_prompts(lm, n: int, prompt_len: int, reference_len: int, seed: int):
+    """A prompts table of random token ids (prompt i is ``prompt_len - i`` long: rows of unequal length)."""
+    import polars as pl
+
+    g = torch.Generator().manual_seed(seed)
+    V = lm.model.config.vocab_size
+    return pl.DataFrame({
+        "example_id": [f"e{i}" for i in range(n)], "dataset": ["d"] * n,
+        "prompt_ids": [torch.randint(2, V, (prompt_len - i,), generator=g).tolist() for i in range(n)],
+        "reference_ids": [torch.randint(2, V, (reference_len,), generator=g).tolist() for _ in range(n)],
+    }, schema_overrides={"prompt_ids": pl.List(pl.Int32), "reference_ids": pl.List(pl.Int32)})

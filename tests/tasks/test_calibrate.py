@@ -59,15 +59,9 @@ def test_example_sums_are_what_the_ci_resamples():
 
 
 def _random_prompts(lm, n=4, p=9, r=14):
-    import torch
+    from tests.conftest import random_prompts
 
-    g = torch.Generator().manual_seed(3)
-    V = lm.model.config.vocab_size
-    return pl.DataFrame({
-        "example_id": [f"e{i}" for i in range(n)], "dataset": ["d"] * n,
-        "prompt_ids": [torch.randint(2, V, (p - i,), generator=g).tolist() for i in range(n)],
-        "reference_ids": [torch.randint(2, V, (r,), generator=g).tolist() for _ in range(n)],
-    }, schema_overrides={"prompt_ids": pl.List(pl.Int32), "reference_ids": pl.List(pl.Int32)})
+    return random_prompts(lm, n, p, r, seed=3)
 
 
 def test_logloss_at_epsilon_equals_a_direct_rescore(tiny_lm):

@@ -5,16 +5,11 @@ import torch
 
 from tasks.config import DecodingSpec
 from tasks.score import score_table
+from tests.conftest import random_prompts
 
 
 def _prompts(lm, n=3, p=10, r=15):
-    g = torch.Generator().manual_seed(1)
-    V = lm.model.config.vocab_size
-    return pl.DataFrame({
-        "example_id": [f"e{i}" for i in range(n)], "dataset": ["d"] * n,
-        "prompt_ids": [torch.randint(2, V, (p - i,), generator=g).tolist() for i in range(n)],
-        "reference_ids": [torch.randint(2, V, (r,), generator=g).tolist() for _ in range(n)],
-    }, schema_overrides={"prompt_ids": pl.List(pl.Int32), "reference_ids": pl.List(pl.Int32)})
+    return random_prompts(lm, n, p, r, seed=1)
 
 
 def test_logloss_equals_direct_log_softmax(tiny_lm):
