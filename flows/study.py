@@ -52,12 +52,15 @@ def preflight(config: StudyConfig) -> None:
         for dataset in config.datasets:
             if dataset.hf or dataset.preset:
                 continue  # a download: the prepare task counts those examples
-            datasets.prepare_prompts(model, dataset, num_examples=config.num_examples,
-                                     prompt_tokens=config.prompt_tokens,
-                                     min_reference_tokens=config.min_reference_tokens,
-                                     max_reference_tokens=max(config.horizon, config.max_new_tokens),
-                                     max_new_tokens=config.max_new_tokens)
+            datasets.prepare_prompts(model, dataset, **prepare_knobs(config))
     _PREFLIGHT_PASSED.add(config.digest())
+
+
+def prepare_knobs(config: StudyConfig) -> dict:
+    """The prompts-table knobs, one place for preflight's check and the prepare stage."""
+    return dict(num_examples=config.num_examples, prompt_tokens=config.prompt_tokens,
+                min_reference_tokens=config.min_reference_tokens,
+                max_reference_tokens=max(config.horizon, config.max_new_tokens), max_new_tokens=config.max_new_tokens)
 
 
 @flow(name="entcal-study", log_prints=True, flow_run_name=study_run_name)
@@ -95,16 +98,12 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     status = "FAILED"
     try:
-        max_ref = max(config.horizon, config.max_new_tokens)
         for model in config.models:
             for dataset in config.datasets:
                 tag = f"{model.label}/{dataset.label}"
                 if dataset.label not in alphas:
                     alphas[dataset.label] = run("corpus-alpha", f"corpus-alpha {dataset.label}", dataset=dataset)
-                prompts = run("prepare", f"prepare {tag}", model=model, dataset=dataset,
-                              num_examples=config.num_examples, prompt_tokens=config.prompt_tokens,
-                              min_reference_tokens=config.min_reference_tokens, max_reference_tokens=max_ref,
-                              max_new_tokens=config.max_new_tokens)
+                prompts = run("prepare", f"prepare {tag}", model=model, dataset=dataset, **prepare_knobs(config))
                 prompts_uri = publish.upload_prompts(settings, prompts, frame_digest(prompts)[:16])
                 children = {d.key: start_child(
                     tracker, parent_id, publish.display_name(model, dataset, d), links,
@@ -133,8 +132,7 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
                         run_id = publish_child_task(
                             tracker, parent_id, name, params, doc, curves, tables, run_id=children[d.key],
                             prompts_uri=prompts_uri, description=publish.child_description(config, model, dataset, d),
-                            examples=publish.example_table(g, r, horizon=config.horizon,
-                                                           tokenizer=publish.text_tokenizer(model)))
+                            examples=publish.example_table(g, r, horizon=config.horizon))
                         children.pop(d.key)
                         if out:
                             publish.write_child_dir(out_dir, name, tables, doc)

@@ -144,39 +144,23 @@ def upload_prompts(settings: Settings, prompts: pl.DataFrame, digest: str) -> st
     return f"s3://{settings.bucket}/{key}"
 
 
-def text_tokenizer(model: ModelSpec):
-    """The model's tokenizer to decode the per-example text, or None when it cannot be loaded here
-    (e.g. prepare was served from another machine's cache): the table then has no text column."""
-    from tasks.models import load_tokenizer
-
-    try:
-        return load_tokenizer(model)
-    except Exception as err:  # the text is a convenience: never fail a publish for it
-        log.warning("no decoded text in the per-example table of %s: %s", model.label, err)
-        return None
-
-
-def example_table(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int,
-                  tokenizer=None) -> pl.DataFrame:
+def example_table(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int) -> pl.DataFrame:
     """One row per example: entropy_mean (H̄ of its samples), logloss_mean (L̄ of its reference),
     entce, tokens pooled (nats/token, first ``horizon`` steps), the first sample's finish_reason and,
-    with a tokenizer, the first ``TEXT_CHARS`` characters of its decoded text."""
+    when the generations carry decoded text (their ``text`` column), its first ``TEXT_CHARS`` characters."""
     h = _per_example(generations, "step_entropy", horizon)
     l = _per_example(reference, "step_logloss", horizon)
     first = generations.group_by("example_id", maintain_order=True).first()
     out = (h.join(l, on="example_id", how="left", suffix="_l")
-           .join(first.select("example_id", "finish_reason", "token_ids"), on="example_id", how="left")
+           .join(first.select("example_id", "finish_reason", "text"), on="example_id", how="left")
            .select("example_id", (pl.col("sum") / pl.col("n")).alias("entropy_mean"),
                    (pl.col("sum_l") / pl.col("n_l")).alias("logloss_mean"),
                    pl.col("n").alias("generated_tokens"), pl.col("n_l").alias("reference_tokens"),
-                   "finish_reason", "token_ids")
+                   "finish_reason", pl.col("text").str.slice(0, TEXT_CHARS))
            .with_columns((pl.col("entropy_mean") - pl.col("logloss_mean")).alias("entce")))
-    if tokenizer is not None:
-        texts = [tokenizer.decode(ids, skip_special_tokens=True)[:TEXT_CHARS] for ids in out["token_ids"].to_list()]
-        out = out.with_columns(pl.Series("text", texts, dtype=pl.String))
     cols = ["example_id", "entropy_mean", "logloss_mean", "entce", "generated_tokens", "reference_tokens",
             "finish_reason"]
-    return out.select(cols + (["text"] if tokenizer is not None else []))
+    return out.select(cols + (["text"] if out["text"].null_count() < out.height else []))
 
 
 def error_accumulation_figure(curves: pl.DataFrame, title: str):
