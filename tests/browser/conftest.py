@@ -31,8 +31,11 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """One Chromium per test module. Not per session: while Playwright's sync API is started it
+    marks an asyncio loop as running in the main thread, and every later test that calls Prefect's
+    sync API there would get coroutines back instead of results."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
