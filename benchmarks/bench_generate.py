@@ -64,7 +64,8 @@ def _prompts(source: str, tokenizer, batch: int, prompt_tokens: int, vocab: int,
     import polars as pl
 
     from tasks.config import DatasetSpec
-    from tasks.datasets import PROMPTS_SCHEMA, build_prompts, documents
+    from tasks.contracts import PROMPTS_SCHEMA
+    from tasks.datasets import build_prompts, documents
 
     if source == "python-docs":
         df, stats = build_prompts(

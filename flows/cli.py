@@ -59,6 +59,8 @@ def _environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # MLflow's default retries a dead server for minutes per request; the publish tasks retry on top
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    # Prefect's ephemeral server migrates its database on first start: 20 s is too short on 2 busy cores
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if settings.prefect_api and "PREFECT_API_URL" not in os.environ:
         from storage.stack import health, read_stack_file
 
@@ -124,9 +126,9 @@ def print_result(result: dict) -> None:
         for t in cal["truncation"]:
             print(f"  {t['method']:<11} zeroes EntCE at {t['param']:.3f} with L̄ {fmt(t['logloss'])}")
         for name in ("lookahead", "future_entropy"):
-            if name in cal:
-                r = cal[name]
-                print(f"  {name:<15} α {r['alpha']:+.3f}  EntCE {r['entce_before']:+.3f} -> {r['entce_after']:+.3f}  "
+            if r := cal.get(name):
+                alpha = " ".join(f"{a:+.3f}" for a in r["alpha"]) if isinstance(r["alpha"], list) else f"{r['alpha']:+.3f}"
+                print(f"  {name:<15} α {alpha}  EntCE {r['entce_before']:+.3f} -> {r['entce_after']:+.3f}  "
                       f"L̄ {r['logloss_before']:.3f} -> {r['logloss_after']:.3f}")
     if result["cached"]:
         print(f"Served from cache: {len(result['cached'])} stages; ran: {len(result['ran'])}")
@@ -177,7 +179,7 @@ def cmd_stack(args) -> int:
 
 
 def cmd_theory(args) -> int:
-    from tasks import scaling
+    from tasks import figures, scaling
 
     alphas = args.alpha or [1.2, 1.5, 2.0, 3.0]
     results = scaling.theory_results(alphas)
@@ -188,7 +190,7 @@ def cmd_theory(args) -> int:
     for r in results:
         print(f"{r['alpha']:>6.2f} {r['fitted_exponent']:>9.3f} {r['predicted_exponent']:>16.3f}")
     if args.plot:
-        path = scaling.plot_theory(scaling.theory_curves(alphas), args.plot)
+        path = figures.plot_theory(scaling.theory_curves(alphas), args.plot)
         print(f"plot: {path}")
     return 0
 

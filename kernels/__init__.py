@@ -8,16 +8,33 @@ Public API (DESIGN.md):
 
 All outputs are float32, in nats. ``impl="auto"`` runs Triton on CUDA and the PyTorch
 reference elsewhere; ``impl="triton"`` also runs on CPU under ``TRITON_INTERPRET=1``.
+
+The decoding knobs' ranges are one table, `DECODING_RANGES` (kernels.decoding), which
+tasks.config builds its pydantic fields from. Importing this package loads no torch (the config
+is checked before torch loads): torch and the implementations are imported on first use.
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from kernels import reference
-from kernels.reference import TokenStats
+from kernels.decoding import DECODING_DESCRIPTIONS, DECODING_RANGES, check_decoding, range_error
+
+if TYPE_CHECKING:
+    import torch
+
+    from kernels.reference import TokenStats
 
 
 IMPLS = ("auto", "triton", "reference")
+
+
+def __getattr__(name: str):
+    """`kernels.TokenStats`, imported (with torch) on first use."""
+    if name == "TokenStats":
+        from kernels.reference import TokenStats
+
+        return TokenStats
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
 
 
 def _resolve(impl: str, device: torch.device) -> str:
@@ -41,20 +58,13 @@ def _triton_available() -> bool:
 
 
 def _check(logits: torch.Tensor, targets, temperature, top_k, top_p, min_p, top_nsigma) -> None:
+    """ValueError unless logits is [N, V], targets [N] or None, and each knob in DECODING_RANGES."""
     if logits.dim() != 2:
         raise ValueError(f"logits: expected a 2-D tensor [N, V], got shape {tuple(logits.shape)}")
     if targets is not None and targets.shape != logits.shape[:1]:
         raise ValueError(f"targets: expected shape [{logits.shape[0]}], got {tuple(targets.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k: expected >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
-    if not 0 <= min_p < 1:
-        raise ValueError(f"min_p: expected in [0, 1), got {min_p}")
-    if top_nsigma < 0:
-        raise ValueError(f"top_nsigma: expected >= 0 (0 = off), got {top_nsigma}")
+    check_decoding(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   top_nsigma=top_nsigma)
 
 
 def token_stats(
@@ -80,6 +90,8 @@ def token_stats(
         from kernels.stats import token_stats as triton_token_stats
 
         return triton_token_stats(logits, targets, temperature=temperature)
+    from kernels import reference
+
     return reference.token_stats(logits, targets, **kw)
 
 
@@ -97,13 +109,15 @@ def fused_token_stats(
             f"hidden[N, D] and weight[V, D]: expected matching D, got {tuple(hidden.shape)} "
             f"and {tuple(weight.shape)}"
         )
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
+    check_decoding(temperature=temperature)
     if _resolve(impl, hidden.device) == "triton":
         from kernels.fused_head import fused_token_stats as triton_fused
 
         return triton_fused(hidden, weight, targets, temperature=temperature)
+    from kernels import reference
+
     return reference.fused_token_stats(hidden, weight, targets, temperature=temperature)
 
 
-__all__ = ["TokenStats", "token_stats", "fused_token_stats", "IMPLS"]
+__all__ = ["TokenStats", "token_stats", "fused_token_stats", "IMPLS", "DECODING_RANGES",
+           "DECODING_DESCRIPTIONS", "check_decoding", "range_error"]

@@ -9,10 +9,10 @@ Shapes, dtypes, units
 Each program owns BLOCK_N rows and one range of the vocabulary. For every [BLOCK_N, BLOCK_V]
 tile it accumulates logits = hidden @ weight^T over D with tl.dot into float32 registers,
 scales by 1/temperature and folds the tile straight into the per-row shifted state
-(m, c + r = sum e^(z-m), w = sum e^(z-m)(z-m); see kernels.stats and docs/KERNELS.md), plus
-the target's logit when the target column is in the tile. Partial states of the vocabulary
-ranges are merged on the host (kernels.stats.merge_states): extra memory is N * splits * 5
-floats, never N * V.
+(m, c + r = sum e^(z-m), w = sum e^(z-m)(z-m); docs/KERNELS.md) with kernels.stats'
+_streaming_update, the update the logits-row kernel uses, plus the target's logit when the
+target column is in the tile. Partial states of the vocabulary ranges are merged on the host
+(kernels.stats.merge_states): extra memory is N * splits * 5 floats, never N * V.
 
 Launch order: program ids run vocabulary-range-major inside groups of GROUP_N row tiles, so the
 programs resident at the same time stream the same weight tiles (L2 reuse on a GPU; the hidden
@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from kernels.reference import TokenStats
-from kernels.stats import _scale, finalize, interpreting, merge_states, scale_mode
+from kernels.stats import (_scale, _streaming_update, finalize, interpreting, merge_states,
+                           scale_mode)
 
 INF = float("inf")
 
@@ -88,20 +89,7 @@ def _fused_kernel(
                 acc = tl.dot(h, wt, acc)
         z = _scale(acc, scale, MODE)
         keep = col_ok[None, :] & (z > -float("inf"))
-        m_new = tl.maximum(m, tl.max(tl.where(keep, z, -float("inf")), 1))
-        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-        top = keep & (z == m_use[:, None])  # decided on z: FMA may contract z - m (stats.py)
-        below = keep & (z < m_use[:, None])
-        dz = tl.where(below, z - m_use[:, None], 0.0)
-        e = tl.where(below, tl.exp(dz), 0.0)
-        alive = m > -float("inf")
-        shift = tl.where(alive, m - m_use, 0.0)
-        a = tl.where(alive, tl.exp(shift), 0.0)
-        moved = shift < 0.0
-        w = a * (w + shift * (c + r)) + tl.sum(e * dz, 1)
-        r = a * r + tl.where(moved, a * c, 0.0) + tl.sum(e, 1)
-        c = tl.where(moved, 0.0, c) + tl.sum(top.to(tl.float32), 1)
-        m = m_new
+        m, c, r, w = _streaming_update(m, c, r, w, z, keep, 1)
         if HAS_T:
             zt += tl.sum(tl.where(cols64[None, :] == tgt[:, None], z, 0.0), 1)
     base = OUT + (rows64 * n_splits + split) * 5

@@ -14,7 +14,8 @@ where c counts the tokens at the max (each e^0 = 1 exactly) and r sums the other
 lse = m + log s and H = log s - w / s with log s = log c + log1p(r / c): both terms of H are >= 0
 and keep their relative precision on peaked rows (H ~ 1e-8, where s = 1 + r rounds to 1 in
 float32). When the max moves from m to m' the state is rescaled by a = e^(m - m'):
-w <- a (w + (m - m') s), r <- a (r + c), c <- 0. Partial states of one row (split rows, for
+w <- a (w + (m - m') s), r <- a (r + c), c <- 0: that per-block update is `_streaming_update`,
+called by this kernel and by kernels.fused_head's. Partial states of one row (split rows, for
 small N) merge the same way, on the host in torch (a few floats per row). -inf logits contribute
 nothing; a row that is -inf except for a few tokens is fine.
 
@@ -77,6 +78,34 @@ def _scale(x, scale, MODE: tl.constexpr):
 
 
 @triton.jit
+def _streaming_update(m, c, r, w, z, keep, AXIS: tl.constexpr):
+    """Fold one block of z into the running shifted state (m, c, r, w) of each row; returns it.
+
+    z, keep: the block and which of its entries count, laid out with the columns along AXIS
+    ([BLOCK] and AXIS=0 for one row, [ROWS, BLOCK] and AXIS=1 for ROWS rows). m, c, r, w: float32
+    state of each row (0-d for one row, [ROWS]), m = -inf before the first counted token. Both
+    streaming kernels (_stats_kernel and kernels.fused_head) call this one update.
+    """
+    m_new = tl.maximum(m, tl.max(tl.where(keep, z, -float("inf")), AXIS))
+    m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+    m_col = tl.expand_dims(m_use, AXIS)  # broadcasts against z
+    # tokens at the running max (e^0 = 1) are counted in c. Decide with z, not z - m: with
+    # FMA contraction z * scale - m may not be exactly 0 for them on a GPU.
+    top = keep & (z == m_col)
+    below = keep & (z < m_col)
+    d = tl.where(below, z - m_col, 0.0)
+    e = tl.where(below, tl.exp(d), 0.0)
+    alive = m > -float("inf")
+    shift = tl.where(alive, m - m_use, 0.0)
+    a = tl.where(alive, tl.exp(shift), 0.0)
+    moved = shift < 0.0
+    w = a * (w + shift * (c + r)) + tl.sum(e * d, AXIS)
+    r = a * r + tl.where(moved, a * c, 0.0) + tl.sum(e, AXIS)
+    c = tl.where(moved, 0.0, c) + tl.sum(top.to(tl.float32), AXIS)
+    return m_new, c, r, w
+
+
+@triton.jit
 def _stats_kernel(
     X, stride_n, stride_v, V, cols_per_split, scale, LO, OUT,
     MODE: tl.constexpr, HAS_LO: tl.constexpr, MOMENTS: tl.constexpr, BLOCK: tl.constexpr,
@@ -107,22 +136,7 @@ def _stats_kernel(
         keep = inb & (z > -float("inf"))
         if HAS_LO:
             keep = keep & (z >= lo)
-        m_new = tl.maximum(m, tl.max(tl.where(keep, z, -float("inf")), 0))
-        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-        # tokens at the running max (e^0 = 1) are counted in c. Decide with z, not z - m: with
-        # FMA contraction z * scale - m may not be exactly 0 for them on a GPU.
-        top = keep & (z == m_use)
-        below = keep & (z < m_use)
-        d = tl.where(below, z - m_use, 0.0)
-        e = tl.where(below, tl.exp(d), 0.0)
-        alive = m > -float("inf")
-        shift = tl.where(alive, m - m_use, 0.0)
-        a = tl.where(alive, tl.exp(shift), 0.0)
-        moved = shift < 0.0
-        w = a * (w + shift * (c + r)) + tl.sum(e * d, 0)
-        r = a * r + tl.where(moved, a * c, 0.0) + tl.sum(e, 0)
-        c = tl.where(moved, 0.0, c) + tl.sum(top.to(tl.float32), 0)
-        m = m_new
+        m, c, r, w = _streaming_update(m, c, r, w, z, keep, 0)
         if MOMENTS:  # Chan et al.: merge (count, mean, M2) of this block into the running ones
             fin = inb & (z > -float("inf")) & (z < float("inf"))
             nb = tl.sum(fin.to(tl.float32), 0)

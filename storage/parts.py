@@ -5,7 +5,7 @@ holds the part's record can check what it got: a missing, torn or altered object
 (recompute it), never as a table. With no S3 endpoint configured, parts are files under
 ``$ENTCAL_STATE_DIR/parts/`` (written to a temporary name and renamed into place).
 
-Record (what the cached task returns, JSON-able): ``{"uri", "key", "sha256", "rows", "bytes", "worker"}``.
+The record (what the cached task returns) is a PartRecord.
 """
 from __future__ import annotations
 
@@ -24,11 +24,23 @@ from storage.settings import Settings
 PREFIX = "parts"
 
 
+@dataclasses.dataclass(frozen=True)
+class PartRecord:
+    """Where a part is and what it holds: enough to fetch it and check it is the one written."""
+
+    uri: str  # s3://bucket/key, or a local path
+    key: str  # parts/<folder>/<sha256>.parquet
+    sha256: str
+    rows: int
+    bytes: int
+    worker: str  # host:pid of the process that wrote it
+
+
 def _local(settings: Settings, key: str) -> Path:
     return settings.state_dir / key
 
 
-def write(settings: Settings, folder: str, df: pl.DataFrame) -> dict:
+def write(settings: Settings, folder: str, df: pl.DataFrame) -> PartRecord:
     """Store ``df`` as ``parts/<folder>/<sha256>.parquet``; returns its record."""
     buf = io.BytesIO()
     df.write_parquet(buf, statistics=False)
@@ -45,20 +57,20 @@ def write(settings: Settings, folder: str, df: pl.DataFrame) -> dict:
         tmp.write_bytes(data)
         os.replace(tmp, path)
         uri = str(path)
-    return {"uri": uri, "key": key, "sha256": digest, "rows": df.height, "bytes": len(data),
-            "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    return PartRecord(uri=uri, key=key, sha256=digest, rows=df.height, bytes=len(data),
+                      worker=f"{socket.gethostname()}:{os.getpid()}")
 
 
-def read(settings: Settings, record: dict) -> pl.DataFrame | None:
+def read(settings: Settings, record: PartRecord) -> pl.DataFrame | None:
     """The part's table, or None when the object is missing or fails its checksum."""
-    key, uri = record["key"], record["uri"]
+    key, uri = record.key, record.uri
     if uri.startswith("s3://"):
         bucket = uri.removeprefix("s3://").split("/", 1)[0]
         data = s3.get_bytes(dataclasses.replace(settings, bucket=bucket), key)
     else:
         path = _local(settings, key)
         data = path.read_bytes() if path.is_file() else None
-    if data is None or hashlib.sha256(data).hexdigest() != record["sha256"]:
+    if data is None or hashlib.sha256(data).hexdigest() != record.sha256:
         return None
     df = pl.read_parquet(io.BytesIO(data))
-    return df if df.height == record["rows"] else None
+    return df if df.height == record.rows else None

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kernels.decoding import DECODING_DESCRIPTIONS, DECODING_RANGES
 from storage.errors import UserError
 
 BUILTIN_MODELS = ("smollm2-135m",)
@@ -103,19 +104,24 @@ class DatasetSpec(_Closed):
         return Path(src.rstrip("/")).stem
 
 
+def _decoding_field(name: str, default: float):
+    """A pydantic Field for decoding knob `name` with its bounds and description from kernels.decoding."""
+    return Field(default, description=DECODING_DESCRIPTIONS[name], **DECODING_RANGES[name])
+
+
 class DecodingSpec(_Closed):
     """The sampling distribution: temperature, then top-k, top-p, min-p, top-nσ (transformers' order).
 
     The ranges are ``Field`` constraints, so they are part of the JSON schema the Prefect UI builds its
     form from and a deployment run with an out-of-range value is refused when it is created."""
 
-    temperature: float = Field(1.0, gt=0, le=100, description="τ > 0: logits are divided by it (1 = the model's "
-                               "own distribution; lower = sharper)")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus: keep the smallest set whose mass reaches p "
-                         "(1 = off)")
-    min_p: float = Field(0.0, ge=0, lt=1, description="keep tokens with p ≥ min_p · p_max (0 = off)")
-    top_nsigma: float = Field(0.0, ge=0, description="keep logits ≥ max − n·σ of the row (0 = off)")
+    # ranges and descriptions: kernels.DECODING_RANGES / DECODING_DESCRIPTIONS, the one table that
+    # kernels.token_stats also checks its arguments against
+    temperature: float = _decoding_field("temperature", 1.0)
+    top_k: int = _decoding_field("top_k", 0)
+    top_p: float = _decoding_field("top_p", 1.0)
+    min_p: float = _decoding_field("min_p", 0.0)
+    top_nsigma: float = _decoding_field("top_nsigma", 0.0)
 
     @property
     def truncated(self) -> bool:

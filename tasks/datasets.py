@@ -22,17 +22,10 @@ from typing import Iterator
 import polars as pl
 
 from tasks.config import ConfigError, DatasetSpec, ModelSpec
+from tasks.contracts import PROMPTS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-PROMPTS_SCHEMA = {
-    "example_id": pl.String,
-    "dataset": pl.String,
-    "prompt_ids": pl.List(pl.Int32),
-    "reference_ids": pl.List(pl.Int32),
-    "prompt_text": pl.String,
-    "reference_text": pl.String,
-}
 
 # The paper's presets: hub parquet files (read by polars over hf://) and how a row becomes a document.
 PRESET_SOURCES = {
@@ -163,7 +156,7 @@ def read_table(source: str) -> pl.DataFrame:
 
 
 def preset_documents(preset: str, df: pl.DataFrame) -> Iterator[Document]:
-    """Rows of a preset's table -> documents, with the paper's filters (SCIENCE.md §2)."""
+    """Rows of a preset's table -> documents, with the paper's filters (docs/SCIENCE.md §2)."""
     if preset == "wikitext-103":
         for i, text in enumerate(df["text"].to_list()):
             if len(text) >= 200:  # the paper keeps texts of at least 200 characters

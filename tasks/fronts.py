@@ -1,5 +1,6 @@
-"""Temperature root τ* (EntCE(τ*) = 0) and truncation trade-offs (SCIENCE.md §4): the zero-EntCE point of
-each truncation sweep and the (|EntCE|, L̄) Pareto front, with its plot. Pure Python: no torch."""
+"""Temperature root τ* (EntCE(τ*) = 0) and truncation trade-offs (docs/SCIENCE.md §4): the zero-EntCE point
+of each truncation sweep and the (|EntCE|, L̄) Pareto front (its plot: tasks.figures.plot_pareto). Pure
+Python: no torch, no matplotlib."""
 from __future__ import annotations
 
 import math
@@ -88,7 +89,8 @@ def tau_star(entce_at: Callable[[float], tuple[float, float, float]], lo: float 
 
 
 # ---------------------------------------------------------------- truncation trade-offs
-def _finite(*vals) -> bool:
+def finite(*vals) -> bool:
+    """True when every value is a finite number (not None, ±inf or NaN)."""
     return all(v is not None and math.isfinite(float(v)) for v in vals)
 
 
@@ -99,7 +101,7 @@ def truncation_front(rows: list[dict]) -> dict:
     rows not dominated in (|EntCE|, logloss), both minimised, sorted by |EntCE|."""
     methods: dict[str, dict] = {}
     for m in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r for r in rows if r["method"] == m and _finite(r["entce"], r["param"])),
+        pts = sorted((r for r in rows if r["method"] == m and finite(r["entce"], r["param"])),
                      key=lambda r: r["param"])
         cands = []
         for i, p in enumerate(pts):
@@ -110,7 +112,7 @@ def truncation_front(rows: list[dict]) -> dict:
                 w = p["entce"] / (p["entce"] - q["entce"])
             else:
                 continue
-            lerp = {k: (p[k] + w * (q[k] - p[k]) if _finite(p.get(k), q.get(k)) else None)
+            lerp = {k: (p[k] + w * (q[k] - p[k]) if finite(p.get(k), q.get(k)) else None)
                     for k in ("param", "logloss", "logloss_untruncated", "truncated_share")}
             cands.append(lerp)
         best = min(cands, key=lambda c: c["logloss"] if c["logloss"] is not None else math.inf, default=None)
@@ -118,34 +120,8 @@ def truncation_front(rows: list[dict]) -> dict:
                       "zero_logloss_untruncated": best and best["logloss_untruncated"],
                       "zero_truncated_share": best and best["truncated_share"],
                       "crossings": len(cands), "points": len(pts)}
-    valid = [r for r in rows if _finite(r["entce"], r["logloss"])]
+    valid = [r for r in rows if finite(r["entce"], r["logloss"])]
     front = [r for r in valid if not any(
         abs(o["entce"]) <= abs(r["entce"]) and o["logloss"] <= r["logloss"]
         and (abs(o["entce"]) < abs(r["entce"]) or o["logloss"] < r["logloss"]) for o in valid)]
     return {"methods": methods, "front": sorted(front, key=lambda r: (abs(r["entce"]), r["logloss"]))}
-
-
-def plot_pareto(rows: list[dict], path, *, title: str | None = None) -> str:
-    """EntCE against L̄, one marker/colour per method, the (|EntCE|, L̄) front circled and joined."""
-    from matplotlib.figure import Figure  # Agg via Figure.savefig: no pyplot global state
-
-    fig = Figure(figsize=(6.5, 4.5))
-    ax = fig.subplots()
-    markers = "osD^vP*Xh<>"
-    for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = sorted((r for r in rows if r["method"] == m and _finite(r["entce"], r["logloss"])),
-                     key=lambda r: r["param"])
-        ax.plot([r["logloss"] for r in pts], [r["entce"] for r in pts], marker=markers[i % len(markers)],
-                color=f"C{i}", lw=0.8, ms=5, label=m)
-    front = truncation_front(rows)["front"]
-    ax.scatter([r["logloss"] for r in front], [r["entce"] for r in front], s=140, facecolors="none",
-               edgecolors="k", lw=1.2, label="Pareto front (|EntCE|, L̄)", zorder=3)
-    ax.axhline(0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("L̄: log loss on human text (nats/token)")
-    ax.set_ylabel("EntCE = H̄ − L̄ (nats/token)")
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return str(path)

@@ -40,22 +40,12 @@ import kernels
 from kernels.reference import scaled_logits
 from storage.errors import UserError
 from tasks.config import DecodingSpec, ModelSpec
+from tasks.contracts import GENERATIONS_SCHEMA
 from tasks.models import load_model, pad_id, pick_compile
 from tasks.score import plain_lm_head
 
 log = logging.getLogger(__name__)
 
-GENERATIONS_SCHEMA = {
-    "example_id": pl.String,
-    "sample": pl.Int32,
-    "decoding": pl.String,
-    "token_ids": pl.List(pl.Int32),
-    "step_entropy": pl.List(pl.Float32),
-    "step_logprob": pl.List(pl.Float32),
-    "finish_reason": pl.String,
-    "text": pl.String,
-    "tokens": pl.List(pl.String),
-}
 
 
 # adjust(step, z[N, V], kv cache, attention mask[N, L], next positions[N, 1]) -> z̃[N, V]
@@ -186,7 +176,7 @@ def sample_batch(
     then ``adjust``; entropy and log-prob by ``kernels.token_stats(z)``, the token by ``sample_tokens(z)``.
 
     ``adjust(t, z, cache, mask, positions) -> z̃`` reshapes the sampling distribution's logits before
-    the draw (calibration methods, tasks/recalibrate.py); entropy and log-prob are then those of z̃.
+    the draw (reweighted sampling, tasks/atoms.py); entropy and log-prob are then those of z̃.
     ``kv_cache``: "static" (preallocated, in place; the growing cache when ``adjust`` is set) or "dynamic".
     ``compiled``: decode steps through ``decoder(model, True)`` (static cache only).
 

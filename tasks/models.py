@@ -27,7 +27,6 @@ class LoadedModel:
     device: torch.device
     eos_ids: tuple[int, ...]
     params: int
-    max_positions: int | None
 
 
 def bundled_smollm2() -> Path:
@@ -145,5 +144,4 @@ def _load_model(spec_json: str) -> LoadedModel:
     return LoadedModel(
         model=model, tokenizer=tok, device=device, eos_ids=eos_ids,
         params=int(sum(p.numel() for p in model.parameters())),
-        max_positions=getattr(model.config, "max_position_embeddings", None),
     )

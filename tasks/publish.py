@@ -26,8 +26,10 @@ import torch
 from storage import s3
 from storage.settings import Settings
 from storage.tracking import Tracker, git_commit
-from tasks.calibrate import _per_example
+from tasks import figures
 from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
+from tasks.contracts import Summary
+from tasks.metrics import per_example
 
 PACKAGES = ("torch", "transformers", "prefect", "mlflow", "polars", "triton")
 LIST_FIELDS = {"models": "label", "datasets": "label", "decodings": "key"}
@@ -148,8 +150,8 @@ def example_table(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon
     """One row per example: entropy_mean (H̄ of its samples), logloss_mean (L̄ of its reference),
     entce, tokens pooled (nats/token, first ``horizon`` steps), the first sample's finish_reason and,
     when the generations carry decoded text (their ``text`` column), its first ``TEXT_CHARS`` characters."""
-    h = _per_example(generations, "step_entropy", horizon)
-    l = _per_example(reference, "step_logloss", horizon)
+    h = per_example(generations, "step_entropy", horizon)
+    l = per_example(reference, "step_logloss", horizon)
     first = generations.group_by("example_id", maintain_order=True).first()
     out = (h.join(l, on="example_id", how="left", suffix="_l")
            .join(first.select("example_id", "finish_reason", "text"), on="example_id", how="left")
@@ -163,28 +165,11 @@ def example_table(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon
     return out.select(cols + (["text"] if out["text"].null_count() < out.height else []))
 
 
-def error_accumulation_figure(curves: pl.DataFrame, title: str):
-    """A child's h_t and l_t against t (unsmoothed) as a matplotlib ``Figure`` (no pyplot state)."""
-    from matplotlib.figure import Figure
-
-    steps = curves["step"].to_list() if "step" in curves.columns else list(range(curves.height))
-    fig = Figure(figsize=(6, 3.5), dpi=110)
-    ax = fig.add_subplot()
-    ax.plot(steps, curves["entropy_mean"].to_list(), label="entropy of generations h_t")
-    ax.plot(steps, curves["logloss_mean"].to_list(), linestyle="--", label="log loss on human text l_t")
-    ax.set_xlabel("generation step t")
-    ax.set_ylabel("nats / token")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def summary_json(summary: dict, cfg: StudyConfig, model: ModelSpec, dataset: DatasetSpec,
+def summary_json(summary: Summary, cfg: StudyConfig, model: ModelSpec, dataset: DatasetSpec,
                  decoding: DecodingSpec, model_params: int | None) -> dict:
-    """summary.json (DESIGN.md): the metrics, the decoding, model and dataset names, T, provenance."""
+    """summary.json (docs/DESIGN.md): the metrics, the decoding, model and dataset names, T, provenance."""
     return {
-        **summary,
+        **summary.as_dict(),
         "decoding": {"temperature": decoding.temperature, "top_k": decoding.top_k, "top_p": decoding.top_p,
                      "min_p": decoding.min_p, "top_nsigma": decoding.top_nsigma, "key": decoding.key},
         "model": model.label, "model_params": model_params, "dataset": dataset.label, "horizon": cfg.horizon,
@@ -237,7 +222,7 @@ def log_child(tracker: Tracker, parent_id: str, name: str, *, params: dict, summ
             tracker.log_table(run_id, df, table)
         if examples is not None:
             tracker.log_table_view(run_id, examples, "tables/examples.json")
-        tracker.log_figure(run_id, error_accumulation_figure(curves, f"{name}: h_t vs l_t"),
+        tracker.log_figure(run_id, figures.error_accumulation_figure(curves, f"{name}: h_t vs l_t"),
                            "figures/error_accumulation.png")
         tracker.log_json(run_id, summary, "summary.json")
         tracker.set_tags(run_id, {"mlflow.note.content": "\n\n".join(filter(None, [description,

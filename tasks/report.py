@@ -1,4 +1,4 @@
-"""Figures and the markdown report of a study.
+"""The markdown and HTML report of a study, with its figures (drawn by tasks.figures).
 
 - error_accumulation.png: h_t (solid) and l_t (dashed) against t, smoothed, one colour per
   decoding, one panel per (model, dataset)
@@ -12,76 +12,15 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import re
 from pathlib import Path
 
 import polars as pl
 
-from tasks.calibrate import smooth
+from tasks import figures
 
 METRIC_COLUMNS = ("entce", "entce_ci_low", "entce_ci_high", "entropy", "logloss", "logloss_untruncated",
                   "truncated_share", "sampled_surprisal", "n_examples")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_error_accumulation(curves: list[dict], path: Path, *, smoothing: float) -> Path:
-    """``curves``: dicts with model, dataset, decoding and a 'curves' frame from step_curves."""
-    plt = _plt()
-    panels = sorted({(c["model"], c["dataset"]) for c in curves})
-    cols = min(2, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4 * rows), squeeze=False)
-    decodings = sorted({c["decoding"] for c in curves})
-    colour = {d: plt.cm.tab10(i % 10) for i, d in enumerate(decodings)}
-    for ax, (model, dataset) in zip(axes.flat, panels):
-        for c in curves:
-            if (c["model"], c["dataset"]) != (model, dataset):
-                continue
-            df = c["curves"]
-            ax.plot(df["step"], smooth(df["entropy_mean"].to_list(), smoothing), color=colour[c["decoding"]],
-                    label=f"{c['decoding']} entropy h_t")
-            ax.plot(df["step"], smooth(df["logloss_mean"].to_list(), smoothing), color=colour[c["decoding"]],
-                    linestyle="--", label=f"{c['decoding']} log loss l_t")
-        ax.set_title(f"{model} · {dataset}")
-        ax.set_xlabel("generation step t")
-        ax.set_ylabel("nats / token")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle("Error accumulation: entropy of generations vs log loss on human text")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_entce_vs_temperature(summary: pl.DataFrame, path: Path) -> Path:
-    """EntCE ± CI against temperature for the untruncated decodings."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    pure = summary.filter(~pl.col("truncated"))
-    for (model, dataset), grp in pure.group_by("model", "dataset", maintain_order=True):
-        g = grp.sort("temperature")
-        err = [g["entce"] - g["entce_ci_low"], g["entce_ci_high"] - g["entce"]]
-        ax.errorbar(g["temperature"], g["entce"], yerr=err, marker="o", capsize=3, label=f"{model} · {dataset}")
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_xlabel("temperature τ")
-    ax.set_ylabel("EntCE = H̄ − L̄ (nats / token)")
-    ax.set_title("Entropy calibration error against temperature")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _fmt(v) -> str:
@@ -91,11 +30,11 @@ def _fmt(v) -> str:
 
 
 def corpus_alpha_section(alphas: dict[str, dict | None]) -> str:
-    """The power-law α of each corpus (SCIENCE.md §3). ``alphas``: dataset label -> the corpus-alpha
+    """The power-law α of each corpus (docs/SCIENCE.md §3). ``alphas``: dataset label -> the corpus-alpha
     stage's dict (alpha, top, unit, words, documents, count_at_top, warning) or None (too few words)."""
     lines = ["## Corpora", "",
              "α: minus the OLS slope of log count on log rank over the corpus's most frequent words; the "
-             "theory's exponent of EntCE in training tokens is 1/α − 1 (SCIENCE.md §3).", "",
+             "theory's exponent of EntCE in training tokens is 1/α − 1 (docs/SCIENCE.md §3).", "",
              "| dataset | α | 1/α − 1 | ranks fitted | words counted | documents | count at last rank | warning |",
              "|---|---|---|---|---|---|---|---|"]
     units = set()
@@ -139,8 +78,9 @@ def write_report(out_dir: Path, name: str, summary: pl.DataFrame, curves: list[d
     paths ("report" is report.md, "html" report.html). ``excerpts``: pick_excerpts' dicts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = {
-        "error_accumulation": plot_error_accumulation(curves, out_dir / "error_accumulation.png", smoothing=smoothing),
-        "entce_vs_temperature": plot_entce_vs_temperature(summary, out_dir / "entce_vs_temperature.png"),
+        "error_accumulation": figures.plot_error_accumulation(curves, out_dir / "error_accumulation.png",
+                                                              smoothing=smoothing),
+        "entce_vs_temperature": figures.plot_entce_vs_temperature(summary, out_dir / "entce_vs_temperature.png"),
     }
     md_text = markdown_report(name, summary, horizon=horizon, figures=[str(p) for p in figs.values()],
                               run_url=run_url, extra=extra)

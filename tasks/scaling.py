@@ -1,6 +1,7 @@
 """Scaling-law fits, the paper's simplified theory, and the power-law α of a corpus.
 
-Plain functions (no Prefect, no I/O except the two plot helpers), numpy only:
+Plain functions (no Prefect, no I/O), numpy only; their plots are tasks.figures.plot_scaling and
+plot_theory:
 
     fit_scaling(params, entce, *, examples, n_boot, ci_level, seed) -> ScalingFit  # log EntCE on log N (§2)
     expected_derail_probability(alpha, m, *, vocab=None) -> q        # E[K_{m,1}]/m, closed form
@@ -10,9 +11,8 @@ Plain functions (no Prefect, no I/O except the two plot helpers), numpy only:
     theory_curves(alphas, ms) / theory_results(alphas, ms) -> one curve / one dict per α
     corpus_alpha(units | counts, *, top) -> α of a corpus (minus the log-frequency/log-rank slope)
     corpus_alpha_stats(texts, *, top, max_words) -> α over the top 5000 lower-cased words + diagnostics
-    plot_scaling(params, entce, fit, path) / plot_theory(curves, path) -> PNG files
 
-The theory (SCIENCE.md §3). Data are tokens i = 1, 2, … with p_i ∝ i^(−α). A model has seen m
+The theory (docs/SCIENCE.md §3). Data are tokens i = 1, 2, … with p_i ∝ i^(−α). A model has seen m
 training tokens and samples from their empirical counts; at each generated step it draws a token it
 saw exactly once with probability q = K_{m,1}/m (K_{m,1}: types seen exactly once), and from then on
 it is "derailed": its entropy is higher by a constant gap (nats). E[K_{m,1}]/m = Σ_i p_i (1 − p_i)^(m−1),
@@ -95,7 +95,7 @@ def fit_scaling(params: Sequence[float], entce: Sequence[float], *,
 
     params[n]: parameter counts (> 0); entce[n]: EntCE of each model, nats/token (> 0: the log of a
     non-positive EntCE is undefined, which raises ValueError naming the model). examples[n]: model
-    n's per-example sums (tasks.calibrate.example_sums: entropy_sum, entropy_n, logloss_sum,
+    n's per-example sums (tasks.metrics.example_sums: entropy_sum, entropy_n, logloss_sum,
     logloss_n, each [n_examples]).
 
     CI (only with ≥ MIN_CI_MODELS models and ``examples``): each of ``n_boot`` resamples draws models
@@ -406,49 +406,3 @@ def corpus_alpha_stats(texts: Iterable[str], *, top: int = CORPUS_TOP, max_words
                         "rank-frequency fit is noise; add text")
     return {"alpha": float(alpha), "top": used, "unit": WORD_UNIT, "words": int(total), "documents": int(docs),
             "distinct": int(counts.size), "count_at_top": at_top, "warning": "; ".join(warnings) or None}
-
-
-# --------------------------------------------------------------------------- plots
-
-def plot_scaling(params: Sequence[float], entce: Sequence[float], fit: ScalingFit, path: str) -> str:
-    """Log-log scatter of EntCE (nats/token) against parameter count with the fitted line; PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = np.asarray(params, dtype=np.float64)
-    y = np.asarray(entce, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    ax.scatter(x, y, color="C0", zorder=3, label="models")
-    grid = np.geomspace(x.min(), x.max(), 50)
-    ax.plot(grid, np.exp(fit.intercept) * grid ** fit.slope, color="C1",
-            label=(f"slope {fit.slope:.3f} (no CI)" if fit.slope_ci_low is None else
-                   f"slope {fit.slope:.3f} [{fit.slope_ci_low:.3f}, {fit.slope_ci_high:.3f}]"))
-    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="EntCE (nats/token)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return str(path)
-
-
-def plot_theory(results_per_alpha: Sequence[TheoryCurve], path: str) -> str:
-    """Expected EntCE against training tokens m (log-log), one line per α, legend with the fitted and
-    predicted (1/α − 1) exponents; PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    for k, c in enumerate(results_per_alpha):
-        ax.plot(c.ms, c.entce_nats, marker="o", ms=3, color=f"C{k}",
-                label=f"α={c.alpha:g}: fit {c.fitted_exponent:.3f}, 1/α−1 = {c.predicted_exponent:.3f}")
-    ax.set(xscale="log", yscale="log", xlabel="training tokens m",
-           ylabel="expected EntCE (nats/token)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return str(path)

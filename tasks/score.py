@@ -11,10 +11,15 @@ One forward pass per batch serves every decoding. When the LM head is a plain li
 stats come from the final hidden states through ``kernels.fused_token_stats`` (Triton on CUDA:
 the [tokens, vocabulary] logits never exist); truncated decodings materialise logits a block
 of rows at a time. Memory is proportional to tokens, not tokens × vocabulary.
+
+``right_pad`` and ``teacher_forced`` (the one teacher-forced forward: right-padded context +
+continuation, the states that predict each continuation token) also serve tasks/atoms.py and the
+future-entropy regressor (tasks/recalibrate.py).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import polars as pl
@@ -22,16 +27,9 @@ import torch
 
 import kernels
 from tasks.config import DecodingSpec, ModelSpec
+from tasks.contracts import REFERENCE_SCHEMA
 from tasks.models import load_model, pad_id
 
-REFERENCE_SCHEMA = {
-    "example_id": pl.String,
-    "decoding": pl.String,
-    "step_logloss": pl.List(pl.Float32),
-    "step_logloss_untruncated": pl.List(pl.Float32),
-    "step_entropy": pl.List(pl.Float32),
-    "step_truncated": pl.List(pl.Boolean),
-}
 ROW_BLOCK = 512  # rows of logits materialised at once for truncated decodings
 _SOFTCAP_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -67,33 +65,65 @@ def decoding_stats(rows: torch.Tensor, weight: torch.Tensor | None, targets: tor
     return dict(zip(("logloss", "logloss_untruncated", "entropy", "truncated"), cols))
 
 
+def right_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, L] (each sequence, then ``pad_id`` up to the longest) and attention mask [B, L]
+    (1 on the sequence's tokens), int64 on ``device``."""
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, s in enumerate(seqs):
+        ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
+@dataclass
+class TeacherForced:
+    """One forward over each context + continuation (right-padded, batch rows in order).
+
+    rows [N, ·], N = all continuation tokens (row by row): the state at position len(context) − 1 + j,
+    the one that predicts continuation token j: final hidden states [N, D] when ``weight`` (the plain LM
+    head's [V, D]) is given or hidden states were asked for, else logits [N, V]. targets [N]: the
+    continuation tokens. lengths: continuation length per batch row. mask [B, L]: the batch's attention
+    mask. cache: the batch's KV cache when asked for, else None."""
+
+    rows: torch.Tensor
+    weight: torch.Tensor | None
+    targets: torch.Tensor
+    lengths: list[int]
+    mask: torch.Tensor
+    cache: object | None
+
+
+@torch.inference_mode()
+def teacher_forced(model, contexts: list[list[int]], continuations: list[list[int]], *, pad_id: int = 0,
+                   hidden: bool = False, use_cache: bool = False) -> TeacherForced:
+    """Feed every context + continuation in one batch. Through the decoder alone (final hidden states)
+    when the LM head is plain or ``hidden``; through the whole model (logits) otherwise."""
+    device = next(model.parameters()).device
+    ids, mask = right_pad([c + r for c, r in zip(contexts, continuations)], pad_id, device)
+    weight = plain_lm_head(model)
+    if weight is not None or hidden:
+        out = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=use_cache)
+        states = out.last_hidden_state
+    else:
+        out = model(input_ids=ids, attention_mask=mask, use_cache=use_cache)
+        states = out.logits
+    rows = torch.cat([states[i, len(c) - 1 : len(c) - 1 + len(r)]
+                      for i, (c, r) in enumerate(zip(contexts, continuations))])
+    targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in continuations]).to(device)
+    return TeacherForced(rows, weight, targets, [len(r) for r in continuations], mask,
+                         out.past_key_values if use_cache else None)
+
+
 @torch.inference_mode()
 def score_batch(model, contexts: list[list[int]], continuations: list[list[int]],
                 decodings: list[DecodingSpec], *, epsilon: float, pad_id: int = 0) -> list[dict[str, dict]]:
     """Score each continuation after its context. Returns, per example, {decoding key: column lists}."""
-    device = next(model.parameters()).device
-    seqs = [c + r for c, r in zip(contexts, continuations)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    weight = plain_lm_head(model)
-    if weight is not None:
-        states = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    else:
-        states = model(input_ids=ids, attention_mask=mask).logits
-    # logits at position P−1+j predict continuation token j
-    rows = torch.cat([states[i, len(c) - 1 : len(c) - 1 + len(r)] for i, (c, r) in enumerate(zip(contexts, continuations))])
-    targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in continuations]).to(device)
-    lengths = [len(r) for r in continuations]
-    out = [dict() for _ in seqs]
+    tf = teacher_forced(model, contexts, continuations, pad_id=pad_id)
+    out = [dict() for _ in contexts]
     for dec in decodings:
-        cols = decoding_stats(rows, weight, targets, dec, epsilon)
-        split = {k: v.cpu().split(lengths) for k, v in cols.items()}
-        for i in range(len(seqs)):
+        cols = decoding_stats(tf.rows, tf.weight, tf.targets, dec, epsilon)
+        split = {k: v.cpu().split(tf.lengths) for k, v in cols.items()}
+        for i in range(len(contexts)):
             out[i][dec.key] = {k: split[k][i].tolist() for k in split}
     return out
 

@@ -6,6 +6,8 @@ saved to disk and loaded back through the same loaders users hit.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,7 @@ for var in ("ENTCAL_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", 
             "AWS_SECRET_ACCESS_KEY", "ENTCAL_BUCKET"):
     os.environ.pop(var, None)
 
+REPO = Path(__file__).resolve().parents[1]  # the repository root: subprocesses run here
 VOCAB = 384
 
 
@@ -109,13 +112,38 @@ def prefect_server(stack):
     return Stack().state()["prefect"]
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
-    """`python -m flows.cli ARGS` in a subprocess with the test environment (and ``env`` on top)."""
-    import subprocess
-    import sys
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m flows.cli ARGS` run to its end in a subprocess from the repository root, with the test
+    environment (and ``env`` on top); stdout and stderr captured as text. ``check``: assert it exited 0."""
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[1])
+
+def start_python(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """`python ARGS` started (not waited for) from the repository root with the test environment (and
+    ``env`` on top); ``popen`` is passed to Popen (stdout, stderr, text, start_new_session)."""
+    return subprocess.Popen([sys.executable, *args], env={**os.environ, **(env or {})}, cwd=REPO, **popen)
+
+
+def start_cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """`python -m flows.cli ARGS` started (not waited for), as :func:`start_python` starts it."""
+    return start_python("-m", "flows.cli", *args, env=env, **popen)
+
+
+def assert_one_line_error(proc, expected: str) -> str:
+    """A user mistake as the CLI reports it: exit 2, no traceback, exactly one ``entcal: error:`` line
+    on stderr, and that line contains ``expected``. Returns the line."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("entcal: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert expected in errors[0], errors[0]
+    return errors[0]
 
 
 def tiny_config(model_dir: Path, **over) -> dict:

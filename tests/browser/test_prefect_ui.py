@@ -5,17 +5,15 @@ deployment's run form does with a good and a bad study.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import start_cli, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ("nightly", "on-demand")
@@ -39,8 +37,8 @@ def served(prefect_server, stack, tmp_path_factory):
     the server is stopped, and those runs are deleted, so later tests see the deployment as it was."""
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--limit", "1"], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PREFECT_API_URL": prefect_server})
+    proc = start_cli("serve", "--limit", "1", env={"PREFECT_API_URL": prefect_server}, stdout=log,
+                     stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while True:
         found = {d["name"]: d for d in _api(prefect_server, "POST", "/deployments/filter", {})

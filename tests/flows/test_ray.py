@@ -53,9 +53,9 @@ def _workers(proc) -> set[str]:
 def test_shards_on_a_two_node_ray_cluster_equal_a_local_run(ray_cluster, tiny_model_dir, prefect_server, tmp_path):
     local, a = _run(tmp_path, "local", {}, model_dir=tiny_model_dir)
     ray_proc, b = _run(tmp_path, "ray", {"RAY_ADDRESS": ray_cluster}, model_dir=tiny_model_dir, executor="ray")
-    assert f"generation shards run on Ray at {ray_cluster}" in ray_proc.stderr
+    assert f"model-bound stages run on Ray at {ray_cluster}" in ray_proc.stderr
     assert "Ray cluster: 2 nodes, 2 CPUs, 0 GPUs" in ray_proc.stderr, ray_proc.stderr[-3000:]
-    for label in SHARDS + ["score tiny/python-docs"]:
+    for label in SHARDS + ["score tiny/python-docs/t1+t0.8"]:
         assert f"{label}: ran" in ray_proc.stderr, ray_proc.stderr[-3000:]
     # the four shards ran in Ray worker processes, on both nodes at once: never in the flow's own process
     assert len(_workers(local)) == 1 and len(_workers(ray_proc)) >= 2, (_workers(local), _workers(ray_proc))
@@ -69,5 +69,5 @@ def test_shards_on_a_two_node_ray_cluster_equal_a_local_run(ray_cluster, tiny_mo
 def test_without_ray_address_a_local_ray_instance_runs_the_shards(tiny_model_dir, prefect_server, tmp_path):
     proc, out = _run(tmp_path, "ownray", {"RAY_ADDRESS": ""}, model_dir=tiny_model_dir, executor="ray",
                      decodings=[{"temperature": 1.0}])
-    assert "generation shards run on Ray at a local instance on 127.0.0.1" in proc.stderr, proc.stderr[-3000:]
+    assert "model-bound stages run on Ray at a local instance on 127.0.0.1" in proc.stderr, proc.stderr[-3000:]
     assert pl.read_parquet(out / "tiny__python-docs__t1" / "generations.parquet").height == 4

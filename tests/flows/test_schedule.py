@@ -9,18 +9,14 @@ Timing: the scheduler's "recent deployments" loop (every 5 s) schedules a deploy
 last few seconds; the runner polls for due runs every 10 s (PREFECT_RUNNER_POLL_FREQUENCY).
 """
 import json
-import os
 import re
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import tiny_config
+from tests.conftest import start_python, tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
 DUE_IN_S = 20  # the schedule's one run: this long after the served process computes it
 
 # The real deployments (flows/serve.py), with the nightly's schedule one run due in DUE_IN_S seconds.
@@ -45,10 +41,9 @@ def test_schedule_fires_and_the_served_study_completes(prefect_server, stack, ti
     config = tiny_config(tiny_model_dir, name="scheduled")
     log_path = tmp_path / "serve.log"
     log = open(log_path, "w")
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    env = {"PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, json.dumps(config), str(DUE_IN_S)], env=env, cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = start_python("-c", SERVE, json.dumps(config), str(DUE_IN_S), env=env, stdout=log, stderr=subprocess.STDOUT)
     tail = lambda: log_path.read_text()[-4000:]  # noqa: E731
     run = None
     try:

@@ -144,8 +144,12 @@ def test_calibration_study_writes_calibration_json(tiny_spec, stack, prefect_har
     result = study(cfg, out=str(tmp_path))
     doc = json.loads((tmp_path / "calibration.json").read_text())
     assert {"tau_star", "tau_star_ci", "truncation", "lookahead", "future_entropy"} <= set(doc)
+    t1 = next(r for r in doc["sweep"] if r["decoding"] == "t1")
     for name in ("lookahead", "future_entropy"):
-        assert set(doc[name]) == {"alpha", "entce_before", "entce_after", "logloss_before", "logloss_after"}
+        assert set(doc[name]) == {"alpha", "entce_before", "entce_after", "logloss_before", "logloss_after", "extra"}
+        assert "entce_ci_after" in doc[name]["extra"]
+        # "before" is the cached τ = 1 stage on the evaluation split, not a second sampling of it
+        assert (doc[name]["entce_before"], doc[name]["logloss_before"]) == (t1["entce"], t1["logloss"])
     methods = {r["method"] for r in doc["sweep"]}
     assert {"temperature", "top_k", "top_p"} <= methods
     assert (tmp_path / "pareto__tiny__python-docs.png").stat().st_size > 1000

@@ -19,6 +19,9 @@ ATOL = 2e-6  # on top of the float32 reference's own max error
 RTOL = 2e-6
 ROW_KINDS = ("randn", "uniform", "one_hot", "all_negative", "offset+300", "offset-300", "neg_inf",
              "ties")
+# the parameter grids every kernel test module shares
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # logits / hidden / weight dtypes
+TEMPERATURES = (1.0, 0.7, 1.6)  # identity (no scaling), sharper, flatter
 
 
 def make_logits(kind: str, n: int, v: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:

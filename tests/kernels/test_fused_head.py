@@ -13,10 +13,8 @@ import torch
 from kernels import reference
 from kernels.fused_head import fused_token_stats
 
-from kernel_cases import assert_stats_close, make_logits, make_targets
+from kernel_cases import DTYPES, TEMPERATURES, assert_stats_close, make_logits, make_targets
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TEMPERATURES = (1.0, 0.7)
 # (N, V, D, launch overrides): V/D not multiples of the tiles, N = 1, split vocabulary, groups
 SHAPES = (
     (1, 50, 16, {}),

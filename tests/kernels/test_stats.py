@@ -6,6 +6,7 @@ vocabularies are GPU-only tests.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -14,10 +15,9 @@ import kernels
 from kernels import reference
 from kernels.stats import token_stats
 
-from kernel_cases import DEVICE, ROW_KINDS, assert_stats_close, make_logits, make_targets, truth
+from kernel_cases import (DEVICE, DTYPES, ROW_KINDS, TEMPERATURES, assert_stats_close,
+                          make_logits, make_targets, truth)
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TEMPERATURES = (1.0, 0.7, 1.6)
 # (N, V, block, splits): V below / equal to / above the block, odd V, N = 1, split rows
 SHAPES = (
     (1, 7, None, None),
@@ -137,6 +137,23 @@ def test_dispatch_triton_matches_reference(kind):
     ref = kernels.fused_token_stats(h, w, t, temperature=0.9, impl="reference")
     for a, b in zip(tri, ref):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("knob,value,words", (
+    ("temperature", 0.0, "temperature must be > 0, got 0.0"),
+    ("top_k", -1, "top_k must be >= 0, got -1"),
+    ("top_p", 1.5, "top_p must be <= 1, got 1.5"),
+    ("min_p", 1.0, "min_p must be < 1, got 1.0"),
+    ("top_nsigma", -2.0, "top_nsigma must be >= 0, got -2.0"),
+))
+def test_dispatch_refuses_a_knob_outside_its_range(knob, value, words):
+    x = make_logits("randn", 2, 50)
+    for impl in ("triton", "reference"):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            kernels.token_stats(x, None, impl=impl, **{knob: value})
+    if knob == "temperature":
+        with pytest.raises(ValueError, match=re.escape(words)):
+            kernels.fused_token_stats(x, x, None, temperature=value)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ import kernels
 from kernels import reference, truncation
 from kernels.truncation import compact, kth_largest, truncated_token_stats
 
-from kernel_cases import DEVICE, assert_stats_close, make_logits, make_targets
+from kernel_cases import DEVICE, DTYPES, TEMPERATURES, assert_stats_close, make_logits, make_targets
 
 TRUNCATIONS = (
     dict(top_k=1),
@@ -36,8 +36,6 @@ TRUNCATIONS = (
     dict(top_k=10, top_p=0.7, min_p=0.1, top_nsigma=1.0),
 )
 KINDS = ("randn", "ties", "neg_inf", "one_hot", "uniform", "offset-300")
-TEMPERATURES = (1.0, 0.7)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KTH_CASES = ((1, "randn"), (7, "ties"), (20, "ties"), (31, "randn"), (200, "ties"))
 
 

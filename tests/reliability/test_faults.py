@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,7 +21,7 @@ import pytest
 import yaml
 
 from storage import parts, s3
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import run_cli, start_cli, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 DECODINGS = [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}]
@@ -49,9 +48,8 @@ class Cli:
 
     def __init__(self, *args: str, env: dict, stdout: Path):
         self.out = open(stdout, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdout=self.out,
-                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=REPO,
-                                     start_new_session=True)
+        self.proc = start_cli(*args, env=env, stdout=self.out, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
         self.lines: list[str] = []
         self._q: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -480,7 +478,7 @@ def test_relay_passes_a_whole_child_run_when_it_does_not_die(stack):
     """The relay itself is transparent: the same publish succeeds through it (and counts its requests)."""
     from mlflow.tracking import MlflowClient
 
-    from storage.tracking import Tracker, TrackingError
+    from storage.tracking import Tracker
     from tasks import publish
 
     relay = Relay(stack.mlflow_uri, die_at=10**9)

@@ -8,16 +8,14 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from storage.stack import Stack, ensure
-from tests.conftest import run_cli, tiny_config
-from tests.reliability.test_faults import REPO, STUDY, TAG, Cli, _bucket, _write
+from tests.conftest import run_cli, start_cli, start_python, tiny_config
+from tests.reliability.test_faults import STUDY, TAG, Cli, _bucket, _write
 
 HOLD = """import sys, time
 from pathlib import Path
@@ -30,8 +28,7 @@ with ensure(("s3",), Path(sys.argv[1])):
 
 def _holder(root: Path) -> subprocess.Popen:
     """A process that uses the state dir's S3 through ``ensure`` and then hangs (to be killed)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "ENTCAL_STATE_DIR": str(root)})
+    proc = start_python("-c", HOLD, str(root), env={"ENTCAL_STATE_DIR": str(root)}, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "holding", proc.communicate(timeout=30)
     return proc
 
@@ -148,9 +145,8 @@ def test_an_exception_mid_study_ends_the_runs_failed(stack, prefect_server, tiny
     out = tmp_path / "out"
     out.mkdir()
     (out / "tiny__python-docs__t1.partial").write_text("in the way")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--config", cfg, "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "ENTCAL_BUCKET": _bucket("failing")})
+    proc = start_cli("run", "--config", cfg, "--out", str(out), env={"ENTCAL_BUCKET": _bucket("failing")},
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=400)
     assert proc.returncode not in (0, None), err[-3000:]
     parent, _ = _parent(stack.mlflow_uri, "entcal/failing", proc.pid)
@@ -193,8 +189,7 @@ def test_kill9_mid_run_then_rerun_ends_the_orphans_and_leaves_no_server(tiny_mod
         assert {n: [o["pid"] for o in st["owners"][n]] for n in servers} == {"s3": [killed], "mlflow": [killed]}
 
         [orphan] = _ephemeral_prefect_servers(root / "prefect")  # Prefect's own server, left by the kill
-        rerun = run_cli("run", "--config", cfg, env=env)
-        assert rerun.returncode == 0, rerun.stderr[-4000:]
+        rerun = run_cli("run", "--config", cfg, env=env, check=True)
         assert "adopting s3" in rerun.stderr and "adopting mlflow" in rerun.stderr, rerun.stderr[-4000:]
         leftover = [n for n, p in servers.items() if _alive(p)]
         assert not leftover, f"still running after the rerun: {leftover}"

@@ -6,8 +6,6 @@ artifacts, logs, blocks), and the command lines of the stack's processes."""
 import base64
 import json
 import signal
-import subprocess
-import sys
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -16,7 +14,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import run_cli, start_python, tiny_config
 
 LEGIT = {"stack.json"}  # the one place the keys are kept (mode 0600)
 
@@ -87,7 +85,7 @@ def test_scanner_finds_planted_secrets(tmp_path):
     odd = secret + "/+= &"  # a secret that URL-quoting changes
     assert find_secrets("http://h/?k=" + urllib.parse.quote(odd, safe=""), [odd])
     # a command line is seen too
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--key", secret])
+    proc = start_python("-c", "import time; time.sleep(60)", "--key", secret)
     try:
         psutil.Process(proc.pid).cmdline()  # wait until exec'd
         assert any(find_secrets(c, [secret]) for c in command_lines([proc.pid]).values())
@@ -106,8 +104,7 @@ def study_run(tmp_path_factory, tiny_model_dir, stack, prefect_server):
                                               decodings=[{"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.9}])))
     env = {"ENTCAL_S3_ENDPOINT_URL": stack.s3_endpoint, "AWS_ACCESS_KEY_ID": stack.access_key,
            "AWS_SECRET_ACCESS_KEY": stack.secret_key, "MLFLOW_TRACKING_URI": stack.mlflow_uri}
-    proc = run_cli("run", "--config", str(cfg), "--out", str(d / "out"), env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_cli("run", "--config", str(cfg), "--out", str(d / "out"), env=env, check=True)
     assert stack.secrets() and all(len(s) >= 12 for s in stack.secrets())
     return {"proc": proc, "out": d / "out", "name": name}
 

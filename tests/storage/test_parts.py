@@ -19,19 +19,19 @@ def settings(request, stack, tmp_path):
     return dataclasses.replace(stack, s3_endpoint=None, state_dir=tmp_path)
 
 
-def _corrupt(settings, record: dict, data: bytes) -> None:
-    if record["uri"].startswith("s3://"):
-        s3.put_bytes(settings, record["key"], data)
+def _corrupt(settings, record: parts.PartRecord, data: bytes) -> None:
+    if record.uri.startswith("s3://"):
+        s3.put_bytes(settings, record.key, data)
     else:
-        (settings.state_dir / record["key"]).write_bytes(data)
+        (settings.state_dir / record.key).write_bytes(data)
 
 
 def test_round_trip_under_a_content_address(settings):
     rec = parts.write(settings, "generations/tiny/docs/t1", TABLE)
-    assert rec["key"] == f"parts/generations/tiny/docs/t1/{rec['sha256']}.parquet" and rec["rows"] == 2
-    assert rec["uri"].startswith("s3://entcal/") == bool(settings.s3_endpoint)
+    assert rec.key == f"parts/generations/tiny/docs/t1/{rec.sha256}.parquet" and rec.rows == 2
+    assert rec.uri.startswith("s3://entcal/") == bool(settings.s3_endpoint)
     assert parts.read(settings, rec).equals(TABLE)
-    assert parts.write(settings, "generations/tiny/docs/t1", TABLE)["key"] == rec["key"]  # same table, same key
+    assert parts.write(settings, "generations/tiny/docs/t1", TABLE).key == rec.key  # same table, same key
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "altered"])
@@ -39,7 +39,7 @@ def test_a_damaged_part_reads_as_none(settings, damage):
     other = TABLE.with_columns(pl.col("example_id") + damage)
     rec = parts.write(settings, "generations/damaged", other)
     if damage == "missing":
-        rec = {**rec, "key": rec["key"].replace(rec["sha256"], "0" * 64)}
+        rec = dataclasses.replace(rec, key=rec.key.replace(rec.sha256, "0" * 64))
     elif damage == "truncated":
         _corrupt(settings, rec, b"PAR1" + b"\0" * 10)
     else:

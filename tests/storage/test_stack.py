@@ -1,13 +1,12 @@
 """The local stack: real rclone S3 + MLflow server on loopback."""
 import json
-import subprocess
-import sys
 
 import pytest
 
 from storage import s3
 from storage.settings import Settings
 from storage.stack import Stack
+from tests.conftest import run_cli
 
 
 def test_status_reports_urls_not_secrets(stack):
@@ -54,9 +53,7 @@ def test_unreachable_endpoint_is_explained(tmp_path):
 
 
 def test_cli_stack_status_json(stack):
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "stack", "status", "--json"], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_cli("stack", "status", "--json", timeout=120, check=True)
     st = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"s3", "mlflow", "prefect", "bucket", "artifact_root"} <= set(st)
 

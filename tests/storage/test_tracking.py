@@ -11,10 +11,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import polars as pl
-import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks import publish
+from tasks import figures, publish
 from tasks.config import StudyConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,7 +158,7 @@ def test_child_figure_is_a_png_artifact(stack, tmp_path):
     curves = pl.DataFrame({"step": [0, 1, 2], "entropy_mean": [1.0, 1.5, 2.0], "logloss_mean": [2.0, 2.1, 2.2]})
     tracker = _tracker(stack)
     run_id = tracker.start("figure")
-    figure = publish.error_accumulation_figure(curves, "t1 · d · m")
+    figure = figures.error_accumulation_figure(curves, "t1 · d · m")
     tracker.log_figure(run_id, figure, "figures/error_accumulation.png")
     path = Path(MlflowClient(stack.mlflow_uri).download_artifacts(run_id, "figures/error_accumulation.png",
                                                                    str(tmp_path)))

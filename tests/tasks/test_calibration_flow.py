@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import polars as pl
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 from flows import calibration
-from tasks import generate, recalibrate, score
-from tasks.calibrate import logloss_at_epsilon
-from tasks.config import StudyConfig
+from flows.executor import Executor
+from tasks import fronts
+from tasks.config import DecodingSpec, StudyConfig
+from tasks.contracts import CalibrationResult
+from tasks.metrics import logloss_at_epsilon
 
 
 def _prompts(lm, n=6, p=9, r=14):
@@ -24,34 +27,33 @@ def _prompts(lm, n=6, p=9, r=14):
     }, schema_overrides={"prompt_ids": pl.List(pl.Int32), "reference_ids": pl.List(pl.Int32)})
 
 
+def _decoding(row: dict) -> DecodingSpec:
+    return DecodingSpec(**{row["method"]: row["param"]})
+
+
 @pytest.fixture(scope="module")
-def calibrated(tiny_spec, tiny_lm, tmp_path_factory):
+def calibrated(tiny_spec, tiny_lm, stack, prefect_harness, tmp_path_factory):
+    """The calibration subflow on a real executor (cached stages on the test stack's S3)."""
     cfg = StudyConfig.model_validate({
         "models": [tiny_spec.model_dump()], "num_examples": 6, "prompt_tokens": 8, "max_new_tokens": 10,
         "min_reference_tokens": 10, "horizon": 10, "batch_size": 6, "bootstrap": 30, "epsilon": 1e-4,
         "calibration": {"tau_bracket": [0.3, 3.0], "tau_rounds": 3, "top_k": [2, 8, 60], "top_p": [0.3, 0.9],
                         "min_p": [], "top_nsigma": [], "lookahead": False, "future_entropy": False}})
     prompts = _prompts(tiny_lm)
-    refs = {}
-
-    def score_fn(**kw):
-        out = score.score(**kw)
-        refs[kw["decodings"][0].key] = out
-        return out
-
-    tasks = {"generate": lambda model, prompts, decoding, **kw: generate.generate(model, prompts, decoding, **kw),
-             "score": score_fn}
     out_dir = tmp_path_factory.mktemp("cal")
-    result = calibration.calibrate_pair(cfg, tiny_spec, prompts, tasks, out_dir, "tiny__d")
+    with Executor(cfg, stack, logging.getLogger("test")) as ex:
+        result = calibration.calibrate(cfg, tiny_spec, prompts, ex, str(out_dir), "tiny__d")
+        _, evaluate = calibration.split(prompts, cfg.calibration.fit_fraction)
+        refs = {row["decoding"]: ex.score(tiny_spec, evaluate, [_decoding(row)]) for row in result.sweep}
     return cfg, result, refs
 
 
 def test_every_setting_reports_logloss_at_other_epsilons(calibrated):
     cfg, result, refs = calibrated
-    json.dumps(result, default=str)
-    assert result["epsilon"] == cfg.epsilon
+    json.dumps(result.as_dict())
+    assert result.epsilon == cfg.epsilon
     moved = 0
-    for row in result["sweep"]:
+    for row in result.sweep:
         ref = refs[row["decoding"]]
         for col, eps in (("logloss_eps_x10", 1e-3), ("logloss_eps_div10", 1e-5)):
             want = logloss_at_epsilon(ref, horizon=cfg.horizon, epsilon=cfg.epsilon, new_epsilon=eps)
@@ -63,17 +65,17 @@ def test_every_setting_reports_logloss_at_other_epsilons(calibrated):
             moved += 1  # each truncated token costs ≈ −log ε: ×10 on ε is ≈ −2.3 nats on it
             assert row["logloss_eps_x10"] < row["logloss"] < row["logloss_eps_div10"]
     assert moved >= 2
-    for t in result["truncation"]:
+    for t in result.truncation:
         assert set(calibration.EPS_COLUMNS) <= set(t)
         # the interpolation weight is truncation_front's: re-interpolating L̄ gives its zero_logloss
-        assert calibration._eps_lerp(result["sweep"], t["method"], t["param"], "logloss") == pytest.approx(t["logloss"])
+        assert calibration._eps_lerp(result.sweep, t["method"], t["param"], "logloss") == pytest.approx(t["logloss"])
 
 
 def test_markdown_and_metrics_say_the_split_and_the_epsilon_columns(calibrated):
     cfg, result, _ = calibrated
-    md = calibration.markdown("tiny__d", result)
-    ev = f"evaluation split, {result['eval_examples']} prompts"
-    assert result["eval_examples"] == 3 and result["fit_examples"] == 3
+    md = calibration.calibration_markdown(result)
+    ev = f"evaluation split, {result.eval_examples} prompts"
+    assert result.eval_examples == 3 and result.fit_examples == 3
     assert f"root search on the {ev}" in md and f"EntCE-zeroing settings ({ev})" in md
     assert f"Sweeps ({ev})" in md and f"Pareto front of EntCE against L̄, {ev}" in md
     assert "α fitted on the fit split, 3 prompts; before/after on the evaluation split, 3 prompts" in md
@@ -81,19 +83,21 @@ def test_markdown_and_metrics_say_the_split_and_the_epsilon_columns(calibrated):
     assert "L̄ at ε×10 = 1e-03 | L̄ at ε/10 = 1e-05 |" in md
     sweep_lines = [line for line in md.splitlines() if line.startswith("| top_k | ")]
     assert len(sweep_lines) >= 3 and all(line.count("|") == 9 for line in sweep_lines)
-    assert result["splits"]["tau_star"] == "evaluation"
+    assert "![Pareto front of EntCE against L̄, evaluation split, 3 prompts](pareto__tiny__d.png)" in md
 
 
 def test_metrics_name_the_zeroing_epsilon_columns():
-    result = {"tau_star": 0.9, "tau_star_ci": [0.8, None], "logloss_at_tau_star": 3.0, "logloss_at_tau_1": 3.1,
-              "truncation": [{"method": "top_k", "param": 12.5, "entce": 0.0, "logloss": 3.4,
-                              "logloss_untruncated": 3.2, "truncated_share": 0.02, "logloss_eps_x10": 3.2,
-                              "logloss_eps_div10": 3.6}]}
-    m = calibration.metrics(result)
+    result = CalibrationResult(
+        label="m__d", tau_star=0.9, tau_star_ci=(0.8, None), tau_converged=True, logloss_at_tau_star=3.0,
+        logloss_at_tau_1=3.1, truncation=[{"method": "top_k", "param": 12.5, "entce": 0.0, "logloss": 3.4,
+                                          "logloss_untruncated": 3.2, "truncated_share": 0.02,
+                                          "logloss_eps_x10": 3.2, "logloss_eps_div10": 3.6}],
+        sweep=[], pareto_front=[], pareto_figure="pareto__m__d.png", fit_examples=5, eval_examples=7, epsilon=1e-4)
+    m = calibration.calibration_metrics(result)
     assert m["top_k_zeroing_logloss_eps_x10"] == 3.2 and m["top_k_zeroing_logloss_eps_div10"] == 3.6
     assert m["top_k_zeroing_truncated_share"] == 0.02 and m["top_k_zeroing_logloss_untruncated"] == 3.2
     assert "tau_star_ci_high" not in m
-    md = calibration.markdown("m__d", {**result, "sweep": [], "fit_examples": 5, "eval_examples": 7, "epsilon": 1e-4})
+    md = calibration.calibration_markdown(result)
     assert "τ* = 0.900" in md and "root search on the evaluation split, 7 prompts" in md
     assert "| top_k | 12.500 | 3.400 | 0.020 | 3.200 | 3.200 | 3.600 |" in md
 
@@ -102,7 +106,7 @@ def test_eps_lerp_matches_truncation_front_interpolation():
     rows = [{"method": "top_p", "param": p, "entce": e, "logloss": l, "logloss_untruncated": 3.0,
              "truncated_share": s, "logloss_eps_x10": l - 2 * s} for p, e, l, s in
             [(0.5, -0.4, 3.9, 0.2), (0.8, -0.1, 3.5, 0.1), (0.95, 0.3, 3.2, 0.02), (1.0, 0.5, 3.1, 0.0)]]
-    z = recalibrate.truncation_front(rows)["methods"]["top_p"]
+    z = fronts.truncation_front(rows)["methods"]["top_p"]
     w = 0.1 / 0.4
     assert z["zero_param"] == pytest.approx(0.8 + w * 0.15)
     got = calibration._eps_lerp(rows, "top_p", z["zero_param"], "logloss_eps_x10")

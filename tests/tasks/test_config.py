@@ -1,6 +1,13 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from kernels.decoding import DECODING_DESCRIPTIONS, DECODING_RANGES, check_decoding
 from tasks.config import ConfigError, DecodingSpec, ModelSpec, StudyConfig, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_yaml_round_trip_and_overrides(tmp_path):
@@ -15,11 +22,11 @@ def test_yaml_round_trip_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("data, needle", [
     ({"num_exampels": 3}, "num_exampels: unknown key"),
-    ({"decodings": [{"temperature": 0}]}, "temperature must be > 0"),
-    ({"decodings": [{"top_p": 1.5}]}, "top_p must be"),
-    ({"decodings": [{"top_k": -1}]}, "top_k must be >= 0"),
+    ({"decodings": [{"temperature": 0}]}, "temperature must be > 0, got 0"),
+    ({"decodings": [{"top_p": 1.5}]}, "top_p must be <= 1, got 1.5"),
+    ({"decodings": [{"top_k": -1}]}, "top_k must be >= 0, got -1"),
     ({"decodings": [{"min_p": 1.0}]}, "min_p must be < 1"),
-    ({"horizon": 0}, "horizon"),
+    ({"horizon": 0}, "horizon: horizon must be >= 1, got 0"),
     ({"models": [{"name": "gpt-9"}]}, "unknown built-in model 'gpt-9'"),
     ({"datasets": [{"name": "x", "path": "a.txt", "preset": "wikitext-103"}]}, "give one of path/preset/hf"),
     ({"decodings": [{"temperature": 1}, {"temperature": 1.0}]}, "decodings repeat"),
@@ -72,3 +79,42 @@ def test_decoding_ranges_are_in_the_json_schema_the_form_is_built_from():
     assert props["min_p"]["minimum"] == 0 and props["min_p"]["exclusiveMaximum"] == 1
     assert props["top_k"]["minimum"] == 0 and props["top_nsigma"]["minimum"] == 0
     assert all(p.get("description") for p in props.values())
+
+
+def test_decoding_fields_are_the_kernels_ranges_and_descriptions():
+    props = DecodingSpec.model_json_schema()["properties"]
+    assert set(props) == set(DECODING_RANGES) == set(DECODING_DESCRIPTIONS)
+    schema_key = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
+    for name, bounds in DECODING_RANGES.items():
+        in_schema = {k: props[name][k] for k in schema_key.values() if k in props[name]}
+        assert in_schema == {schema_key[b]: limit for b, limit in bounds.items()}, name
+        assert props[name]["description"] == DECODING_DESCRIPTIONS[name]
+
+
+@pytest.mark.parametrize("name, value", [
+    ("temperature", 0), ("temperature", -1), ("temperature", 101), ("top_k", -1), ("top_p", 0),
+    ("top_p", 1.5), ("min_p", -0.1), ("min_p", 1.0), ("top_nsigma", -0.5),
+])
+def test_config_and_kernels_refuse_a_decoding_out_of_range_in_the_same_words(name, value):
+    with pytest.raises(ValueError) as kernel_err:
+        check_decoding(**{name: value})
+    words = str(kernel_err.value)
+    assert words.startswith(f"{name} must be ") and words.endswith(f", got {value!r}")
+    with pytest.raises(ConfigError) as config_err:
+        parse_config({"decodings": [{name: value}]})
+    assert str(config_err.value).endswith(f"decodings.0.{name}: {words}")
+
+
+def test_decoding_range_ends_that_are_allowed_pass_both_checks():
+    edges = dict(temperature=100, top_k=0, top_p=1, min_p=0, top_nsigma=0)
+    check_decoding(**edges)
+    assert DecodingSpec(**edges).model_dump() == edges
+    with pytest.raises(ValueError, match="top_nsigma must be >= 0, got nan"):
+        check_decoding(top_nsigma=float("nan"))
+
+
+def test_the_config_and_its_ranges_load_without_torch():
+    """flows.cli checks a config before torch loads: kernels.decoding must not pull torch in."""
+    code = "import sys, tasks.config, kernels; assert 'torch' not in sys.modules, 'torch was imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

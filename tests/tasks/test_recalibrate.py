@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -5,12 +6,19 @@ import polars as pl
 import pytest
 import torch
 
+from tasks.atoms import (
+    TAIL_BIN_NATS, HumanAtoms, _candidate_pass, atoms_from_parts, entropy_phi, fit_alpha, human_atoms,
+    position_atoms, reweighted_generate, reweighted_logits, tail_entries,
+)
 from tasks.config import DecodingSpec
+from tasks.contracts import REFERENCE_SCHEMA, Recalibration
+from tasks.figures import plot_pareto
+from tasks.fronts import tau_star, truncation_front
 from tasks.generate import generate_table
+from tasks.metrics import entce_summary
 from tasks.recalibrate import (
-    fit_alpha, fit_future_regressor, future_entropy_calibration, future_features, future_generate,
-    fit_lookahead_alpha, lookahead_calibration, lookahead_entropies, lookahead_features, lookahead_generate,
-    lookahead_score, plot_pareto, tau_star, truncation_front,
+    FUTURE_BOUNDS, LOOKAHEAD_BOUNDS, BeforeTables, FutureEntropyRegressor, fit_future_regressor,
+    future_entropy_calibration, future_entropy_targets, lookahead_calibration,
 )
 from tasks.score import score_table
 
@@ -120,7 +128,9 @@ def test_truncation_zero_by_interpolation_and_front(tmp_path):
     assert front == {("temperature", 0.9), ("top_k", 50), ("temperature", 1.0), ("top_p", 1.0)}
     assert [abs(r["entce"]) for r in out["front"]] == sorted(abs(r["entce"]) for r in out["front"])
     png = plot_pareto(rows, tmp_path / "pareto.png")
-    assert (tmp_path / "pareto.png").stat().st_size > 1000 and png.endswith(".png")
+    assert png == str(tmp_path / "pareto.png")
+    data = (tmp_path / "pareto.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
 # ---------------------------------------------------------------- model-based methods
@@ -140,7 +150,20 @@ def _naive_entropy(model, seq, temperature=1.0):
     return float(torch.distributions.Categorical(logits=logits / temperature).entropy())
 
 
-def test_batched_lookahead_entropies_equal_naive_loop(sharp_model):
+def lookahead_entropies(model, input_ids, mask, *, top_k: int, temperature: float) -> dict:
+    """The next position's top-k candidates of each left-padded row, their log-probs, and
+    H(next | row, w) from ONE batched candidate pass over copies of the prefix KV cache."""
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        clp, cand = torch.log_softmax(out.logits[:, -1].float() / temperature, -1).topk(top_k, dim=-1)
+        rows = torch.arange(len(input_ids)).repeat_interleave(top_k)
+        h = _candidate_pass(model, out.past_key_values, mask, rows, (pos[:, -1] + 1)[rows], cand.reshape(-1),
+                            entropy_phi(temperature))
+    return {"candidates": cand, "logprobs": clp, "entropy": h.view(-1, top_k)}
+
+
+def test_batched_candidate_entropies_equal_naive_loop(sharp_model):
     model, seqs = sharp_model, [[5, 17, 40, 99, 12, 7], [33, 8, 2], [60, 61, 62, 63]]
     from tasks.generate import left_pad
 
@@ -155,7 +178,7 @@ def test_batched_lookahead_entropies_equal_naive_loop(sharp_model):
 
 
 def _explicit_log_qtilde(logp, cand, phi, alpha, gamma, eos=()):
-    """q̃ over the whole vocabulary, written out token by token from SCIENCE.md §4: every token gets
+    """q̃ over the whole vocabulary, written out token by token from docs/SCIENCE.md §4: every token gets
     (1+γα)·log p̂ − α·φ; φ = the candidate's feature, 0 for EOS, else φ̄ (p̂-weighted over non-EOS
     candidates)."""
     logp = logp.double()
@@ -178,7 +201,7 @@ def _check_against_explicit(atoms, m, logp, phi, alpha, gamma, y, eos=()):
 
 def test_teacher_forced_candidates_equal_naive_and_alpha0_is_base(sharp_model, prompts):
     model, dec = sharp_model, DecodingSpec(temperature=0.9)
-    atoms = lookahead_features(model, prompts.head(3), dec, top_k=5, max_tokens=N_NEW, batch_size=2, chunk=7)
+    atoms = _features(model, prompts.head(3), dec, top_k=5, max_tokens=N_NEW, batch_size=2, chunk=7)
     ctx, ref = prompts["prompt_ids"].to_list(), prompts["reference_ids"].to_list()
     # mid-sequence prefixes: the padding mask must hide the cache beyond each candidate's context
     for m in (0, 7, N_NEW + 4, 3 * N_NEW - 1):
@@ -211,15 +234,15 @@ def _same_samples(a, b):
 def test_lookahead_generate_alpha0_reproduces_sampler(tiny_lm, prompts):
     dec, kw = DecodingSpec(temperature=1.1), dict(max_new_tokens=N_NEW, samples_per_prompt=2, seed=5, batch_size=3)
     base = generate_table(tiny_lm.model, prompts.head(4), dec, **kw)
-    la = lookahead_generate(tiny_lm.model, prompts.head(4), dec, alpha=0.0, top_k=6, **kw)
+    la = _generate(tiny_lm.model, prompts.head(4), dec, alpha=0.0, top_k=6, **kw)
     assert la.schema == base.schema and la.height == base.height
     _same_samples(la, base)
     # EOS compaction (KV cache rows dropped mid-batch) keeps the candidate pass aligned with its rows
     eos = base["token_ids"][0][3]
-    stopped = lookahead_generate(tiny_lm.model, prompts.head(4), dec, alpha=0.0, top_k=6, eos_ids=(eos,), **kw)
+    stopped = _generate(tiny_lm.model, prompts.head(4), dec, alpha=0.0, top_k=6, eos_ids=(eos,), **kw)
     assert (stopped["finish_reason"] == "eos").any() and (stopped["finish_reason"] == "length").any()
     _same_samples(stopped, generate_table(tiny_lm.model, prompts.head(4), dec, eos_ids=(eos,), **kw))
-    moved = lookahead_generate(tiny_lm.model, prompts.head(4), dec, alpha=3.0, top_k=6, **kw)
+    moved = _generate(tiny_lm.model, prompts.head(4), dec, alpha=3.0, top_k=6, **kw)
     assert moved["token_ids"].to_list() != base["token_ids"].to_list()
 
 
@@ -239,20 +262,33 @@ def sharp_model(tiny_lm):
 
 def _regressor(hidden: int, *, scale: float, bias: float, seed: int = 0):
     """A real FutureEntropyRegressor with fixed weights (scale = 0: f̂ is the constant ``bias``)."""
-    from tasks.recalibrate import FutureEntropyRegressor
-
     g = torch.Generator().manual_seed(seed)
     return FutureEntropyRegressor(torch.zeros(hidden), torch.ones(hidden), scale * torch.randn(hidden, generator=g),
                                   bias, 0.0, 0)
 
 
+def _phi_gamma(dec, reg=None):
+    """(φ, γ): lookahead's H(next | ·, w) without a regressor, future entropy's f̂ with one."""
+    return (entropy_phi(dec.temperature), 0.0) if reg is None else (reg.phi, 1.0)
+
+
+def _features(model, prompts, dec=None, reg=None, **kw) -> HumanAtoms:
+    """The human text's atoms under lookahead (no ``reg``) or future entropy (regressor ``reg``)."""
+    dec = dec or DecodingSpec()
+    return human_atoms(model, prompts, dec, *_phi_gamma(dec, reg), **kw)
+
+
+def _generate(model, prompts, dec=None, reg=None, *, alpha, buckets=(), **kw) -> pl.DataFrame:
+    """Generations sampled from lookahead's (no ``reg``) or future entropy's q̃ at ``alpha``."""
+    dec = dec or DecodingSpec()
+    return reweighted_generate(model, prompts, dec, *_phi_gamma(dec, reg), alpha, buckets,
+                               key=f"{dec.key}-{'look' if reg is None else 'fut'}", **kw)
+
+
 def _method(name, model, reg_scale=0.5):
-    """(generate, features) of one method with its keyword arguments bound."""
-    if name == "lookahead":
-        return lookahead_generate, lookahead_features, {}
-    reg = _regressor(model.config.hidden_size, scale=reg_scale, bias=3.0)
-    return (lambda m, p, d, **kw: future_generate(m, p, reg, d, **kw),
-            lambda m, p, d, **kw: future_features(m, p, reg, d, **kw), {})
+    """(generate, features) of one method with its regressor bound."""
+    reg = None if name == "lookahead" else _regressor(model.config.hidden_size, scale=reg_scale, bias=3.0)
+    return (lambda m, p, d, **kw: _generate(m, p, d, reg, **kw), lambda m, p, d, **kw: _features(m, p, d, reg, **kw))
 
 
 @pytest.mark.parametrize("method", ["lookahead", "future"])
@@ -260,7 +296,7 @@ def test_generation_matches_teacher_forced_rescore_with_eos(sharp_model, prompts
     """α ≠ 0: H(q̃_t) and log q̃(token) recorded while sampling (left padding, KV cache, per-step candidate
     pass, φ(EOS) = 0) equal the teacher-forced scorer run on the generated tokens (right padding, masked
     prefixes, the tail as exact entries)."""
-    dec, gen, feat = DecodingSpec(temperature=0.9), *_method(method, sharp_model)[:2]
+    dec, (gen, feat) = DecodingSpec(temperature=0.9), _method(method, sharp_model)
     kw = dict(top_k=5, max_new_tokens=N_NEW, seed=7, batch_size=3)
     free = gen(sharp_model, prompts.head(5), dec, alpha=1.5, **kw)
     common = pl.Series(np.concatenate(free["token_ids"].to_list())).value_counts(sort=True)
@@ -274,7 +310,7 @@ def test_generation_matches_teacher_forced_rescore_with_eos(sharp_model, prompts
     np.testing.assert_allclose(-loss, np.concatenate(gens["step_logprob"].to_list()), atol=1e-4)
 
 
-# ---------------------------------------------------------------- the exact q̃ rule (SCIENCE.md §4)
+# ---------------------------------------------------------------- the exact q̃ rule (docs/SCIENCE.md §4)
 ALPHAS = (1.0, 3.0, -0.4)
 
 
@@ -297,7 +333,7 @@ def test_constant_future_entropy_is_temperature_in_generation(tiny_lm, flat_mode
     reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
     kw = dict(max_new_tokens=N_NEW, seed=3, batch_size=4)
     for alpha in ALPHAS:
-        q = future_generate(model, prompts.head(4), reg, DecodingSpec(temperature=1.2), alpha=alpha, top_k=6, **kw)
+        q = _generate(model, prompts.head(4), DecodingSpec(temperature=1.2), reg, alpha=alpha, top_k=6, **kw)
         t = generate_table(model, prompts.head(4), DecodingSpec(temperature=1.2 / (1 + alpha)), **kw)
         _same_samples(q, t)
         if which == "flat":
@@ -310,7 +346,7 @@ def test_constant_future_entropy_is_temperature_in_fitting(tiny_lm, flat_model, 
     """The same in fitting: HumanAtoms' log loss and entropy at α equal the teacher-forced scorer at τ/(1+α)."""
     model = tiny_lm.model if which == "tiny" else flat_model
     reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
-    atoms = future_features(model, prompts.head(3), reg, DecodingSpec(temperature=1.2), top_k=6, max_tokens=N_NEW)
+    atoms = _features(model, prompts.head(3), DecodingSpec(temperature=1.2), reg, top_k=6, max_tokens=N_NEW)
     for alpha in ALPHAS:
         ref = score_table(model, prompts.head(3), [DecodingSpec(temperature=1.2 / (1 + alpha))], max_tokens=N_NEW,
                           epsilon=1e-4)
@@ -332,8 +368,6 @@ def test_synthetic_rows_constant_phi_is_temperature_generation_and_fitting():
     """V = 50k rows (histogram tail): with φ the same for every candidate, generation's logits are exactly
     (1+α)·log p̂ up to a constant, and fitting's loss / entropy equal temperature 1/(1+α) within the
     histogram's bound (exact on the flat row, whose tail is one bin)."""
-    from tasks.recalibrate import TAIL_BIN_NATS, atoms_from_parts, position_atoms, reweighted_logits
-
     logp, k = _rows(), 8
     cand = logp.topk(k, -1).indices
     phi_c = torch.full((3, k), 2.5)
@@ -360,8 +394,6 @@ def test_synthetic_rows_constant_phi_is_temperature_generation_and_fitting():
 
 def test_tail_histogram_within_its_bound_of_exact():
     """log Σ_tail p̂^{1+α} from the bins is low by 0 … α²δ²/8; P_tail and Σ p̂·log p̂ are exact."""
-    from tasks.recalibrate import TAIL_BIN_NATS, tail_entries
-
     logp = _rows().double()
     excluded = torch.zeros_like(logp, dtype=torch.bool).scatter(1, logp.topk(8, -1).indices, True)
     lm, mu = tail_entries(logp.float(), excluded)
@@ -380,18 +412,16 @@ def test_tail_histogram_within_its_bound_of_exact():
 def test_eos_candidates_get_phi_zero(tiny_lm, prompts):
     """φ(EOS) = 0: a candidate that is an EOS id has lookahead feature 0 (H(next | EOS) := 0) and future
     feature log p̂ (f̂(EOS) := 0); the other candidates keep theirs; the same rule in generation's logits."""
-    from tasks.recalibrate import reweighted_logits
-
     model = tiny_lm.model
-    base = lookahead_features(model, prompts.head(2), top_k=6, max_tokens=N_NEW)
+    base = _features(model, prompts.head(2), top_k=6, max_tokens=N_NEW)
     eos = int(base.candidates[5, 2])  # a candidate at position 5 (rank 3)
-    atoms = lookahead_features(model, prompts.head(2), top_k=6, max_tokens=N_NEW, eos_ids=(eos,))
+    atoms = _features(model, prompts.head(2), top_k=6, max_tokens=N_NEW, eos_ids=(eos,))
     is_eos = atoms.candidates == eos
     assert is_eos[5, 2] and (atoms.u[:, :6][is_eos] == 0).all()
     assert (atoms.u[:, :6][~is_eos] < 0).all()  # entropies > 0 elsewhere
     np.testing.assert_allclose(atoms.u[:, :6][~is_eos], base.u[:, :6][~is_eos])
     reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
-    fut = future_features(model, prompts.head(2), reg, top_k=6, max_tokens=N_NEW, eos_ids=(eos,))
+    fut = _features(model, prompts.head(2), reg=reg, top_k=6, max_tokens=N_NEW, eos_ids=(eos,))
     lp = fut.logP[:, :6]
     np.testing.assert_allclose(fut.u[:, :6], np.where(fut.candidates == eos, lp, lp - 4.0), atol=1e-6)
     # an EOS id outside the top-k is its own atom with φ = 0
@@ -418,9 +448,9 @@ def test_eos_phi_zero_in_generation(tiny_lm, prompts, method):
     eos = tuple(sorted({int(lp.topk(2).indices[1]) for lp in logps}))  # a candidate in every row
     reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
     if method == "lookahead":
-        gens = lookahead_generate(model, one, alpha=alpha, top_k=k, max_new_tokens=1, eos_ids=eos, seed=4)
+        gens = _generate(model, one, alpha=alpha, top_k=k, max_new_tokens=1, eos_ids=eos, seed=4)
     else:
-        gens = future_generate(model, one, reg, alpha=alpha, top_k=k, max_new_tokens=1, eos_ids=eos, seed=4)
+        gens = _generate(model, one, reg=reg, alpha=alpha, top_k=k, max_new_tokens=1, eos_ids=eos, seed=4)
     for c, lp, row in zip(ctx, logps, gens.iter_rows(named=True)):
         cand = lp.topk(k).indices
         phi = [_naive_entropy(model, c + [int(w)]) for w in cand] if method == "lookahead" else [4.0] * k
@@ -430,15 +460,13 @@ def test_eos_phi_zero_in_generation(tiny_lm, prompts, method):
 
 
 def test_future_entropy_target_is_the_sum_of_later_steps():
-    from tasks.recalibrate import future_entropy_targets
-
     np.testing.assert_allclose(future_entropy_targets([1.0, 2.0, 3.0, 4.0]), [9.0, 7.0, 4.0])
     assert future_entropy_targets([5.0]).shape == (0,)
 
 
 def test_fit_alpha_never_worse_than_zero_and_buckets(tiny_lm, prompts):
-    atoms = lookahead_features(tiny_lm.model, prompts, top_k=8, max_tokens=N_NEW)
-    fit = fit_alpha(atoms)
+    atoms = _features(tiny_lm.model, prompts, top_k=8, max_tokens=N_NEW)
+    fit = fit_alpha(atoms, bounds=LOOKAHEAD_BOUNDS)
     assert fit["logloss"] <= fit["logloss_alpha0"] + 1e-12
     grid = [atoms.loss_entropy(a)[0].mean() for a in np.linspace(-1, 4, 51)]
     assert fit["logloss"] <= min(grid) + 1e-6  # golden section found the convex minimum
@@ -447,13 +475,11 @@ def test_fit_alpha_never_worse_than_zero_and_buckets(tiny_lm, prompts):
         h = 1e-3
         grad = (atoms.loss_entropy(a + h)[0].mean() - atoms.loss_entropy(a - h)[0].mean()) / (2 * h)
         assert abs(grad) < 1e-3
-    assert fit_lookahead_alpha(tiny_lm.model, prompts, top_k=8, max_tokens=N_NEW)["alpha"] == fit["alpha"]
-    table = lookahead_score(tiny_lm.model, prompts, alpha=fit["alpha"], top_k=8, max_tokens=N_NEW)
-    from tasks.score import REFERENCE_SCHEMA
+    table = atoms.table(fit["alpha"], key="t1-look")  # the human text scored under q̃
     assert table.schema == pl.Schema(REFERENCE_SCHEMA) and table.height == prompts.height
     np.testing.assert_allclose(np.concatenate(table["step_logloss"].to_list()), atoms.loss_entropy(fit["alpha"])[0],
                                atol=1e-5)
-    per = fit_alpha(atoms, buckets=[4])
+    per = fit_alpha(atoms, bounds=LOOKAHEAD_BOUNDS, buckets=[4])
     assert len(per["alpha"]) == 2 and per["logloss"] <= fit["logloss"] + 1e-12
     # a range without the optimum: α = 0 can still win, never a worse value
     pinned = fit_alpha(atoms, bounds=(0.0, 0.0))
@@ -461,30 +487,51 @@ def test_fit_alpha_never_worse_than_zero_and_buckets(tiny_lm, prompts):
 
 
 def test_uninformative_feature_gets_alpha_zero():
-    from tasks.recalibrate import HumanAtoms
-
     rng = np.random.default_rng(0)
     logp = np.log(rng.dirichlet(np.ones(5), size=40))
     y = rng.integers(0, 5, 40)
     atoms = HumanAtoms(["a", "b"], [20, 20], np.tile(np.arange(20), 2), np.zeros((40, 5), dtype=np.int64), logp,
                        np.full((40, 5), 0.7), np.full((40, 1), -np.inf, np.float32), np.zeros((40, 1), np.float32),
                        np.full(40, 0.7), logp[np.arange(40), y], np.full(40, 0.7), 0.0)
-    fit = fit_alpha(atoms)  # u is the same for every atom: q̃ = p̂ for all α, and the tie goes to α = 0
+    # u is the same for every atom: q̃ = p̂ for all α, and the tie goes to α = 0
+    fit = fit_alpha(atoms, bounds=LOOKAHEAD_BOUNDS)
     assert fit["alpha"] == 0.0 and fit["logloss"] == fit["logloss_alpha0"]
 
 
 def test_lookahead_calibration_end_to_end(tiny_lm, prompts):
-    out = lookahead_calibration(tiny_lm.model, prompts.head(4), prompts.tail(4), top_k=6, max_new_tokens=N_NEW,
-                                batch_size=4, bootstrap=50)
-    assert "tables" not in out
-    for k in ("alpha", "entce_before", "entce_after", "logloss_before", "logloss_after"):
-        assert k in out and np.all(np.isfinite(out[k]))
-    assert out["fit_logloss"] <= out["fit_logloss_alpha0"] + 1e-12
+    model, train, evals, dec = tiny_lm.model, prompts.head(4), prompts.tail(4), DecodingSpec()
+    kw = dict(top_k=6, max_new_tokens=N_NEW, batch_size=4, bootstrap=50)
+    out = lookahead_calibration(model, train, evals, **kw)
+    assert isinstance(out, Recalibration) and out.alpha != 0  # q̃ ≠ p̂: "after" below is not "before"
+    for v in (out.alpha, out.entce_before, out.entce_after, out.logloss_before, out.logloss_after):
+        assert np.all(np.isfinite(v))
+    assert out.extra["fit_logloss"] <= out.extra["fit_logloss_alpha0"] + 1e-12
+    json.dumps(out.extra)  # JSON-able
     # held out: guaranteed only where α was fitted; here the eval split agrees to within noise
-    assert out["logloss_after"] <= out["logloss_before"] + 1e-4
+    assert out.logloss_after <= out.logloss_before + 1e-4
     # before = the base sampler on the eval split, scored like tasks.score
-    ref = score_table(tiny_lm.model, prompts.tail(4), [DecodingSpec()], max_tokens=N_NEW, epsilon=1e-4)
-    assert out["logloss_before"] == pytest.approx(float(np.concatenate(ref["step_logloss"].to_list()).mean()), abs=1e-4)
+    ref = score_table(model, evals, [dec], max_tokens=N_NEW, epsilon=1e-4)
+    assert out.logloss_before == pytest.approx(float(np.concatenate(ref["step_logloss"].to_list()).mean()), abs=1e-4)
+    # after = q̃ at the fitted α: sampled by reweighted_generate, the human text scored by the atoms
+    phi = entropy_phi(dec.temperature)
+    gens1 = reweighted_generate(model, evals, dec, phi, 0.0, out.alpha, top_k=6, key="q", max_new_tokens=N_NEW,
+                                batch_size=4)
+    ref1 = human_atoms(model, evals, dec, phi, 0.0, top_k=6, max_tokens=N_NEW, batch_size=4).table(out.alpha, key="q")
+    after = entce_summary(gens1, ref1, horizon=N_NEW, bootstrap=50)
+    assert (out.entce_after, out.logloss_after, out.extra["entropy_after"]) == (after.entce, after.logloss,
+                                                                                after.entropy)
+    assert out.extra["entce_ci_after"] == [after.entce_ci_low, after.entce_ci_high]
+    # the pipeline's cached "before" tables; rows of other examples and decodings are ignored
+    gens0 = generate_table(model, evals, dec, max_new_tokens=N_NEW)
+    other = generate_table(model, train, dec, max_new_tokens=N_NEW)
+    ref_t08 = score_table(model, evals, [DecodingSpec(temperature=0.8)], max_tokens=N_NEW, epsilon=1e-4)
+    before = BeforeTables(None, pl.concat([other, gens0]), pl.concat([ref_t08, ref]))
+    cached = lookahead_calibration(model, train, evals, before=before, **kw)
+    want = entce_summary(gens0, ref, horizon=N_NEW, bootstrap=50)
+    assert (cached.entce_before, cached.logloss_before) == (want.entce, want.logloss)
+    assert (cached.alpha, cached.entce_after, cached.logloss_after) == (out.alpha, out.entce_after, out.logloss_after)
+    with pytest.raises(ValueError, match="eval_reference: no rows of decoding t1"):
+        lookahead_calibration(model, train, evals, before=BeforeTables(None, gens0, ref_t08), **kw)
 
 
 def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
@@ -509,7 +556,7 @@ def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
     w = torch.linalg.solve(gram, xz.T @ (y - y.mean()) / len(x))
     torch.testing.assert_close(reg.weight.double(), w, atol=1e-3, rtol=1e-3)
     assert reg.bias == pytest.approx(float(y.mean()), abs=1e-6)
-    atoms = future_features(model, evals, reg, dec, top_k=6, max_tokens=N_NEW)
+    atoms = _features(model, evals, dec, reg, top_k=6, max_tokens=N_NEW)
     base = score_table(model, evals, [dec], max_tokens=N_NEW, epsilon=1e-4)
     np.testing.assert_allclose(atoms.loss_entropy(0.0)[0], np.concatenate(base["step_logloss"].to_list()), atol=1e-4)
     ctx, ref = evals["prompt_ids"].to_list(), evals["reference_ids"].to_list()
@@ -524,13 +571,19 @@ def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
         np.testing.assert_allclose(atoms.u[m, :6], (logp[atoms.candidates[m]].double() - f_hat).numpy(), atol=1e-4)
         _check_against_explicit(atoms, m, logp, f_hat, 0.7, 1.0, ref[ex][step])
     kw = dict(max_new_tokens=N_NEW, seed=2, batch_size=2)
-    _same_samples(future_generate(model, evals, reg, dec, alpha=0.0, top_k=6, **kw),
+    _same_samples(_generate(model, evals, dec, reg, alpha=0.0, top_k=6, **kw),
                   generate_table(model, evals, dec, **kw))
-    fit = fit_alpha(atoms, bounds=(-0.5, 4.0), buckets=[6])
+    fit = fit_alpha(atoms, bounds=FUTURE_BOUNDS, buckets=[6])
     assert fit["logloss"] <= fit["logloss_alpha0"] + 1e-12
-    out = future_entropy_calibration(model, train, evals, top_k=6, max_new_tokens=N_NEW, buckets=[6], bootstrap=50,
-                                     return_tables=True)
-    assert out["tables"]["generations_after"].height == evals.height and out["regressor_n"] == 5 * (N_NEW - 1)
-    assert out["fit_logloss"] <= out["fit_logloss_alpha0"] + 1e-12 and len(out["alpha"]) == 2
-    assert out["logloss_after"] <= out["logloss_before"]  # held out: not a theorem, true on this split
-    assert np.isfinite([out["entce_before"], out["entce_after"], out["logloss_after"]]).all()
+    out = future_entropy_calibration(model, train, evals, top_k=6, max_new_tokens=N_NEW, buckets=[6], bootstrap=50)
+    assert out.extra["regressor_n"] == 5 * (N_NEW - 1) and out.extra["alpha_buckets"] == [6]
+    assert out.extra["fit_logloss"] <= out.extra["fit_logloss_alpha0"] + 1e-12 and len(out.alpha) == 2
+    assert out.logloss_after <= out.logloss_before  # held out: not a theorem, true on this split
+    assert np.isfinite([out.entce_before, out.entce_after, out.logloss_after]).all()
+    # the pipeline's cached tables: f̂ is fitted on the given generations of the fit split (2 samples each)
+    gens_eval = generate_table(model, evals, dec, max_new_tokens=N_NEW)
+    cached = future_entropy_calibration(model, train, evals, before=BeforeTables(gens, gens_eval, base), top_k=6,
+                                        max_new_tokens=N_NEW, buckets=[6], bootstrap=50)
+    assert (cached.extra["regressor_n"], cached.extra["regressor_r2"]) == (reg.n, reg.r2)
+    want = entce_summary(gens_eval, base, horizon=N_NEW, bootstrap=50)
+    assert (cached.entce_before, cached.logloss_before) == (want.entce, want.logloss)

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from tasks import report
-from tasks.calibrate import entce_summary, step_curves
+from tasks.metrics import entce_summary, step_curves
 from tasks.config import DatasetSpec, DecodingSpec
 from tasks.datasets import build_prompts, documents
 from tasks.generate import generate_table, token_strings
@@ -73,7 +73,7 @@ def _write(out, tables, extra="", excerpts=None):
     prompts, gens, ref = tables
     s = entce_summary(gens, ref, horizon=HORIZON, bootstrap=20)
     summary = pl.DataFrame([{"model": "tiny", "dataset": "python-docs", "decoding": "t1", "temperature": 1.0,
-                             "truncated": False, **{k: s[k] for k in report.METRIC_COLUMNS}}])
+                             "truncated": False, **{k: getattr(s, k) for k in report.METRIC_COLUMNS}}])
     curves = [{"model": "tiny", "dataset": "python-docs", "decoding": "t1",
                "curves": step_curves(gens, ref, horizon=HORIZON)}]
     if excerpts is None:
@@ -169,3 +169,24 @@ def test_prefect_artifact_markdown_links_figures_instead_of_embedding_them():
 def test_a_missing_figure_is_named_not_linked(tmp_path):
     html = report.markdown_to_html("para one\nstill one\n\n![gone](gone.png)", tmp_path)
     assert "<p>para one still one</p>" in html and "gone.png is missing" in html and "<img" not in html
+
+
+def test_child_figure_draws_the_unsmoothed_curves_and_still_saves_once_closed(tables):
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from tasks import figures
+
+    prompts, gens, ref = tables
+    curves = step_curves(gens, ref, horizon=HORIZON)
+    fig = figures.error_accumulation_figure(curves, "t1 · python-docs · tiny")
+    (ax,) = fig.axes
+    h, l = ax.get_lines()
+    assert list(h.get_xdata()) == curves["step"].to_list()
+    assert list(h.get_ydata()) == curves["entropy_mean"].to_list() and h.get_linestyle() == "-"
+    assert list(l.get_ydata()) == curves["logloss_mean"].to_list() and l.get_linestyle() == "--"
+    assert fig not in [plt.figure(n) for n in plt.get_fignums()]  # no pyplot state left behind
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,12 +1,13 @@
-"""tasks/scaling.py: scaling fit, theory simulation, corpus α, plots."""
+"""tasks/scaling.py: scaling fit, theory simulation, corpus α; their plots (tasks/figures.py)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tasks import scaling
+from tasks import figures, scaling
 
 PLANTED_SLOPE = -0.2
 THEORY_ALPHAS = (1.2, 1.5, 2.0, 3.0)
@@ -22,7 +23,7 @@ def _planted(n_models: int = 8, noise: float = 0.02, seed: int = 1):
 
 
 def _examples(entce: float, *, n: int = 200, noise: float = 0.3, seed: int = 0) -> dict:
-    """Per-example sums (calibrate.example_sums layout) of a model whose pooled EntCE is ``entce``
+    """Per-example sums (metrics.example_sums layout) of a model whose pooled EntCE is ``entce``
     exactly: 20 tokens per example, per-token entropy and log loss spread by ``noise`` nats."""
     rng = np.random.default_rng(seed)
     dh, dl = rng.standard_normal(n), rng.standard_normal(n)
@@ -144,11 +145,11 @@ def test_study_scaling_sections_use_per_example_sums(tmp_path):
     rows = [{"model": m, "dataset": "python-docs", "temperature": t, "truncated": False, "entce": e * t}
             for m, e in entce.items() for t in (1.0, 1.5)]
     sums = {(m, "python-docs"): _examples(e, noise=0.3, seed=k) for k, (m, e) in enumerate(entce.items())}
-    (three,) = scaling_sections(cfg, rows, tmp_path, sums)
+    (three,), (png,) = scaling_sections(cfg, rows, tmp_path, sums, sizes)
     assert "slope -0.200 over 3 models, 90% CI [" in three and "300 resamples" in three
-    assert (tmp_path / "scaling__fam__python-docs.png").stat().st_size > 1000
+    assert png == str(tmp_path / "scaling__fam__python-docs.png") and Path(png).stat().st_size > 1000
     two = cfg.model_copy(update={"models": cfg.models[:2]})
-    (text,) = scaling_sections(two, [r for r in rows if r["model"] != "m3"], tmp_path, sums)
+    (text,), _ = scaling_sections(two, [r for r in rows if r["model"] != "m3"], tmp_path, sums, sizes)
     assert "no CI: 2 models; a slope through 2 points has no residual to resample" in text
 
 
@@ -306,13 +307,14 @@ def test_plots_write_png(tmp_path):
     params, entce = _planted()
     fit = scaling.fit_scaling(params, entce, examples=[_examples(e, seed=i) for i, e in enumerate(entce)], n_boot=200)
     out = tmp_path / "scaling.png"
-    scaling.plot_scaling(params, entce, fit, str(out))
+    figures.plot_scaling(params, entce, fit, str(out))
     no_ci = scaling.fit_scaling(params[:2], entce[:2])
-    scaling.plot_scaling(params[:2], entce[:2], no_ci, str(tmp_path / "two.png"))
-    assert (tmp_path / "two.png").stat().st_size > 1000
+    figures.plot_scaling(params[:2], entce[:2], no_ci, str(tmp_path / "two.png"))
+    data = (tmp_path / "two.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     curves = scaling.theory_curves((1.2, 2.0))
     out2 = tmp_path / "theory.png"
-    scaling.plot_theory(curves, str(out2))
+    figures.plot_theory(curves, str(out2))
     for path in (out, out2):
         data = path.read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"

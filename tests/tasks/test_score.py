@@ -43,3 +43,22 @@ def test_truncated_decoding_mixes_in_epsilon(tiny_lm):
             else:  # y is the argmax: −log((1−ε)·1 + ε·p(y))
                 assert 0 <= loss < 1e-2
     assert any(c for cs in ref["step_truncated"] for c in cs)
+
+
+def test_teacher_forced_rows_equal_unpadded_forwards(tiny_lm):
+    """Right padding hides nothing it should not: each row is the state of an unpadded forward at the
+    position that predicts its continuation token (hidden states: the tiny model's head is plain)."""
+    from tasks.score import teacher_forced
+
+    model = tiny_lm.model
+    contexts, continuations = [[5, 9, 11, 40], [7, 3]], [[12, 13, 14], [20, 21, 22]]
+    tf = teacher_forced(model, contexts, continuations, pad_id=0)
+    assert tf.weight is not None and tf.lengths == [3, 3] and tf.cache is None
+    assert tf.mask.tolist() == [[1] * 7, [1] * 5 + [0] * 2]  # the second sequence is padded
+    assert tf.targets.tolist() == [t for r in continuations for t in r]
+    for c, r, rows in zip(contexts, continuations, tf.rows.split(tf.lengths)):
+        with torch.inference_mode():
+            hs = model(input_ids=torch.tensor([c + r]), output_hidden_states=True).hidden_states[-1][0]
+        torch.testing.assert_close(rows, hs[len(c) - 1 : len(c) - 1 + len(r)], atol=1e-5, rtol=0)
+    cached = teacher_forced(model, contexts, continuations, pad_id=0, hidden=True, use_cache=True)
+    assert cached.cache is not None and torch.equal(cached.rows, tf.rows)

@@ -1,7 +1,7 @@
 import polars as pl
 import pytest
 
-from tasks.calibrate import entce_summary, smooth, step_curves
+from tasks.metrics import entce_summary, smooth, step_curves
 
 
 def _tables(h_rows, l_rows):
@@ -19,21 +19,22 @@ def test_entce_sign_and_pooling():
     # generations carry 3 nats, human text costs 2: too much entropy -> EntCE > 0
     gens, ref = _tables([[3.0] * 10, [3.0] * 4], [[2.0] * 10, [2.0] * 10])
     s = entce_summary(gens, ref, horizon=8, bootstrap=200)
-    assert s["entce"] == pytest.approx(1.0) and s["entce_ci_low"] <= 1.0 <= s["entce_ci_high"]
-    assert s["generated_tokens"] == 8 + 4 and s["reference_tokens"] == 16
+    assert s.entce == pytest.approx(1.0) and s.entce_ci_low <= 1.0 <= s.entce_ci_high
+    assert s.generated_tokens == 8 + 4 and s.reference_tokens == 16
+    assert s.as_dict()["entce"] == s.entce and s.as_dict()["n_examples"] == 2
     gens, ref = _tables([[1.0] * 10] * 3, [[2.5] * 10] * 3)
-    assert entce_summary(gens, ref, horizon=10, bootstrap=50)["entce"] == pytest.approx(-1.5)
+    assert entce_summary(gens, ref, horizon=10, bootstrap=50).entce == pytest.approx(-1.5)
 
 
 def test_pooled_over_tokens_not_examples():
     gens, ref = _tables([[1.0] * 9, [4.0] * 1], [[0.0] * 5, [0.0] * 5])
-    assert entce_summary(gens, ref, horizon=100, bootstrap=20)["entropy"] == pytest.approx((9 + 4) / 10)
+    assert entce_summary(gens, ref, horizon=100, bootstrap=20).entropy == pytest.approx((9 + 4) / 10)
 
 
 def test_ci_widens_with_spread():
     tight = entce_summary(*_tables([[2.0] * 5] * 20, [[1.0] * 5] * 20), horizon=5, bootstrap=300)
     wide = entce_summary(*_tables([[0.5 + 0.2 * i] * 5 for i in range(20)], [[1.0] * 5] * 20), horizon=5, bootstrap=300)
-    assert tight["entce_ci_high"] - tight["entce_ci_low"] < 1e-9 < wide["entce_ci_high"] - wide["entce_ci_low"]
+    assert tight.entce_ci_high - tight.entce_ci_low < 1e-9 < wide.entce_ci_high - wide.entce_ci_low
 
 
 def test_curves_average_examples_reaching_each_step():
@@ -48,14 +49,14 @@ def test_smooth():
 
 
 def test_example_sums_are_what_the_ci_resamples():
-    from tasks.calibrate import example_sums
+    from tasks.metrics import example_sums
 
     gens, ref = _tables([[3.0] * 10, [1.0] * 4], [[2.0] * 10, [0.5] * 3])
     sums = example_sums(gens, ref, horizon=8)
     assert sums["entropy_sum"].tolist() == [24.0, 4.0] and sums["entropy_n"].tolist() == [8.0, 4.0]
     assert sums["logloss_sum"].tolist() == [16.0, 1.5] and sums["logloss_n"].tolist() == [8.0, 3.0]
     s = entce_summary(gens, ref, horizon=8, bootstrap=20)
-    assert s["entce"] == pytest.approx(28 / 12 - 17.5 / 11)
+    assert s.entce == pytest.approx(28 / 12 - 17.5 / 11)
 
 
 def _random_prompts(lm, n=4, p=9, r=14):
@@ -65,7 +66,7 @@ def _random_prompts(lm, n=4, p=9, r=14):
 
 
 def test_logloss_at_epsilon_equals_a_direct_rescore(tiny_lm):
-    from tasks.calibrate import logloss_at_epsilon
+    from tasks.metrics import logloss_at_epsilon
     from tasks.config import DecodingSpec
     from tasks.score import score_table
 

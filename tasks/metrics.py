@@ -1,4 +1,4 @@
-"""Calibration metrics from the generations and reference tables.
+"""Calibration metrics from the generations and reference tables: this module only measures.
 
   H̄ = mean of step_entropy over the tokens of the first T steps of every generation
   L̄ = mean of step_logloss over the first T tokens of every human reference
@@ -15,9 +15,12 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from tasks.contracts import Summary
 
-def _per_example(table: pl.DataFrame, col: str, horizon: int) -> pl.DataFrame:
-    """Sum and count of ``col`` over the first ``horizon`` steps, per example."""
+
+def per_example(table: pl.DataFrame, col: str, horizon: int) -> pl.DataFrame:
+    """Sum (float64) and count of ``col`` over the first ``horizon`` steps, per example: columns example_id,
+    sum, n (examples in table order)."""
     return (
         table.select("example_id", pl.col(col).list.head(horizon).alias("v"))
         .explode("v")
@@ -35,8 +38,8 @@ def example_sums(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon:
     EntCE = Σ entropy_sum / Σ entropy_n − Σ logloss_sum / Σ logloss_n."""
     if generations.is_empty() or reference.is_empty():
         raise ValueError("entce_summary: expected non-empty generations and reference tables")
-    h = _per_example(generations, "step_entropy", horizon)
-    l = _per_example(reference, "step_logloss", horizon)
+    h = per_example(generations, "step_entropy", horizon)
+    l = per_example(reference, "step_logloss", horizon)
     both = h.join(l, on="example_id", how="inner", suffix="_l")
     if both.is_empty():
         raise ValueError("entce_summary: generations and reference share no example_id")
@@ -47,8 +50,8 @@ def example_sums(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon:
 
 
 def entce_summary(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int,
-                  bootstrap: int = 1000, ci_level: float = 0.95, seed: int = 0) -> dict:
-    """H̄, L̄, EntCE and its bootstrap CI, plus diagnostics. All in nats per token."""
+                  bootstrap: int = 1000, ci_level: float = 0.95, seed: int = 0) -> Summary:
+    """H̄, L̄, EntCE and its bootstrap CI, plus diagnostics (tasks.contracts.Summary). Nats per token."""
     sums = example_sums(generations, reference, horizon=horizon)
     hs, hn, ls, ln = (sums[k] for k in ("entropy_sum", "entropy_n", "logloss_sum", "logloss_n"))
     n = hs.size  # examples
@@ -63,22 +66,22 @@ def entce_summary(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon
         v = v.cast(pl.Float64) if fn is None else fn(v)
         return float(v.mean()) if len(v) else float("nan")
 
-    return {
-        "entce": float(entropy - logloss),
-        "entropy": float(entropy),
-        "logloss": float(logloss),
-        "entce_ci_low": float(lo),
-        "entce_ci_high": float(hi),
-        "ci_level": ci_level,
-        "logloss_untruncated": pooled(reference, "step_logloss_untruncated"),
-        "truncated_share": pooled(reference, "step_truncated", lambda s: s.cast(pl.Float64)),
-        "sampled_surprisal": -pooled(generations, "step_logprob"),  # diagnostic: noisier estimate of H̄
-        "steps": horizon,
-        "generated_tokens": int(hn.sum()),
-        "reference_tokens": int(ln.sum()),
-        "n_examples": int(n),
-        "eos_share": float((generations["finish_reason"] == "eos").mean()),
-    }
+    return Summary(
+        entce=float(entropy - logloss),
+        entropy=float(entropy),
+        logloss=float(logloss),
+        entce_ci_low=float(lo),
+        entce_ci_high=float(hi),
+        ci_level=ci_level,
+        logloss_untruncated=pooled(reference, "step_logloss_untruncated"),
+        truncated_share=pooled(reference, "step_truncated", lambda s: s.cast(pl.Float64)),
+        sampled_surprisal=-pooled(generations, "step_logprob"),
+        steps=horizon,
+        generated_tokens=int(hn.sum()),
+        reference_tokens=int(ln.sum()),
+        n_examples=int(n),
+        eos_share=float((generations["finish_reason"] == "eos").mean()),
+    )
 
 
 def logloss_at_epsilon(reference: pl.DataFrame, *, horizon: int, epsilon: float, new_epsilon: float) -> float:

@@ -1,0 +1,194 @@
+"""Runs the study's stages: one typed method per stage, here or on Ray, noting what came from cache.
+
+Where a stage runs is declared on the stage (flows/stages.py, ``@stage(..., gpu=True)``):
+``executor: local`` runs everything in this process, one call after another; ``executor: ray``
+sends the ``gpu`` stages (generation shards, scoring, calibration fits, model loads) to Prefect's
+Ray task runner (prefect-ray), on the cluster at ``RAY_ADDRESS`` or on a Ray instance started for
+this flow run on 127.0.0.1, so the flow's machine needs no model and no GPU. Each such task asks
+for one GPU when the cluster has one; the shards of a generation are submitted all at once. Ray
+workers read the S3 endpoint and credentials from their own environment (or the embedded stack's
+``stack.json``), never from a task's arguments.
+
+Generation is split into shards (``shard_size`` prompts each); every (decoding, shard) is one
+cached task whose table lands in the artifact store as a parquet part, so a study killed at hour
+five resumes at the first unfinished shard, and a part that is lost or altered is made again.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from urllib.parse import urlparse
+
+import polars as pl
+
+from flows.results import result_storage
+from flows.stages import (corpus_alpha_task, generate_task, model_params_task, prepare_task, recalibrate_task,
+                          score_task, work_of)
+from storage import parts
+from storage.errors import UserError
+from storage.settings import Settings
+from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
+from tasks.contracts import Knobs, Recalibration
+from tasks.generate import shards
+from tasks.recalibrate import BeforeTables
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class PartError(UserError, RuntimeError):
+    """A generation part cannot be read back even after regenerating it."""
+
+
+class RayUnreachable(UserError, RuntimeError):
+    """RAY_ADDRESS names no Ray cluster that answers."""
+
+
+def ray_address() -> tuple[str | None, str | None, int | None]:
+    """(RAY_ADDRESS or None, its host, its port): ``host:port`` (GCS) or ``ray://host:port`` (Ray Client)."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None or address == "auto":
+        return address, None, None
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    try:
+        return address, parsed.hostname, parsed.port
+    except ValueError:
+        return address, parsed.hostname, None
+
+
+def check_ray(config: StudyConfig) -> None:
+    """With ``executor: ray`` and RAY_ADDRESS set, the address must take a connection: a dead address
+    would otherwise keep ray.init retrying for minutes."""
+    address, host, port = ray_address()
+    if config.executor != "ray" or address in (None, "auto"):
+        return
+    if not host or not port:
+        raise RayUnreachable(f"RAY_ADDRESS {address!r}: expected host:port or ray://host:port")
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as err:
+        raise RayUnreachable(f"Ray at {address} is unreachable ({err.strerror or err}): check RAY_ADDRESS, "
+                             "or unset it to start a local Ray") from None
+
+
+class Executor:
+    """The study's stages with its result storage and knobs; ``cached`` / ``ran`` list the work done."""
+
+    # Slots, no __dict__: Prefect stores a subflow's parameters as JSON, and an object it cannot
+    # encode is stored as "<Executor>" instead of a walk through its settings and clients.
+    __slots__ = ("config", "settings", "logger", "knobs", "storage", "cached", "ran", "_exit", "_ray")
+
+    def __init__(self, config: StudyConfig, settings: Settings, logger):
+        self.config, self.settings, self.logger = config, settings, logger
+        self.knobs = Knobs.of(config)
+        self.storage = result_storage(settings)  # S3 when configured: cached work is shared across machines
+        self.cached: list[str] = []
+        self.ran: list[str] = []
+        self._exit = contextlib.ExitStack()
+        self._ray = None
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._exit.close()  # disconnect from Ray (and stop a Ray instance this flow run started)
+
+    # -------------------------------------------------------------- the stages
+    def prepare(self, model: ModelSpec, dataset: DatasetSpec) -> pl.DataFrame:
+        return self._one(prepare_task, f"prepare {model.label}/{dataset.label}", model=model, dataset=dataset,
+                         knobs=self.knobs.prompts)
+
+    def generate(self, model: ModelSpec, prompts: pl.DataFrame,
+                 decodings: list[DecodingSpec]) -> dict[str, pl.DataFrame]:
+        """{decoding key: generations table}, each the concatenation of its shards' parts, in prompt order."""
+        pieces = shards(prompts, self.config.shard_size)
+        calls = [dict(model=model, prompts=piece, decoding=d, knobs=self.knobs.generation,
+                      shard=i if len(pieces) > 1 else None) for d in decodings for i, piece in enumerate(pieces)]
+        tables = [self._part(kw, state) for kw, state in zip(calls, self._states(generate_task, calls))]
+        n = len(pieces)
+        return {d.key: pl.concat(tables[j * n:(j + 1) * n]) for j, d in enumerate(decodings)}
+
+    def score(self, model: ModelSpec, prompts: pl.DataFrame, decodings: list[DecodingSpec]) -> pl.DataFrame:
+        """The reference table: the human text scored under every decoding (one forward serves all)."""
+        return self._one(score_task, None, model=model, prompts=prompts, decodings=decodings,
+                         knobs=self.knobs.scoring)
+
+    def recalibrate(self, method: str, model: ModelSpec, train: pl.DataFrame, evaluate: pl.DataFrame,
+                    before: BeforeTables) -> Recalibration:
+        return self._one(recalibrate_task, None, method=method, model=model, train=train, evaluate=evaluate,
+                         before=before, knobs=self.knobs.recalibration)
+
+    def model_params(self, model: ModelSpec) -> int:
+        """The parameter count: the spec's ``params`` if given, else counted where the model loads."""
+        return model.params or self._one(model_params_task, f"model-params {model.label}", model=model)
+
+    def corpus_alpha(self, dataset: DatasetSpec) -> dict | None:
+        return self._one(corpus_alpha_task, f"corpus-alpha {dataset.label}", dataset=dataset)
+
+    # -------------------------------------------------------------- running them
+    def _task(self, task):
+        return task.with_options(result_storage=self.storage) if self.storage else task
+
+    def _note(self, label: str, state) -> None:
+        hit = state.name == "Cached"
+        (self.cached if hit else self.ran).append(label)
+        self.logger.info("%s: %s", label, "served from cache" if hit else "ran")
+
+    def _one(self, task, label: str | None, **kw):
+        """One call of ``task``; returns its result. ``label`` defaults to ``<task> <model/dataset/decoding>``."""
+        (state,) = self._states(task, [kw])
+        self._note(label or f"{task.name} {work_of(kw)}", state)
+        return state.result()
+
+    def _states(self, task, calls: list[dict]):
+        """The final states of several calls of one task, in call order (a generator): one after another
+        here, or, for a ``gpu`` stage under ``executor: ray``, submitted all at once to Ray."""
+        task_ = self._task(task)
+        if self.config.executor == "local" or not task.fn.__stage__.gpu:
+            yield from (task_(return_state=True, **kw) for kw in calls)
+            return
+        runner, options = self._ray_runner()
+        with options():
+            futures = [runner.submit(task_, kw) for kw in calls]
+        for f in futures:
+            f.wait()
+            yield f.state
+
+    def _part(self, kw: dict, state) -> pl.DataFrame:
+        """The shard's table from its part; a cached record whose part is lost or altered is generated again."""
+        label = f"generate {work_of(kw)}"
+        record = state.result()
+        df = parts.read(self.settings, record)
+        if df is None and state.name == "Cached":
+            self.logger.warning("%s: part %s is missing or fails its checksum; generating it again", label, record.uri)
+            state = self._task(generate_task).with_options(refresh_cache=True)(return_state=True, **kw)
+            record = state.result()
+            df = parts.read(self.settings, record)
+        if df is None:
+            raise PartError(f"{label}: the part written to {record.uri} cannot be read back (check the S3 store)")
+        self._note(label, state)
+        self.logger.info("%s: %d rows in %s, written by worker %s", label, df.height, record.uri, record.worker)
+        return df
+
+    def _ray_runner(self):
+        if self._ray is None:
+            from prefect_ray import RayTaskRunner
+            from prefect_ray.context import remote_options
+
+            address, host, _ = ray_address()
+            init: dict = {}
+            if address is None or host in LOOPBACK:
+                # Ray rewrites 127.0.0.1 to the machine's address unless told this is a one-machine cluster
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                init["_node_ip_address"] = "127.0.0.1"
+            if address is None:
+                init["include_dashboard"] = False
+            self.logger.info("model-bound stages run on Ray at %s", address or "a local instance on 127.0.0.1")
+            runner = self._exit.enter_context(RayTaskRunner(address=address, init_kwargs=init))
+            import ray
+
+            gpus = ray.cluster_resources().get("GPU", 0)
+            self.logger.info("Ray cluster: %d nodes, %g CPUs, %g GPUs", len(ray.nodes()),
+                             ray.cluster_resources().get("CPU", 0), gpus)
+            self._ray = (runner, (lambda: remote_options(num_gpus=1)) if gpus >= 1 else contextlib.nullcontext)
+        return self._ray

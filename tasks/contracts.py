@@ -1,0 +1,178 @@
+"""The data that crosses stage boundaries: table schemas, typed records, and the knobs of each stage.
+
+Every stage reads and writes only these. A table is a polars DataFrame with exactly one of the
+schemas below (one row per example, or per example × sample × decoding; per-step values are lists
+aligned with the steps). A record is a frozen dataclass. The knobs are built once from the
+StudyConfig (``Knobs.of``), so a new knob is one field here and one use where it matters.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from storage.parts import PartRecord  # noqa: F401 (a contract; it lives with the store that writes it)
+from tasks.config import StudyConfig
+
+# ---------------------------------------------------------------- tables
+PROMPTS_SCHEMA = {  # tasks.datasets.prepare_prompts: one row per example
+    "example_id": pl.String,
+    "dataset": pl.String,
+    "prompt_ids": pl.List(pl.Int32),
+    "reference_ids": pl.List(pl.Int32),  # the human continuation
+    "prompt_text": pl.String,
+    "reference_text": pl.String,
+}
+GENERATIONS_SCHEMA = {  # tasks.generate: one row per example × sample
+    "example_id": pl.String,
+    "sample": pl.Int32,
+    "decoding": pl.String,
+    "token_ids": pl.List(pl.Int32),
+    "step_entropy": pl.List(pl.Float32),  # H of the sampling distribution q_t, nats
+    "step_logprob": pl.List(pl.Float32),  # log q_t of the drawn token
+    "finish_reason": pl.String,  # "eos" | "length"
+    "text": pl.String,
+    "tokens": pl.List(pl.String),
+}
+REFERENCE_SCHEMA = {  # tasks.score: one row per example × decoding
+    "example_id": pl.String,
+    "decoding": pl.String,
+    "step_logloss": pl.List(pl.Float32),  # −log q_ε(y_t): q mixed with p at weight ε when truncated
+    "step_logloss_untruncated": pl.List(pl.Float32),  # −log p_τ(y_t)
+    "step_entropy": pl.List(pl.Float32),  # H(q_t) on the human prefix
+    "step_truncated": pl.List(pl.Boolean),  # y_t outside the truncated support
+}
+
+
+# ---------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Summary:
+    """EntCE of one (model, dataset, decoding) over the first ``steps`` steps; nats per token."""
+
+    entce: float
+    entropy: float
+    logloss: float
+    entce_ci_low: float
+    entce_ci_high: float
+    ci_level: float
+    logloss_untruncated: float
+    truncated_share: float
+    sampled_surprisal: float  # diagnostic: −mean log q(drawn token), a noisier estimate of H̄
+    steps: int
+    generated_tokens: int
+    reference_tokens: int
+    n_examples: int
+    eos_share: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """A calibration method fitted on the fit split; EntCE and L̄ before / after on the evaluation split."""
+
+    alpha: float | list[float]
+    entce_before: float
+    entce_after: float
+    logloss_before: float
+    logloss_after: float
+    extra: dict = field(default_factory=dict)  # method diagnostics (CIs, fit L̄, regressor R²), JSON-able
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Everything calibration.json holds for one (model, dataset)."""
+
+    label: str
+    tau_star: float | None
+    tau_star_ci: tuple[float | None, float | None]
+    tau_converged: bool | None
+    logloss_at_tau_star: float | None
+    logloss_at_tau_1: float | None
+    truncation: list[dict]  # EntCE-zeroing setting per method
+    sweep: list[dict]  # every evaluated (method, param)
+    pareto_front: list[dict]
+    pareto_figure: str
+    fit_examples: int
+    eval_examples: int
+    epsilon: float
+    lookahead: Recalibration | None = None
+    future_entropy: Recalibration | None = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- knobs
+@dataclass(frozen=True)
+class PromptKnobs:
+    num_examples: int
+    prompt_tokens: int
+    min_reference_tokens: int
+    max_reference_tokens: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationKnobs:
+    max_new_tokens: int
+    samples_per_prompt: int
+    seed: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ScoringKnobs:
+    max_tokens: int  # the horizon T
+    epsilon: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class SummaryKnobs:
+    horizon: int
+    bootstrap: int
+    ci_level: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class RecalibrationKnobs:
+    top_k: int  # candidates whose φ is computed exactly
+    max_new_tokens: int
+    horizon: int
+    samples_per_prompt: int  # as the study's generations, so "before" and "after" share their draws
+    seed: int
+    batch_size: int
+    bootstrap: int
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The knobs of every stage, built once from the study's config."""
+
+    prompts: PromptKnobs
+    generation: GenerationKnobs
+    scoring: ScoringKnobs
+    summary: SummaryKnobs
+    recalibration: RecalibrationKnobs | None  # None: the study does not calibrate
+
+    @classmethod
+    def of(cls, config: StudyConfig) -> "Knobs":
+        return cls(
+            prompts=PromptKnobs(num_examples=config.num_examples, prompt_tokens=config.prompt_tokens,
+                                min_reference_tokens=config.min_reference_tokens,
+                                max_reference_tokens=max(config.horizon, config.max_new_tokens),
+                                max_new_tokens=config.max_new_tokens),
+            generation=GenerationKnobs(max_new_tokens=config.max_new_tokens,
+                                       samples_per_prompt=config.samples_per_prompt, seed=config.seed,
+                                       batch_size=config.batch_size),
+            scoring=ScoringKnobs(max_tokens=config.horizon, epsilon=config.epsilon, batch_size=config.batch_size),
+            summary=SummaryKnobs(horizon=config.horizon, bootstrap=config.bootstrap, ci_level=config.ci_level,
+                                 seed=config.seed),
+            recalibration=None if config.calibration is None else RecalibrationKnobs(
+                top_k=config.calibration.candidates, max_new_tokens=config.max_new_tokens, horizon=config.horizon,
+                samples_per_prompt=config.samples_per_prompt, seed=config.seed, batch_size=config.batch_size, bootstrap=config.bootstrap),
+        )

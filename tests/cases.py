@@ -1,0 +1,92 @@
+"""Bad study configs, defined once. tests/reliability/test_bad_inputs.py checks each through the loader and
+preflight in-process (the UserError's one-line message); tests/flows/test_cli.py through `entcal run`
+(exit 2, that message as the one ``entcal: error:`` line on stderr, no traceback)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from tests.conftest import tiny_config
+
+
+@dataclass(frozen=True)
+class BadConfig:
+    """A study config file with one mistake, and the words its one-line error must contain."""
+
+    id: str
+    content: Callable[[Path, Path], dict | str | bytes | None]  # (case dir, tiny model dir) -> the file; None: no file
+    expected: str  # words of the error message; "{dir}" stands for the case dir
+
+    def write(self, case_dir: Path, model_dir: Path) -> Path:
+        """The config file ``case_dir/study.yaml`` (a dict is written as YAML, bytes as they are)."""
+        path = case_dir / "study.yaml"
+        content = self.content(case_dir, model_dir)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, str):
+            path.write_text(content)
+        elif content is not None:
+            path.write_text(yaml.safe_dump(content))
+        return path
+
+    def expected_in(self, case_dir: Path) -> str:
+        return self.expected.replace("{dir}", str(case_dir))
+
+
+def _broken_model_dir(case_dir: Path) -> str:
+    d = case_dir / "broken-model"
+    d.mkdir()
+    (d / "config.json").write_text("{not json")
+    return str(d)
+
+
+def _jsonl(case_dir: Path, rows: list[dict]) -> str:
+    p = case_dir / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(p)
+
+
+def _decoding(m: Path, **decoding) -> dict:
+    return tiny_config(m, decodings=[decoding])
+
+
+def _dataset(m: Path, path: str) -> dict:
+    return tiny_config(m, datasets=[{"name": "x", "path": path}])
+
+
+CONFIG = "config {dir}/study.yaml: "  # how a mistake in the file itself starts: which file
+BAD_CONFIGS = [
+    BadConfig("missing-file", lambda t, m: None, CONFIG + "no such file"),
+    BadConfig("unknown-key", lambda t, m: {**tiny_config(m), "num_exampels": 2}, CONFIG + "num_exampels: unknown key"),
+    BadConfig("not-a-mapping", lambda t, m: "- a\n- b\n", CONFIG + "expected a mapping of study fields, got list"),
+    BadConfig("invalid-yaml", lambda t, m: "models: [\n", CONFIG + "not valid YAML at line 2"),
+    BadConfig("not-utf8", lambda t, m: b"\xff\xfe\x00bad: [", CONFIG + "cannot read it (UnicodeDecodeError"),
+    BadConfig("temperature<0", lambda t, m: _decoding(m, temperature=-1),
+              CONFIG + "decodings.0.temperature: temperature must be > 0, got -1"),
+    BadConfig("temperature=0", lambda t, m: _decoding(m, temperature=0),
+              CONFIG + "decodings.0.temperature: temperature must be > 0, got 0"),
+    BadConfig("top_p>1", lambda t, m: _decoding(m, top_p=1.5),
+              CONFIG + "decodings.0.top_p: top_p must be <= 1, got 1.5"),
+    BadConfig("top_p=0", lambda t, m: _decoding(m, top_p=0), CONFIG + "decodings.0.top_p: top_p must be > 0, got 0"),
+    BadConfig("top_k<0", lambda t, m: _decoding(m, top_k=-5), CONFIG + "decodings.0.top_k: top_k must be >= 0, got -5"),
+    BadConfig("min_p=1", lambda t, m: _decoding(m, min_p=1.0),
+              CONFIG + "decodings.0.min_p: min_p must be < 1, got 1.0"),
+    BadConfig("horizon<1", lambda t, m: tiny_config(m, horizon=0), CONFIG + "horizon: horizon must be >= 1, got 0"),
+    BadConfig("model-path-missing", lambda t, m: tiny_config(t / "nope"),
+              "model tiny: path {dir}/nope is not a directory"),
+    BadConfig("gguf-missing", lambda t, m: {**tiny_config(m), "models": [{"gguf": str(t / "x.gguf")}]},
+              "model x: GGUF file {dir}/x.gguf does not exist"),
+    BadConfig("model-does-not-load", lambda t, m: tiny_config(_broken_model_dir(t)),
+              "model tiny: cannot read its config from {dir}/broken-model"),
+    BadConfig("dataset-missing", lambda t, m: _dataset(m, str(t / "no.jsonl")),
+              "dataset x: {dir}/no.jsonl does not exist"),
+    BadConfig("dataset-empty", lambda t, m: _dataset(m, _jsonl(t, [])), "dataset x: {dir}/d.jsonl is empty"),
+    BadConfig("text-column-missing", lambda t, m: _dataset(m, _jsonl(t, [{"body": "hi"}])),
+              "dataset x: {dir}/d.jsonl has no column 'text' (columns: ['body'])"),
+    BadConfig("too-few-examples", lambda t, m: _dataset(m, _jsonl(t, [{"text": "short"}] * 3)),
+              "dataset x: 0 usable examples of 2 requested (3 documents read; 3 dropped"),
+]
