@@ -1,6 +1,6 @@
 """The math of one logits row, fast.
 
-Public API (DESIGN.md):
+Public API (docs/DESIGN.md):
 
     token_stats(logits[N, V], targets[N] | None, *, temperature, top_k, top_p, min_p, top_nsigma,
                 impl="auto") -> TokenStats(entropy[N], logsumexp[N], target_logprob[N])

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference for the statistics of one logits row.
 
 This is the ground truth every Triton kernel is tested against, and the CPU path.
-Semantics (DESIGN.md, "Kernel API"): z = logits / temperature, then top-k, then top-p on the
+Semantics (docs/DESIGN.md, "Kernel API"): z = logits / temperature, then top-k, then top-p on the
 renormalised result, then min-p, then top-nσ; each step keeps at least one token.
 
 All outputs are float32 (or float64 with ``dtype=torch.float64``), in nats.

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import boto3
 from botocore.config import Config
@@ -60,30 +59,6 @@ def ensure_bucket(settings: Settings, *, create: bool = True) -> None:
         raise StorageError(explain(err, settings)) from None
     s3.create_bucket(Bucket=settings.bucket)
     log.info("created bucket %s at %s", settings.bucket, settings.s3_endpoint)
-
-
-def list_keys(settings: Settings, prefix: str = "") -> list[str]:
-    s3 = client(settings)
-    keys: list[str] = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=prefix):
-        keys.extend(o["Key"] for o in page.get("Contents", []))
-    return keys
-
-
-def wait_until_up(settings: Settings, timeout_s: float = 30.0) -> None:
-    """Poll the endpoint until it answers (any S3 reply, even an error, means it is up)."""
-    deadline = time.monotonic() + timeout_s
-    s3 = client(settings, attempts=1)
-    while True:
-        try:
-            s3.list_buckets()
-            return
-        except ClientError:
-            return
-        except BotoCoreError as err:
-            if time.monotonic() > deadline:
-                raise StorageError(explain(err, settings)) from None
-            time.sleep(0.3)
 
 
 def put_bytes(settings: Settings, key: str, data: bytes) -> None:

@@ -6,7 +6,7 @@ from ``pydoc_data.topics``; ``python-stdlib``: the standard library's own source
 WritingPrompts, CodeContests) with its filters.
 
 Every document gets a stable id; examples are taken in dataset order after filtering.
-Output schema (DESIGN.md): example_id str, dataset str, prompt_ids list[i32], reference_ids list[i32],
+Output schema (tasks/contracts.py, docs/DESIGN.md): example_id str, dataset str, prompt_ids list[i32], reference_ids list[i32],
 prompt_text str (the prompt decoded with the model's tokenizer, special tokens such as chat markup kept:
 what the model conditions on), reference_text str (the human continuation decoded).
 """

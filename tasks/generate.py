@@ -21,7 +21,7 @@ and values at every step (22% of the profiled CPU time of a SmolLM2 decode step 
 1.08x end to end in benchmarks/bench_generate.py). Calibration hooks (``adjust``) and models
 without a static cache layout use the growing cache.
 
-Output schema (DESIGN.md): example_id str, sample i32, decoding str, token_ids list[i32],
+Output schema (tasks/contracts.py, docs/DESIGN.md): example_id str, sample i32, decoding str, token_ids list[i32],
 step_entropy list[f32], step_logprob list[f32], finish_reason str ("eos" | "length"), text str (the
 continuation decoded, special tokens skipped), tokens list[str] (each token's own text, special tokens
 included; "".join(tokens) is the full decode). text and tokens are null when no tokenizer was given.

@@ -112,6 +112,34 @@ def prefect_server(stack):
     return Stack().state()["prefect"]
 
 
+def s3_keys(settings, prefix: str = "") -> list[str]:
+    """Every object key under ``prefix`` in the settings' bucket."""
+    from storage import s3
+
+    pages = s3.client(settings).get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def wait_for_s3(settings, timeout_s: float = 30.0) -> None:
+    """Poll the S3 endpoint until it answers (any reply, even an error, means it is up)."""
+    import time
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from storage import s3
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            s3.client(settings, attempts=1).list_buckets()
+            return
+        except ClientError:
+            return
+        except BotoCoreError:
+            assert time.monotonic() < deadline, f"S3 at {settings.s3_endpoint} did not come up in {timeout_s:.0f} s"
+            time.sleep(0.3)
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
             check: bool = False) -> subprocess.CompletedProcess:
     """`python -m flows.cli ARGS` run to its end in a subprocess from the repository root, with the test

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from storage import s3
 from tasks.config import StudyConfig
+from tests.conftest import s3_keys
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +71,13 @@ def test_runs_metrics_and_artifacts_land_in_mlflow_and_s3(first_run, config, sta
         assert files == {"tables/prompts.parquet", "tables/generations.parquet", "tables/reference.parquet",
                          "tables/examples.json"}
     # the artifacts are objects in the bucket, not files on the MLflow server's disk
-    keys = s3.list_keys(stack, "mlflow/")
+    keys = s3_keys(stack, "mlflow/")
     ours = {c.info.run_id for c in children}
     assert sum(k.endswith("tables/generations.parquet") and any(r in k for r in ours) for k in keys) == 3
     assert any(k.endswith("report/error_accumulation.png") for k in keys)
     assert any(k.endswith("summary.json") for k in keys)
     # cached task results live in the bucket too, so other machines reuse them
-    assert len(s3.list_keys(stack, "prefect-results/")) >= 1 + 3 + 1
+    assert len(s3_keys(stack, "prefect-results/")) >= 1 + 3 + 1
 
 
 def test_out_dir_holds_tables_and_summary(first_run):

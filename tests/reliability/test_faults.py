@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from storage import parts, s3
-from tests.conftest import run_cli, start_cli, tiny_config
+from tests.conftest import run_cli, s3_keys, start_cli, tiny_config, wait_for_s3
 
 REPO = Path(__file__).resolve().parents[2]
 DECODINGS = [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}]
@@ -117,7 +117,7 @@ def cached_table(settings, key: str):
 def cached_stages(settings) -> dict[str, str]:
     """{stage label: object key} of the Prefect results under prefect-results/, labelled by content."""
     found = {}
-    for key in s3.list_keys(settings, "prefect-results/"):
+    for key in s3_keys(settings, "prefect-results/"):
         value = cached_table(settings, key)
         if not isinstance(value, pl.DataFrame):
             found[f"other {key[-8:]}"] = key  # e.g. the corpus's alpha (a float)
@@ -327,7 +327,7 @@ def test_cached_result_altered_at_rest_is_not_served(stack, prefect_server):
         reader = ResultStore(result_storage=block)  # another process: nothing held in memory
         if not (reader.exists(key) and reader.read(key).result.equals(df)):
             pytest.fail("the record does not round-trip unaltered")
-        [obj_key] = [k for k in s3.list_keys(stack, "prefect-results/") if key in k]
+        [obj_key] = [k for k in s3_keys(stack, "prefect-results/") if key in k]
         s3.put_bytes(stack, obj_key, _alter_value(s3.get_bytes(stack, obj_key), 1.5, 9.5))
         store = ResultStore(result_storage=block)
         # a reader may refuse it (a cache miss: the stage is recomputed) or fail loudly; never serve 9.5
@@ -375,7 +375,7 @@ def test_s3_outage_of_30s_mid_run_is_retried_through(tmp_path, tiny_model_dir, s
         assert cli.proc.poll() is None, "the study gave up while S3 was down:\n" + cli.stderr[-3000:]
         restarted = _restart_rclone(root, st)
         rc = cli.finish()
-        s3.wait_until_up(settings)
+        wait_for_s3(settings)
         cached = set(cached_stages(settings))
     finally:
         cli.kill()

@@ -6,7 +6,7 @@ import pytest
 from storage import s3
 from storage.settings import Settings
 from storage.stack import Stack
-from tests.conftest import run_cli
+from tests.conftest import run_cli, s3_keys
 
 
 def test_status_reports_urls_not_secrets(stack):
@@ -31,7 +31,7 @@ def test_stack_file_is_private(stack):
 def test_put_and_list_objects(stack):
     client = s3.client(stack)
     client.put_object(Bucket=stack.bucket, Key="probe/a.txt", Body=b"hello")
-    assert "probe/a.txt" in s3.list_keys(stack, "probe/")
+    assert "probe/a.txt" in s3_keys(stack, "probe/")
     assert client.get_object(Bucket=stack.bucket, Key="probe/a.txt")["Body"].read() == b"hello"
 
 
