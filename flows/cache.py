@@ -2,11 +2,13 @@
 
 A stage's key is the hash of
   - CACHE_VERSION (the shape of cached results),
-  - the stage's name,
-  - the source of every module its result depends on: the modules the stage names and every
-    module of ours (tasks/, kernels/, storage/) they import, transitively, in function bodies too,
-    so a change to tasks/generate.py re-keys the calibration fits that sample through it, and a
-    change to a Triton kernel re-keys everything that scores with it,
+  - the stage's name and the source of its task function (flows/stages.py),
+  - the code of every module its result depends on: the modules the stage names and every module
+    of ours (tasks/, kernels/, storage/) they import, transitively, in function bodies too, so a
+    change to tasks/generate.py re-keys the calibration fits that sample through it, and a change
+    to a Triton kernel re-keys everything that scores with it. Code is hashed as its syntax tree
+    without docstrings: a comment or a docstring re-keys nothing. A package that is only the parent
+    of an imported module counts with its module-level imports (what importing it runs),
   - and every parameter by content (a DataFrame by its bytes, a spec or record by its fields),
     except those that only name the run (NAME_ONLY).
 Never a model object or a run id: a re-run from any process or machine pointed at the same
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 from pathlib import Path
@@ -36,6 +39,9 @@ def frame_digest(df: pl.DataFrame) -> str:
 
 
 def _canonical(value) -> str:
+    """A parameter by content; a type without a content form is a TypeError, never a repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return json.dumps(value)
     if isinstance(value, pl.DataFrame):
         return "frame:" + frame_digest(value)
     if hasattr(value, "model_dump_json"):
@@ -45,7 +51,9 @@ def _canonical(value) -> str:
         return type(value).__name__ + "{" + ",".join(f"{k}={_canonical(v)}" for k, v in fields.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_canonical(v) for v in value) + "]"
-    return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(str(k))}:{_canonical(v)}" for k, v in sorted(value.items())) + "}"
+    raise TypeError(f"cache key: no content form for a {type(value).__name__} parameter")
 
 
 def _file_of(module: str, root: Path) -> Path | None:
@@ -56,46 +64,70 @@ def _file_of(module: str, root: Path) -> Path | None:
     return None
 
 
-def _imports(path: Path) -> set[str]:
-    """Module names ``path`` imports anywhere (``from pkg import name`` also yields ``pkg.name``)."""
+def _imports(path: Path, module: str, *, top_level: bool) -> set[str]:
+    """Module names ``path`` (module ``module``) imports: anywhere in it, or only at module level
+    (``top_level``). ``from pkg import name`` also yields ``pkg.name``; relative imports are resolved."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in (tree.body if top_level else ast.walk(tree)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
 
 
 def dependencies(*modules: str, root: Path = ROOT) -> list[Path]:
-    """The files of ``modules`` and of every module of ours they import, transitively (sorted)."""
-    seen: dict[str, Path] = {}
-    todo = list(modules)
+    """The files of ``modules`` and of every module of ours they import, transitively (sorted). A
+    package reached only as the parent of an imported module contributes its module-level imports."""
+    followed: dict[str, bool] = {}  # module -> all its imports followed (False: module-level only)
+    files: set[Path] = set()
+    todo = [(m, True) for m in modules]
     while todo:
-        name = todo.pop()
-        if name in seen or name.split(".")[0] not in PACKAGES:
+        name, full = todo.pop()
+        if name.split(".")[0] not in PACKAGES or followed.get(name) is True or (name in followed and not full):
             continue
         path = _file_of(name, root)
         if path is None:  # ``from pkg import name`` where name is not a module
             continue
-        seen[name] = path
-        parent = name.rpartition(".")[0]
-        todo += [m for m in _imports(path) if m not in seen] + ([parent] if parent else [])
-    return sorted(set(seen.values()))
+        followed[name] = full
+        files.add(path)
+        todo += [(m, True) for m in _imports(path, name, top_level=not full)]
+        if "." in name:
+            todo.append((name.rpartition(".")[0], False))
+    return sorted(files)
+
+
+def code_digest(path: Path) -> bytes:
+    """The module's syntax tree without docstrings: what changes when the code changes."""
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).digest()
 
 
 def source_digest(*modules: str, root: Path = ROOT) -> str:
-    """sha256 over the path and bytes of every file in ``dependencies(*modules)``."""
+    """sha256 over the path and code of every file in ``dependencies(*modules)``."""
     h = hashlib.sha256()
     for path in dependencies(*modules, root=root):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        h.update(str(path.relative_to(root)).encode() + b"\0" + code_digest(path))
     return h.hexdigest()
 
 
 def content_key(context, parameters: dict) -> str:
-    """A Prefect cache_key_fn: the stage's name, its code (``fn.__stage__.modules``) and its parameters."""
+    """A Prefect cache_key_fn: the stage's name, its code (the task function and ``fn.__stage__.modules``)
+    and its parameters."""
     fn = context.task.fn
-    items = [CACHE_VERSION, context.task.name, source_digest(*fn.__stage__.modules)]
+    items = [CACHE_VERSION, context.task.name, inspect.getsource(fn), source_digest(*fn.__stage__.modules)]
     items += [f"{k}={_canonical(v)}" for k, v in sorted(parameters.items()) if k not in NAME_ONLY]
     return hashlib.sha256("\n".join(items).encode()).hexdigest()

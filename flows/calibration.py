@@ -25,6 +25,7 @@ import polars as pl
 from prefect import flow, get_run_logger
 
 from flows.executor import Executor
+from flows.orphans import label_flow_run
 from tasks import figures, fronts, metrics
 from tasks.config import DecodingSpec, ModelSpec, StudyConfig
 from tasks.contracts import CalibrationResult
@@ -48,6 +49,10 @@ def calibrate(config: StudyConfig, model: ModelSpec, prompts: pl.DataFrame, ex: 
               label: str) -> CalibrationResult:
     """τ*, the truncation sweeps and fronts, and the configured recalibrations of one (model, dataset)."""
     logger = get_run_logger()
+    try:
+        label_flow_run()  # a study killed mid-calibration leaves this run to be set Crashed
+    except Exception as err:  # bookkeeping never fails a study
+        logger.warning("could not label the calibration flow run: %s", err)
     spec = config.calibration
     summary_knobs = dataclasses.asdict(ex.knobs.summary)
     train, evaluate = split(prompts, spec.fit_fraction)

@@ -115,8 +115,9 @@ class Executor:
 
     def recalibrate(self, method: str, model: ModelSpec, train: pl.DataFrame, evaluate: pl.DataFrame,
                     before: BeforeTables) -> Recalibration:
-        return self._one(recalibrate_task, None, method=method, model=model, train=train, evaluate=evaluate,
-                         before=before, knobs=self.knobs.recalibration)
+        return self._one(recalibrate_task, f"recalibrate {work_of({'model': model, 'prompts': train})}/{method}",
+                         method=method, model=model, train=train, evaluate=evaluate, before=before,
+                         knobs=self.knobs.recalibration)
 
     def model_params(self, model: ModelSpec) -> int:
         """The parameter count: the spec's ``params`` if given, else counted where the model loads."""
@@ -161,7 +162,7 @@ class Executor:
         df = parts.read(self.settings, record)
         if df is None and state.name == "Cached":
             self.logger.warning("%s: part %s is missing or fails its checksum; generating it again", label, record.uri)
-            state = self._task(generate_task).with_options(refresh_cache=True)(return_state=True, **kw)
+            (state,) = self._states(generate_task.with_options(refresh_cache=True), [kw])
             record = state.result()
             df = parts.read(self.settings, record)
         if df is None:

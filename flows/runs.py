@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,15 +17,14 @@ import polars as pl
 from prefect import get_run_logger
 
 from flows.cache import frame_digest
+from flows.calibration import calibration_markdown, calibration_metrics
+from flows.orphans import own_study
 from flows.stages import artifact_key, publish_calibration_task, publish_child_task, report_task
-from storage.settings import Settings, from_env
-from storage.tracking import NOTE, Tracker, TrackingError, owner_of, owner_tags
+from storage.settings import Settings
+from storage.tracking import NOTE, Tracker, TrackingError
 from tasks import metrics, publish, report
 from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
 from tasks.contracts import CalibrationResult, Summary
-
-FLOW_RUN_TAG = "entcal.flow_run_id"  # on the MLflow parent run: the Prefect flow run it belongs to
-
 
 class StudyRecord:
     """The parent run of one study and what its children reported (``rows``: one per decoding)."""
@@ -35,7 +33,7 @@ class StudyRecord:
         if not settings.mlflow_uri:
             raise TrackingError("no MLflow server: set MLFLOW_TRACKING_URI or run `entcal stack up`")
         self.config, self.settings, self.logger = config, settings, get_run_logger()
-        self.write_tables = out is not None
+        self.write_tables = bool(out)
         self.out_dir = Path(out) if out else settings.state_dir / "reports" / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(settings.mlflow_uri, experiment=f"entcal/{config.name}", source="flows/study.py:study",
@@ -110,8 +108,6 @@ class StudyRecord:
             path.write_text(json.dumps(doc, indent=2, default=str))
             files.append(str(path))
             if len(docs) == 1:
-                from flows.calibration import calibration_metrics
-
                 tracker.log_metrics(self.run_id, calibration_metrics(next(iter(self.calibrations.values()))))
         self.files = report_task(tracker, self.run_id, str(self.out_dir), cfg.name, pl.DataFrame(self.rows),
                                  self.curves, cfg.horizon, cfg.smoothing, "\n".join(self.sections + sections),
@@ -138,13 +134,6 @@ class PairRecord:
             publish.display_name(model, dataset, d),
             {"entcal.stage": "child", "entcal.child": publish.child_name(model, dataset, d)},
             publish.child_description(cfg, model, dataset, d)) for d in cfg.decodings}
-        if cfg.calibration:
-            label = self.label
-            self.open["calibration"] = study._child(
-                f"calibration · {dataset.label} · {model.label}",
-                {"entcal.stage": "calibration", "entcal.child": f"calibration__{label}"},
-                f"τ*, truncations, lookahead and future-entropy calibration of {model.label} on "
-                f"{dataset.label} (study {cfg.name}, config `{cfg.digest()}`)")
 
     @property
     def label(self) -> str:
@@ -181,15 +170,23 @@ class PairRecord:
         study.tracker.log_metrics(study.run_id, publish.headline_metrics(study.rows[-1:],
                                                                          several_models=len(cfg.models) > 1))
 
-    def publish_calibration(self, result: CalibrationResult) -> None:
-        from flows.calibration import calibration_markdown, calibration_metrics
+    def start_calibration(self) -> None:
+        """The calibration child run, RUNNING from now until publish_calibration (or a failure)."""
+        cfg, model, dataset = self.study.config, self.model, self.dataset
+        self.open["calibration"] = self.study._child(
+            f"calibration · {dataset.label} · {model.label}",
+            {"entcal.stage": "calibration", "entcal.child": f"calibration__{self.label}"},
+            f"τ*, truncations, lookahead and future-entropy calibration of {model.label} on "
+            f"{dataset.label} (study {cfg.name}, config `{cfg.digest()}`)")
 
+    def publish_calibration(self, result: CalibrationResult) -> None:
         study = self.study
         study.calibrations[self.label] = result
         study.sections.append(calibration_markdown(result))
         study.figures.append(result.pareto_figure)
-        publish_calibration_task(study.tracker, self.open.pop("calibration"), self.label, result.as_dict(),
+        publish_calibration_task(study.tracker, self.open["calibration"], self.label, result.as_dict(),
                                  calibration_metrics(result))
+        self.open.pop("calibration")  # only now: a failed publish leaves it to the pair's handler
 
 
 # ------------------------------------------------------------------ links between the two UIs
@@ -235,76 +232,3 @@ def link_mlflow_run(name: str, url: str) -> None:
                              description=f"The MLflow run of entcal study {name}: metrics, tables, figures")
     except Exception as err:  # a link never fails a study
         get_run_logger().warning("no Prefect link artifact to %s: %s", url, err)
-
-
-# ------------------------------------------------------------------ crashes, cancellations, kill -9
-def own_study(tracker: Tracker, parent_id: str, logger) -> None:
-    """Link the MLflow parent run and this Prefect flow run to this process (owner tags / labels), and
-    end what studies killed with SIGKILL left RUNNING: their MLflow runs -> KILLED, their flow runs ->
-    Crashed. Checks that cannot be made (e.g. a Prefect server without labels) only log a warning."""
-    from prefect.runtime import flow_run
-
-    flow_run_id = flow_run.get_id()
-    if flow_run_id:
-        tracker.set_tags(parent_id, {FLOW_RUN_TAG: flow_run_id})
-    try:
-        tracker.end_orphans(logger)
-    except TrackingError as err:
-        logger.warning("could not end MLflow runs left RUNNING by killed studies: %s", err)
-    try:
-        crash_orphan_flow_runs(flow_run_id, logger)
-    except Exception as err:  # bookkeeping never fails a study
-        logger.warning("could not check for flow runs left RUNNING by killed studies: %s: %s",
-                       err.__class__.__name__, str(err).splitlines()[0][:200] if str(err) else "")
-
-
-def crash_orphan_flow_runs(flow_run_id: str | None, logger, flow_name: str = "entcal-study") -> list[str]:
-    """Label flow run ``flow_run_id`` with this process (``owner_tags``); set Crashed (forced) every other
-    RUNNING ``flow_name`` flow run whose labelled owner on this host is gone. Returns their ids."""
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
-    from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed
-
-    from storage.stack import owner_alive
-
-    crashed = []
-    with get_client(sync_client=True) as client:
-        if flow_run_id:
-            client.update_flow_run_labels(UUID(flow_run_id), owner_tags())
-        running = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
-            limit=200)
-        for fr in running:
-            owner = owner_of(dict(fr.labels or {}))
-            if str(fr.id) == flow_run_id or owner is None or owner_alive(owner):
-                continue
-            client.set_flow_run_state(fr.id, Crashed(message=f"the entcal process running it ({owner['host']} pid "
-                                                             f"{owner['pid']}) is gone; found by flow run {flow_run_id}"),
-                                      force=True)
-            crashed.append(str(fr.id))
-            logger.warning("flow run %s (%s) was left RUNNING by entcal process %s, which is gone: set Crashed",
-                           fr.id, fr.name, owner["pid"])
-    return crashed
-
-
-def end_mlflow_runs(status: str):
-    """A flow state hook: end, with ``status``, the MLflow runs of the flow run still RUNNING (the
-    study normally has; this covers what it cannot, e.g. a crash before its ``finally``)."""
-    def hook(flow, flow_run, state) -> None:
-        settings = from_env()
-        cfg = (flow_run.parameters or {}).get("config")
-        name = cfg.get("name") if isinstance(cfg, dict) else getattr(cfg, "name", None)
-        if not settings.mlflow_uri or not name:
-            return
-        ended = Tracker(settings.mlflow_uri, experiment=f"entcal/{name}").end_tagged(FLOW_RUN_TAG, str(flow_run.id),
-                                                                                      status)
-        if ended:
-            logging.getLogger(__name__).warning("flow run %s: MLflow runs %s set %s", state.name, ", ".join(ended),
-                                                status)
-    hook.__name__ = f"end_mlflow_runs_{status.lower()}"
-    return hook

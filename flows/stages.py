@@ -26,7 +26,8 @@ from storage.errors import UserError
 from storage.tracking import Tracker
 from tasks import datasets, generate, models, publish, recalibrate, report, scaling, score
 from tasks.config import DatasetSpec, DecodingSpec, ModelSpec
-from tasks.contracts import GenerationKnobs, PartRecord, PromptKnobs, Recalibration, RecalibrationKnobs, ScoringKnobs
+from storage.parts import PartRecord
+from tasks.contracts import GenerationKnobs, PromptKnobs, Recalibration, RecalibrationKnobs, ScoringKnobs
 from tasks.models import load_model, pad_id
 
 
@@ -120,7 +121,7 @@ def prepare_task(model: ModelSpec, dataset: DatasetSpec, knobs: PromptKnobs) -> 
 
 
 @task(name="generate", **CACHED, task_run_name=run_name("generate {work}"))
-@stage(generate, parts, gpu=True)
+@stage(generate, gpu=True)
 def generate_task(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, knobs: GenerationKnobs,
                   shard: int | None = None) -> PartRecord:
     """One shard of one decoding: the generations table goes to the artifact store as a parquet part;

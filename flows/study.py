@@ -16,7 +16,8 @@ from prefect import flow, get_run_logger
 
 from flows.calibration import calibrate
 from flows.executor import Executor, check_ray
-from flows.runs import StudyRecord, end_mlflow_runs
+from flows.orphans import end_mlflow_runs
+from flows.runs import StudyRecord
 from flows.stages import study_run_name
 from storage.settings import from_env
 from tasks import datasets, figures, metrics, report, scaling
@@ -45,8 +46,10 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
                         g, r = generations[d.key], reference.filter(pl.col("decoding") == d.key)
                         pair.publish(d, g, r, metrics.entce_summary(g, r, **summary_knobs))
                     if config.calibration:
+                        pair.start_calibration()
                         pair.publish_calibration(calibrate(config, model, prompts, ex, str(record.out_dir), pair.label))
-        params = {m.label: ex.model_params(m) for m in config.models if m.family}
+        families = [m.family for m in config.models]
+        params = {m.label: ex.model_params(m) for m in config.models if m.family and families.count(m.family) > 1}
         scaling_md, scaling_png = scaling_sections(config, record.rows, record.out_dir, record.example_sums, params)
         record.figures += scaling_png
         record.report([report.corpus_alpha_section(alphas), *scaling_md])

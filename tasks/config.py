@@ -142,7 +142,7 @@ class DecodingSpec(_Closed):
 
 
 class CalibrationSpec(_Closed):
-    """Which calibrations to fit (SCIENCE.md §4), on a fit split and an evaluation split of the prompts."""
+    """Which calibrations to fit (docs/SCIENCE.md §4), on a fit split and an evaluation split of the prompts."""
 
     tau_bracket: tuple[float, float] = Field((0.7, 1.2), description="temperatures that bracket τ* (EntCE = 0)")
     tau_rounds: int = Field(5, ge=2, le=12, description="generation rounds of the τ* root search")

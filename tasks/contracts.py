@@ -3,7 +3,8 @@
 Every stage reads and writes only these. A table is a polars DataFrame with exactly one of the
 schemas below (one row per example, or per example × sample × decoding; per-step values are lists
 aligned with the steps). A record is a frozen dataclass. The knobs are built once from the
-StudyConfig (``Knobs.of``), so a new knob is one field here and one use where it matters.
+StudyConfig (``Knobs.of``), so a new knob is one field here and one use where it matters. The
+record of a stored generation part, PartRecord, lives with the store that writes it (storage/parts.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from storage.parts import PartRecord  # noqa: F401 (a contract; it lives with the store that writes it)
 from tasks.config import StudyConfig
 
 # ---------------------------------------------------------------- tables
@@ -101,8 +101,16 @@ class CalibrationResult:
     lookahead: Recalibration | None = None
     future_entropy: Recalibration | None = None
 
+    SPLITS = {"tau_star": "evaluation", "sweep": "evaluation", "truncation": "evaluation",
+              "pareto_front": "evaluation", "lookahead": "fit α on fit; before/after on evaluation",
+              "future_entropy": "fit α on fit; before/after on evaluation"}
+
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """calibration.json: the fields, ``splits`` (which split each number comes from) and
+        ``figures``; a recalibration that did not run is absent."""
+        doc = {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in (
+            "lookahead", "future_entropy")}
+        return {**doc, "splits": dict(self.SPLITS), "figures": {"pareto": self.pareto_figure}}
 
 
 # ---------------------------------------------------------------- knobs
@@ -147,6 +155,7 @@ class RecalibrationKnobs:
     seed: int
     batch_size: int
     bootstrap: int
+    ci_level: float
 
 
 @dataclass(frozen=True)
@@ -174,5 +183,6 @@ class Knobs:
                                  seed=config.seed),
             recalibration=None if config.calibration is None else RecalibrationKnobs(
                 top_k=config.calibration.candidates, max_new_tokens=config.max_new_tokens, horizon=config.horizon,
-                samples_per_prompt=config.samples_per_prompt, seed=config.seed, batch_size=config.batch_size, bootstrap=config.bootstrap),
+                samples_per_prompt=config.samples_per_prompt, seed=config.seed, batch_size=config.batch_size, bootstrap=config.bootstrap,
+                ci_level=config.ci_level),
         )

@@ -24,9 +24,9 @@ def digest(stage: str, root) -> str:
     return cache.source_digest(*STAGES[stage].fn.__stage__.modules, root=root)
 
 
-def edit(root, path: str) -> None:
+def edit(root, path: str, text: str = "\nEDITED = 1\n") -> None:
     with open(root / path, "a") as f:
-        f.write("\n# edited\n")
+        f.write(text)
 
 
 @pytest.mark.parametrize("stage, dependency", [
@@ -50,12 +50,22 @@ def test_editing_a_dependency_changes_the_key(tree, stage, dependency):
     ("generate", "tasks/report.py"),
     ("score", "tasks/publish.py"),
     ("prepare", "tasks/generate.py"),
+    ("prepare", "kernels/stats.py"),  # config.py imports kernels.decoding, not the kernels
+    ("generate", "storage/s3.py"),  # where a part is stored is not what it holds
     ("corpus-alpha", "tasks/score.py"),
 ])
 def test_editing_an_unrelated_module_keeps_the_key(tree, stage, unrelated):
     before = digest(stage, tree)
     edit(tree, unrelated)
     assert digest(stage, tree) == before
+
+
+def test_comments_and_docstrings_are_not_code(tree):
+    before = digest("generate", tree)
+    edit(tree, "tasks/generate.py", "\n# a comment\n")
+    path = tree / "kernels/stats.py"
+    path.write_text(path.read_text().replace('"""', '"""Reworded. ', 1))
+    assert digest("generate", tree) == before
 
 
 def test_imports_inside_functions_count(tree):
@@ -79,3 +89,30 @@ def test_the_key_is_the_code_and_the_parameters_by_content():
     assert key != cache.content_key(Context, {"prompts": prompts, "knobs": GenerationKnobs(8, 1, 1, 4), "shard": 0})
     assert key != cache.content_key(Context, {"prompts": prompts.with_columns(pl.lit("b").alias("example_id")),
                                               "knobs": knobs, "shard": 0})
+
+
+def test_the_stage_function_itself_is_in_the_key():
+    from prefect import task
+
+    from tasks import generate
+
+    @task(name="generate")
+    @stages.stage(generate)
+    def one(x: int) -> int:
+        return x
+
+    @task(name="generate")
+    @stages.stage(generate)
+    def other(x: int) -> int:
+        return x + 1
+
+    keys = [cache.content_key(type("Context", (), {"task": t}), {"x": 1}) for t in (one, other)]
+    assert keys[0] != keys[1]
+
+
+def test_a_parameter_without_a_content_form_is_refused():
+    class Context:
+        task = stages.corpus_alpha_task
+
+    with pytest.raises(TypeError, match="no content form for a object parameter"):
+        cache.content_key(Context, {"dataset": object()})

@@ -10,6 +10,7 @@ import urllib.parse
 import uuid
 from pathlib import Path
 
+import polars as pl
 import psutil
 import pytest
 import yaml
@@ -223,3 +224,22 @@ def test_refused_credentials_are_not_echoed(tmp_path, tiny_model_dir, stack):
         assert proc.returncode != 0
         assert "refused the credentials" in proc.stderr or "SignatureDoesNotMatch" in proc.stderr, proc.stderr[-3000:]
         assert not find_secrets(proc.stdout + proc.stderr, [stack.access_key, stack.secret_key, wrong]), debug
+
+
+def test_the_calibration_subflow_stores_no_settings_in_prefect(tmp_path):
+    """Prefect stores a subflow's parameters as JSON: the executor (whose settings hold the S3 keys)
+    and the prompts must be stored as placeholders, never walked into."""
+    import logging
+
+    from flows.calibration import calibrate
+    from flows.executor import Executor
+    from storage.settings import Settings
+    from tasks.config import StudyConfig
+
+    settings = Settings(state_dir=tmp_path, access_key="AKIA-SECRET-ID", secret_key="very-secret-key")
+    config = StudyConfig.model_validate({"calibration": {}})
+    ex = Executor(config, settings, logging.getLogger("test"))
+    stored = calibrate.serialize_parameters({"config": config, "ex": ex, "prompts": pl.DataFrame({"a": [1]}),
+                                             "label": "m__d"})
+    assert stored["ex"] == "<Executor>" and stored["prompts"] == "<DataFrame>" and stored["label"] == "m__d"
+    assert "very-secret-key" not in json.dumps(stored) and "AKIA-SECRET-ID" not in json.dumps(stored)
