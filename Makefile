@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo demo-quick test bench stack-up stack-down clean
+.PHONY: setup demo demo-quick test bench gpu-check stack-up stack-down clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ test: setup
 bench: setup
 	$(BIN)/entcal bench kernels --json
 	$(BIN)/entcal bench generate --json
+
+# the one-shot check for a machine with a GPU (about 8 minutes on one H100/H200): GPU tests and both
+# benchmarks, each JSON line written to $(OUT)
+OUT ?= test-output/gpu-check
+gpu-check: setup
+	benchmarks/gpu_check.sh $(OUT)
 
 stack-up: setup
 	$(BIN)/entcal stack up

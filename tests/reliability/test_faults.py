@@ -107,7 +107,7 @@ def cached_value(settings, key: str):
 def cached_table(settings, key: str):
     """The cached value at `key`, with a generation shard's part record resolved to its table."""
     value = cached_value(settings, key)
-    if isinstance(value, dict) and str(value.get("key", "")).startswith("parts/generations/"):
+    if isinstance(value, parts.PartRecord) and value.key.startswith("parts/generations/"):
         table = parts.read(settings, value)
         assert table is not None, f"the part behind {key} is unreadable: {value}"
         return table
@@ -192,7 +192,7 @@ def test_kill_during_generation_then_rerun_matches_uninterrupted(baseline, stack
     assert proc.returncode == 0, proc.stderr[-4000:]
     cached, ran = stage_outcomes(proc.stderr, proc.stdout)
     assert {f"prepare {TAG}", f"generate {TAG}/t1"} <= cached, proc.stderr[-4000:]
-    assert ran == {f"generate {TAG}/t0.9", f"generate {TAG}/t0.8", f"score {TAG}"}, proc.stderr[-4000:]
+    assert ran == {f"generate {TAG}/t0.9", f"generate {TAG}/t0.8", f"score {TAG}/t1+t0.9+t0.8"}, proc.stderr[-4000:]
     assert_same_results(baseline["out"], out)
 
 
@@ -259,7 +259,7 @@ def test_corrupted_cached_result_is_recomputed_not_trusted(baseline, stack, tmp_
                    env={"ENTCAL_BUCKET": baseline["bucket"]})
     assert proc.returncode == 0, proc.stderr[-4000:]
     cached, ran = stage_outcomes(proc.stderr, proc.stdout)
-    assert ran == {f"generate {TAG}/t0.9", f"score {TAG}"}, proc.stderr[-4000:]
+    assert ran == {f"generate {TAG}/t0.9", f"score {TAG}/t1+t0.9+t0.8"}, proc.stderr[-4000:]
     assert {f"prepare {TAG}", f"generate {TAG}/t1", f"generate {TAG}/t0.8"} <= cached, proc.stderr[-4000:]
     assert_same_results(baseline["out"], tmp_path / "C")
     # the recomputed results replaced the corrupted objects
@@ -275,12 +275,12 @@ def test_lost_or_altered_generation_part_is_regenerated(baseline, stack, tmp_pat
     records = {label: cached_value(settings, key) for label, key in cached_stages(settings).items()
                if label in ("generate t0.9", "generate t0.8")}
     client = s3.client(settings)
-    client.delete_object(Bucket=settings.bucket, Key=records["generate t0.9"]["key"])
-    altered = pl.read_parquet(io.BytesIO(s3.get_bytes(settings, records["generate t0.8"]["key"])))
+    client.delete_object(Bucket=settings.bucket, Key=records["generate t0.9"].key)
+    altered = pl.read_parquet(io.BytesIO(s3.get_bytes(settings, records["generate t0.8"].key)))
     altered = altered.with_columns(pl.col("step_entropy").list.eval(pl.element() + 1.0))
     buf = io.BytesIO()
     altered.write_parquet(buf)
-    s3.put_bytes(settings, records["generate t0.8"]["key"], buf.getvalue())
+    s3.put_bytes(settings, records["generate t0.8"].key, buf.getvalue())
 
     proc = run_cli("run", "--config", baseline["config"], "--out", str(tmp_path / "D"),
                    env={"ENTCAL_BUCKET": baseline["bucket"]})

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The one-shot GPU check (`make gpu-check OUT=dir`): about 8 minutes on one H100/H200.
+#   1. the GPU-marked tests (large-vocabulary kernel cases, CUDA graphs), with their skip reasons;
+#   2. `entcal bench kernels --json`  -> OUT/bench_kernels.json
+#   3. `entcal bench generate --json` at batch 64 (CPU: batch 8, 32 tokens) -> OUT/bench_generate.json
+# Each step has its own time limit, so one that hangs cannot eat the others' time; every step's
+# output is kept in OUT/<step>.log. On a machine without CUDA it runs what it can and says what it
+# skipped. Exit status: the number of steps that failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-test-output/gpu-check}"
+mkdir -p "$out"
+py=.venv/bin/python
+failed=0
+
+step() {  # step NAME LIMIT_S CMD...: run, keep the log, report pass/fail
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    if timeout "$limit" "$@" > "$out/$name.log" 2>&1; then
+        echo "gpu-check: $name passed ($((SECONDS - start)) s)"
+    else
+        echo "gpu-check: $name FAILED (exit $?, $((SECONDS - start)) s); see $out/$name.log"
+        tail -5 "$out/$name.log"
+        failed=$((failed + 1))
+    fi
+}
+
+$py - <<'PY' | tee "$out/device.txt"
+import torch
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}; torch {torch.__version__}")
+else:
+    print("device: none (CPU only): the GPU tests skip and the kernel benchmark has no figures")
+PY
+
+step gpu-tests 300 "$py" -m pytest -q -rs -m gpu -p no:cacheprovider tests/kernels tests/tasks
+grep -E "^SKIPPED" "$out/gpu-tests.log" | sed 's/^/gpu-check: /' || true
+step bench-kernels 150 "$py" -m flows.cli bench kernels --json
+tail -1 "$out/bench-kernels.log" > "$out/bench_kernels.json"
+if grep -q "device: none" "$out/device.txt"; then
+    echo "gpu-check: no CUDA: bench-generate runs small (batch 8, 32 tokens) instead of batch 64"
+    gen_args=(--batch 8 --new-tokens 32 --repeats 1)
+else
+    gen_args=(--batch 64)
+fi
+step bench-generate 200 "$py" benchmarks/bench_generate.py --json "${gen_args[@]}"
+tail -1 "$out/bench-generate.log" > "$out/bench_generate.json"
+echo "gpu-check: JSON lines in $out/bench_kernels.json, $out/bench_generate.json; $failed step(s) failed"
+exit "$failed"
