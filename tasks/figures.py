@@ -49,6 +49,14 @@ def _error_curves(ax, curves: pl.DataFrame, labels: tuple[str, str], *, smoothin
     ax.set_ylabel("nats / token")
 
 
+def _save(plt, fig, path, **savefig):
+    """The one epilogue: lay out, write the PNG, close the figure (no pyplot state is left); ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, **savefig)
+    plt.close(fig)
+    return path
+
+
 def plot_error_accumulation(curves: list[dict], path: Path, *, smoothing: float) -> Path:
     """``curves``: dicts with model, dataset, decoding and a 'curves' frame from step_curves."""
     plt = _pyplot()
@@ -68,10 +76,7 @@ def plot_error_accumulation(curves: list[dict], path: Path, *, smoothing: float)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle("Error accumulation: entropy of generations vs log loss on human text")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 def error_accumulation_figure(curves: pl.DataFrame, title: str):
@@ -101,10 +106,7 @@ def plot_entce_vs_temperature(summary: pl.DataFrame, path: Path) -> Path:
     ax.set_ylabel("EntCE = H̄ − L̄ (nats / token)")
     ax.set_title("Entropy calibration error against temperature")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 def plot_pareto(rows: list[dict], path, *, title: str | None = None) -> str:
@@ -126,10 +128,7 @@ def plot_pareto(rows: list[dict], path, *, title: str | None = None) -> str:
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return str(_save(plt, fig, path, dpi=120))
 
 
 def plot_scaling(params: Sequence[float], entce: Sequence[float], fit: ScalingFit, path: str) -> str:
@@ -145,10 +144,7 @@ def plot_scaling(params: Sequence[float], entce: Sequence[float], fit: ScalingFi
                    f"slope {fit.slope:.3f} [{fit.slope_ci_low:.3f}, {fit.slope_ci_high:.3f}]"))
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="EntCE (nats/token)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return str(path)
+    return str(_save(plt, fig, path, format="png"))
 
 
 def plot_theory(results_per_alpha: Sequence[TheoryCurve], path: str) -> str:
@@ -161,7 +157,4 @@ def plot_theory(results_per_alpha: Sequence[TheoryCurve], path: str) -> str:
                 label=f"α={c.alpha:g}: fit {c.fitted_exponent:.3f}, 1/α−1 = {c.predicted_exponent:.3f}")
     ax.set(xscale="log", yscale="log", xlabel="training tokens m", ylabel="expected EntCE (nats/token)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return str(path)
+    return str(_save(plt, fig, path, format="png"))
