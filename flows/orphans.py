@@ -51,10 +51,8 @@ def label_flow_run() -> None:
 
 
 def crash_orphan_flow_runs(flow_run_id: str | None, logger) -> list[str]:
-    """Label flow run ``flow_run_id`` with this process (``owner_tags``); set Crashed (forced) every other
-    RUNNING study or calibration flow run whose labelled owner on this host is gone. Returns their ids."""
-    from uuid import UUID
-
+    """Label this flow run (``flow_run_id``) with this process (label_flow_run); set Crashed (forced) every
+    other RUNNING study or calibration flow run whose labelled owner on this host is gone. Returns their ids."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
                                                 FlowRunFilterStateType)
@@ -63,10 +61,9 @@ def crash_orphan_flow_runs(flow_run_id: str | None, logger) -> list[str]:
 
     from storage.stack import owner_alive
 
+    label_flow_run()
     crashed = []
     with get_client(sync_client=True) as client:
-        if flow_run_id:
-            client.update_flow_run_labels(UUID(flow_run_id), owner_tags())
         running = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES))),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
