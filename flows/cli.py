@@ -61,6 +61,8 @@ def _environment() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     # Prefect's ephemeral server migrates its database on first start: 20 s is too short on 2 busy cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # the ephemeral server's concurrency-slot leases on disk: a killed run's GPU slot expires for the next run
+    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
     if settings.prefect_api and "PREFECT_API_URL" not in os.environ:
         from storage.stack import health, read_stack_file
 

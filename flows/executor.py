@@ -23,8 +23,8 @@ from urllib.parse import urlparse
 import polars as pl
 
 from flows.results import result_storage
-from flows.stages import (corpus_alpha_task, generate_task, model_params_task, prepare_task, recalibrate_task,
-                          score_task, work_of)
+from flows.stages import (corpus_alpha_task, dataset_of, generate_task, model_params_task, prepare_task,
+                          recalibrate_task, score_task, work_of)
 from storage import parts
 from storage.errors import UserError
 from storage.settings import Settings
@@ -71,12 +71,59 @@ def check_ray(config: StudyConfig) -> None:
                              "or unset it to start a local Ray") from None
 
 
+def gpu_tags(config: StudyConfig, logger, stage: str) -> set[str]:
+    """Tags of a model-bound task run: ``{GPU_TAG}`` where it runs on this machine's devices (``executor:
+    local``, or Ray without RAY_ADDRESS: an instance started for this flow run), once Prefect's limit for
+    it exists; none on a shared cluster (RAY_ADDRESS), whose GPU resources already keep tasks apart.
+
+    Prefect 3.8's task engine holds a slot of the global concurrency limit ``tag:<tag>`` (what the UI's
+    task-run tag limits are stored as) for each tag of a task run while it runs, on a 60 s lease it renews;
+    with no slot free the run stays Pending and retries after the server's Retry-After (the limit's mean
+    occupancy, at most 10 s + 30 % jitter), without end. A missing limit is created with one slot per CUDA
+    device here (at least one); an existing one (the UI's Concurrency page) is never changed."""
+    from flows.stages import GPU_TAG
+
+    if config.executor != "local" and ray_address()[0] is not None:
+        return set()
+    import torch
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = f"tag:{GPU_TAG}"
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            slots = max(1, torch.cuda.device_count())
+            try:  # 409 if another study created it meanwhile: create, never update
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+                logger.info("created Prefect concurrency limit %s: %d slot(s), one study per GPU", name, slots)
+            except ObjectAlreadyExists:
+                pass
+            return {GPU_TAG}
+    if limit.active and limit.active_slots >= limit.limit:
+        logger.info("%s waits for a slot of Prefect concurrency limit %s (%d/%d held by other runs; if none "
+                    "runs, free leaked ones: prefect gcl update %s --active-slots 0)", stage, name,
+                    limit.active_slots, limit.limit, name)
+    return {GPU_TAG}
+
+
+def merge_agreement(shards: list[dict]) -> dict:
+    """One agreement (tasks.vllm_engine.agreement) from its shards': token-weighted mean, overall max."""
+    finite = [a["tokens"] - a["support_mismatches"] for a in shards]
+    return {"tokens": sum(a["tokens"] for a in shards),
+            "logprob_abs_diff_mean": sum(a["logprob_abs_diff_mean"] * n for a, n in zip(shards, finite)) / max(1, sum(finite)),
+            "logprob_abs_diff_max": max(a["logprob_abs_diff_max"] for a in shards),
+            "support_mismatches": sum(a["support_mismatches"] for a in shards)}
+
+
 class Executor:
     """The study's stages with its result storage and knobs; ``cached`` / ``ran`` list the work done."""
 
     # Slots, no __dict__: Prefect stores a subflow's parameters as JSON, and an object it cannot
     # encode is stored as "<Executor>" instead of a walk through its settings and clients.
-    __slots__ = ("config", "settings", "logger", "knobs", "storage", "cached", "ran", "_exit", "_ray")
+    __slots__ = ("config", "settings", "logger", "knobs", "storage", "cached", "ran", "agreement", "_exit", "_ray")
 
     def __init__(self, config: StudyConfig, settings: Settings, logger):
         self.config, self.settings, self.logger = config, settings, logger
@@ -84,6 +131,8 @@ class Executor:
         self.storage = result_storage(settings)  # S3 when configured: cached work is shared across machines
         self.cached: list[str] = []
         self.ran: list[str] = []
+        # engine: vllm: {(model, dataset, decoding key): vLLM's log-probs vs the re-score, over all shards}
+        self.agreement: dict[tuple[str, str, str], dict] = {}
         self._exit = contextlib.ExitStack()
         self._ray = None
 
@@ -104,9 +153,13 @@ class Executor:
         pieces = shards(prompts, self.config.shard_size)
         calls = [dict(model=model, prompts=piece, decoding=d, knobs=self.knobs.generation,
                       shard=i if len(pieces) > 1 else None) for d in decodings for i, piece in enumerate(pieces)]
-        tables = [self._part(kw, state) for kw, state in zip(calls, self._states(generate_task, calls))]
+        done = [self._part(kw, state) for kw, state in zip(calls, self._states(generate_task, calls))]
         n = len(pieces)
-        return {d.key: pl.concat(tables[j * n:(j + 1) * n]) for j, d in enumerate(decodings)}
+        for j, d in enumerate(decodings):
+            found = [r.notes["agreement"] for _, r in done[j * n:(j + 1) * n] if "agreement" in r.notes]
+            if found:
+                self.agreement[model.label, dataset_of(prompts), d.key] = merge_agreement(found)
+        return {d.key: pl.concat([df for df, _ in done[j * n:(j + 1) * n]]) for j, d in enumerate(decodings)}
 
     def score(self, model: ModelSpec, prompts: pl.DataFrame, decodings: list[DecodingSpec]) -> pl.DataFrame:
         """The reference table: the human text scored under every decoding (one forward serves all)."""
@@ -128,7 +181,12 @@ class Executor:
 
     # -------------------------------------------------------------- running them
     def _task(self, task):
-        return task.with_options(result_storage=self.storage) if self.storage else task
+        """``task`` with the study's result storage; a model-bound one also with gpu_tags' tag."""
+        options = {"result_storage": self.storage} if self.storage else {}
+        tags = gpu_tags(self.config, self.logger, task.name) if task.fn.__stage__.gpu else set()
+        if tags:
+            options["tags"] = {*task.tags, *tags}
+        return task.with_options(**options) if options else task
 
     def _note(self, label: str, state) -> None:
         hit = state.name == "Cached"
@@ -148,15 +206,16 @@ class Executor:
         if self.config.executor == "local" or not task.fn.__stage__.gpu:
             yield from (task_(return_state=True, **kw) for kw in calls)
             return
-        runner, options = self._ray_runner()
-        with options():
+        runner, gpus = self._ray_runner()
+        with self._remote_options(gpus, calls[0].get("model")):
             futures = [runner.submit(task_, kw) for kw in calls]
         for f in futures:
             f.wait()
             yield f.state
 
-    def _part(self, kw: dict, state) -> pl.DataFrame:
-        """The shard's table from its part; a cached record whose part is lost or altered is generated again."""
+    def _part(self, kw: dict, state) -> tuple[pl.DataFrame, parts.PartRecord]:
+        """The shard's table from its part, and the part's record; a cached record whose part is lost or
+        altered is generated again."""
         label = f"generate {work_of(kw)}"
         record = state.result()
         df = parts.read(self.settings, record)
@@ -168,13 +227,13 @@ class Executor:
         if df is None:
             raise PartError(f"{label}: the part written to {record.uri} cannot be read back (check the S3 store)")
         self._note(label, state)
-        self.logger.info("%s: %d rows in %s, written by worker %s", label, df.height, record.uri, record.worker)
-        return df
+        self.logger.info("%s: %d rows in %s, written by worker %s (models loaded there: %s)", label, df.height,
+                         record.uri, record.worker, record.notes.get("model_loads", "?"))
+        return df, record
 
     def _ray_runner(self):
         if self._ray is None:
             from prefect_ray import RayTaskRunner
-            from prefect_ray.context import remote_options
 
             address, host, _ = ray_address()
             init: dict = {}
@@ -191,5 +250,16 @@ class Executor:
             gpus = ray.cluster_resources().get("GPU", 0)
             self.logger.info("Ray cluster: %d nodes, %g CPUs, %g GPUs", len(ray.nodes()),
                              ray.cluster_resources().get("CPU", 0), gpus)
-            self._ray = (runner, (lambda: remote_options(num_gpus=1)) if gpus >= 1 else contextlib.nullcontext)
+            self._ray = (runner, gpus)
         return self._ray
+
+    @staticmethod
+    def _remote_options(gpus: float, model: ModelSpec | None):
+        """Ray options of a model-bound task: warm workers (``max_calls=0``: Ray's default for a task that
+        asks for a GPU is a fresh process per call, which would load the weights and build the CUDA graphs
+        again for every shard), and, on a cluster with GPUs, the GPUs one copy of the model spans."""
+        from prefect_ray.context import remote_options
+
+        if gpus < 1:
+            return remote_options(max_calls=0)
+        return remote_options(num_gpus=model.tensor_parallel_size if model else 1, max_calls=0)

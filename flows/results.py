@@ -78,6 +78,11 @@ def result_storage(settings: Settings) -> EntcalS3Results | None:
     """The saved S3 result block when S3 is configured, else None (Prefect's local default)."""
     if not settings.s3_endpoint:
         return None
+    from prefect.exceptions import ObjectAlreadyExists
+
     block = EntcalS3Results(bucket=settings.bucket)
-    block.save(BLOCK_NAME, overwrite=True)
+    try:
+        block.save(BLOCK_NAME, overwrite=True)
+    except ObjectAlreadyExists:  # two first studies registered it at once: the second save overwrites
+        block.save(BLOCK_NAME, overwrite=True)
     return block

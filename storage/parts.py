@@ -34,14 +34,15 @@ class PartRecord:
     rows: int
     bytes: int
     worker: str  # host:pid of the process that wrote it
+    notes: dict = dataclasses.field(default_factory=dict)  # what the writer measured (engine agreement, loads)
 
 
 def _local(settings: Settings, key: str) -> Path:
     return settings.state_dir / key
 
 
-def write(settings: Settings, folder: str, df: pl.DataFrame) -> PartRecord:
-    """Store ``df`` as ``parts/<folder>/<sha256>.parquet``; returns its record."""
+def write(settings: Settings, folder: str, df: pl.DataFrame, notes: dict | None = None) -> PartRecord:
+    """Store ``df`` as ``parts/<folder>/<sha256>.parquet``; returns its record (with ``notes``)."""
     buf = io.BytesIO()
     df.write_parquet(buf, statistics=False)
     data = buf.getvalue()
@@ -58,7 +59,7 @@ def write(settings: Settings, folder: str, df: pl.DataFrame) -> PartRecord:
         os.replace(tmp, path)
         uri = str(path)
     return PartRecord(uri=uri, key=key, sha256=digest, rows=df.height, bytes=len(data),
-                      worker=f"{socket.gethostname()}:{os.getpid()}")
+                      worker=f"{socket.gethostname()}:{os.getpid()}", notes=dict(notes or {}))
 
 
 def read(settings: Settings, record: PartRecord) -> pl.DataFrame | None:

@@ -37,6 +37,7 @@ import kernels
 from tasks.config import DecodingSpec
 from tasks.contracts import REFERENCE_SCHEMA
 from tasks.generate import generate_table
+from tasks.models import input_device
 from tasks.score import plain_lm_head, teacher_forced
 
 ROW_BLOCK = 512  # human positions whose candidates are scored per block (teacher-forced fitting)
@@ -233,7 +234,7 @@ def human_atoms(model, prompts: pl.DataFrame, decoding: DecodingSpec, phi, gamma
     reference tokens; for every reference position its top-k candidates and phi after appending each (one
     batched candidate forward per block), φ(EOS) = 0 for ``eos_ids``."""
     _untruncated(decoding)
-    device = next(model.parameters()).device
+    device = input_device(model)
     eos = _eos_tensor(eos_ids, device)
     weight = plain_lm_head(model)  # teacher_forced's rows are hidden states exactly when this is not None
     weight = None if weight is None else weight.float()

@@ -43,6 +43,46 @@ class ModelSpec(_Closed):
         "CUDA); auto = on for CUDA, off on CPU")
     family: str | None = Field(None, description="model family, for scaling fits")
     params: float | None = Field(None, description="parameter count (counted from weights if unset)")
+    engine: Literal["entcal", "vllm"] = Field(
+        "entcal", description="who samples: entcal's own exact sampler, or vLLM (continuous batching, paged "
+        "attention), whose generations entcal then re-scores teacher-forced with its kernels")
+    revision: str | None = Field(None, description="hub revision of an hf: model (branch, tag or commit), e.g. a "
+                                 "training checkpoint")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one copy of the model spans: vLLM's tensor parallel size; above 1 the entcal "
+        "engine and scoring spread the model over the GPUs (device_map auto); under executor: ray each "
+        "model-bound task asks for this many GPUs")
+    device_map: Literal["auto"] | None = Field(
+        None, description="auto: accelerate spreads the weights over the machine's GPUs (then CPU memory), for "
+        "models bigger than one GPU; used by the entcal engine and by scoring")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=0.95, description="engine: vllm, on CUDA: vLLM's share of each GPU's memory (weights and KV "
+        "cache); the rest holds the copy that re-scores its generations")
+
+    @property
+    def spread(self) -> bool:
+        """Whether transformers loads the model across devices (device_map auto)."""
+        return self.device_map == "auto" or self.tensor_parallel_size > 1
+
+    @model_validator(mode="after")
+    def _placement(self) -> "ModelSpec":
+        if self.revision and not self.hf:
+            raise ValueError(f"revision {self.revision!r} applies to hub models (hf:); a local directory or GGUF "
+                             "file has one version: drop revision, or point path: at that checkpoint's directory")
+        if self.tensor_parallel_size > 1 and self.device == "cpu":
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs GPUs, but device is cpu: "
+                             "set tensor_parallel_size: 1 or device: auto")
+        if self.spread and self.device not in ("auto", "cuda"):
+            why = "device_map: auto" if self.device_map else f"tensor_parallel_size {self.tensor_parallel_size}"
+            raise ValueError(f"{why} places the model over all GPUs itself, but device is {self.device}: "
+                             "leave device: auto")
+        if self.engine == "vllm" and self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device}: vLLM takes its GPUs from CUDA_VISIBLE_DEVICES, not a device "
+                             "index; set device: auto (and CUDA_VISIBLE_DEVICES) for engine: vllm")
+        if self.spread and self.compile == "on":
+            raise ValueError("compile: on needs the whole model on one device; with device_map: auto or "
+                             "tensor_parallel_size > 1 set compile: auto or off")
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -217,6 +257,30 @@ class StudyConfig(_Closed):
         keys = [d.key for d in self.decodings]
         if len(set(keys)) != len(keys):
             raise ValueError(f"decodings repeat: {keys}")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> "StudyConfig":
+        """engine: vllm samples with vLLM's own sampler: only what it can do exactly as entcal does."""
+        for m in self.models:
+            if m.engine != "vllm":
+                continue
+            for i, d in enumerate(self.decodings):
+                if d.top_nsigma > 0:
+                    raise ValueError(f"decodings.{i}: top_nsigma is not a vLLM sampling parameter, and model "
+                                     f"{m.label} has engine: vllm; use engine: entcal for top-nσ")
+                if d.min_p > 0 and (d.top_k > 0 or d.top_p < 1):
+                    raise ValueError(f"decodings.{i}: vLLM applies min_p before top_k/top_p, entcal after them "
+                                     f"(transformers' order), and model {m.label} has engine: vllm; use one "
+                                     "truncation per decoding, or engine: entcal")
+            c = self.calibration
+            if c and (c.lookahead or c.future_entropy):
+                raise ValueError(f"calibration: lookahead and future_entropy sample through entcal's own sampler, "
+                                 f"and model {m.label} has engine: vllm; set calibration.lookahead: false and "
+                                 "calibration.future_entropy: false, or engine: entcal")
+            if c and c.top_nsigma:
+                raise ValueError(f"calibration.top_nsigma: top-nσ is not a vLLM sampling parameter, and model "
+                                 f"{m.label} has engine: vllm; set calibration.top_nsigma: [] or engine: entcal")
         return self
 
     def digest(self) -> str:

@@ -41,7 +41,7 @@ from kernels.reference import scaled_logits
 from storage.errors import UserError
 from tasks.config import DecodingSpec, ModelSpec
 from tasks.contracts import GENERATIONS_SCHEMA
-from tasks.models import load_model, pad_id, pick_compile
+from tasks.models import input_device, load_model, pad_id, pick_compile
 from tasks.score import plain_lm_head
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def step_function(model) -> Step:
 def head_logits(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Float32 logits [N, V]: hidden [N, D] @ weight[V, D].T in float32 (the rounding tasks/score.py
     scores with), or the model's logits x [N, V] as float32 when ``weight`` is None."""
-    return x.float() if weight is None else x.float() @ weight.T
+    return x.float() if weight is None else x.float().to(weight.device) @ weight.T  # spread: last GPU -> head's
 
 
 def decoder(model, compiled: bool) -> Step:
@@ -183,7 +183,7 @@ def sample_batch(
     Tokens and statistics stay on the device until the batch ends: the host waits on the device only
     to drop rows that hit EOS (when there are EOS ids) and once at the end; NaN / +inf logits are
     raised (naming the example and the first bad step) at the next such wait."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     n, steps = len(prompts), max_new_tokens
     uniforms = torch.stack([
         torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds
@@ -353,4 +353,4 @@ def generate(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, *,
     return generate_table(lm.model, prompts, decoding, max_new_tokens=max_new_tokens,
                           samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
                           eos_ids=lm.eos_ids, pad_id=pad_id(lm.tokenizer), progress=progress,
-                          compiled=pick_compile(model.compile, lm.device), tokenizer=lm.tokenizer)
+                          compiled=pick_compile(model.compile, lm.device, spread=lm.spread), tokenizer=lm.tokenizer)

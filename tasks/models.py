@@ -27,6 +27,7 @@ class LoadedModel:
     device: torch.device
     eos_ids: tuple[int, ...]
     params: int
+    spread: bool = False  # loaded with device_map auto: ``device`` is where inputs go (input_device)
 
 
 def bundled_smollm2() -> Path:
@@ -70,9 +71,47 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def pick_compile(name: str, device: torch.device) -> bool:
-    """Whether the sampler compiles its decode step: auto = on CUDA (CUDA graphs), not on CPU (no gain)."""
+def pick_compile(name: str, device: torch.device, *, spread: bool = False) -> bool:
+    """Whether the sampler compiles its decode step: auto = on CUDA (CUDA graphs), not on CPU (no gain);
+    never for a model spread over devices (``spread``: CUDA graphs need the whole model on one device)."""
+    if spread:
+        return False
     return name == "on" or (name == "auto" and device.type == "cuda")
+
+
+def input_device(model) -> torch.device:
+    """Where the model's inputs go: the device of its input embeddings. Under device_map (accelerate) that
+    is the first device of the map whatever holds the other layers, and the hook's execution device when
+    the embeddings' weights are offloaded (then on the meta device); ``next(model.parameters())`` is
+    neither in general."""
+    emb = model.get_input_embeddings()
+    dev = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    if dev is not None:
+        return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return emb.weight.device
+
+
+def check_gpus(spec: ModelSpec) -> None:
+    """What a config cannot know (the flow's machine may not be the worker's): that this machine has the
+    GPUs ``tensor_parallel_size`` asks for."""
+    need, have = spec.tensor_parallel_size, torch.cuda.device_count()
+    if need > 1 and need > have:
+        raise ConfigError(f"model {spec.label}: tensor_parallel_size {need} needs {need} GPUs, this machine has "
+                          f"{have} (set tensor_parallel_size: 1 or run it where the GPUs are)")
+
+
+def hub_kwargs(spec: ModelSpec) -> dict:
+    """``revision`` for every hub load (from_pretrained), only when set."""
+    return {"revision": spec.revision} if spec.revision else {}
+
+
+def _cannot(spec: ModelSpec, what: str, src: str, err: Exception) -> ConfigError:
+    """The one-line error of a failed from_pretrained: which model, from where (and at which revision)."""
+    why = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    if not spec.revision:
+        return ConfigError(f"model {spec.label}: cannot {what} from {src} ({why})")
+    return ConfigError(f"model {spec.label}: cannot {what} from {src} at revision {spec.revision!r} ({why}); give "
+                       f"a branch, tag or commit of {src} (offline: one in the local Hugging Face cache)")
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -86,9 +125,10 @@ def _load_tokenizer(spec_json: str):
     spec = ModelSpec.model_validate_json(spec_json)
     src, gguf = source_of(spec)
     try:
-        return AutoTokenizer.from_pretrained(src, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(src)
+        return AutoTokenizer.from_pretrained(src, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(
+            src, **hub_kwargs(spec))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model {spec.label}: cannot load its tokenizer from {src} ({str(err).splitlines()[0][:200]})") from None
+        raise _cannot(spec, "load its tokenizer", src, err) from None
 
 
 def max_positions(spec: ModelSpec) -> int | None:
@@ -103,9 +143,10 @@ def _max_positions(spec_json: str) -> int | None:
     spec = ModelSpec.model_validate_json(spec_json)
     src, gguf = source_of(spec)
     try:
-        cfg = AutoConfig.from_pretrained(src, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(src)
+        cfg = AutoConfig.from_pretrained(src, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(
+            src, **hub_kwargs(spec))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model {spec.label}: cannot read its config from {src} ({str(err).splitlines()[0][:200]})") from None
+        raise _cannot(spec, "read its config", src, err) from None
     return getattr(cfg, "max_position_embeddings", None)
 
 
@@ -127,21 +168,35 @@ def _load_model(spec_json: str) -> LoadedModel:
 
     spec = ModelSpec.model_validate_json(spec_json)
     src, gguf = source_of(spec)
+    check_gpus(spec)
     device = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device)
-    log.info("loading model %s from %s%s on %s (%s)", spec.label, src, f"/{gguf}" if gguf else "", device, dtype)
+    where = "spread over the machine's devices (device_map auto)" if spec.spread else f"on {device}"
+    log.info("loading model %s from %s%s%s %s (%s)", spec.label, src, f"/{gguf}" if gguf else "",
+             f"@{spec.revision}" if spec.revision else "", where, dtype)
     hf_logging.disable_progress_bar()
     try:
-        kw = {"gguf_file": gguf} if gguf else {}
+        kw = {"gguf_file": gguf} if gguf else hub_kwargs(spec)
+        if spec.spread:  # accelerate places the weights (GPUs, then CPU memory): no .to(device) after it
+            kw["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model {spec.label}: cannot load it from {src} ({str(err).splitlines()[0][:200]})") from None
-    model.to(device).eval()
+        raise _cannot(spec, "load it", src, err) from None
+    if spec.spread:
+        model.eval()
+        device = input_device(model)
+    else:
+        model.to(device).eval()
     tok = load_tokenizer(spec)
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos = eos if eos is not None else tok.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
     return LoadedModel(
         model=model, tokenizer=tok, device=device, eos_ids=eos_ids,
-        params=int(sum(p.numel() for p in model.parameters())),
+        params=int(sum(p.numel() for p in model.parameters())), spread=spec.spread,
     )
+
+
+def load_count() -> int:
+    """Models this process has loaded so far (a warm worker loads each model once)."""
+    return _load_model.cache_info().misses

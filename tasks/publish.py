@@ -165,10 +165,21 @@ def example_table(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon
     return out.select(cols + (["text"] if out["text"].null_count() < out.height else []))
 
 
+def agreement_metrics(agreement: dict | None) -> dict[str, float]:
+    """engine: vllm: vLLM's sampled-token log-probs against entcal's re-score, as child-run metrics."""
+    if not agreement:
+        return {}
+    return {"engine/logprob_abs_diff_mean": agreement["logprob_abs_diff_mean"],
+            "engine/logprob_abs_diff_max": agreement["logprob_abs_diff_max"],
+            "engine/support_mismatches": agreement["support_mismatches"]}
+
+
 def summary_json(summary: Summary, cfg: StudyConfig, model: ModelSpec, dataset: DatasetSpec,
-                 decoding: DecodingSpec, model_params: int | None) -> dict:
-    """summary.json (docs/DESIGN.md): the metrics, the decoding, model and dataset names, T, provenance."""
+                 decoding: DecodingSpec, model_params: int | None, agreement: dict | None = None) -> dict:
+    """summary.json (docs/DESIGN.md): the metrics, the decoding, model and dataset names, T, provenance;
+    the engine that sampled, and for engine: vllm its agreement with the re-score."""
     return {
+        "engine": {"name": model.engine, **({"agreement": agreement} if agreement else {})},
         **summary.as_dict(),
         "decoding": {"temperature": decoding.temperature, "top_k": decoding.top_k, "top_p": decoding.top_p,
                      "min_p": decoding.min_p, "top_nsigma": decoding.top_nsigma, "key": decoding.key},
@@ -213,6 +224,7 @@ def log_child(tracker: Tracker, parent_id: str, name: str, *, params: dict, summ
             "diag/truncated_share": summary["truncated_share"],
             "diag/sampled_surprisal_mean": summary["sampled_surprisal"],
             "diag/eos_share": summary["eos_share"], "diag/n_examples": summary["n_examples"],
+            **agreement_metrics(summary.get("engine", {}).get("agreement")),
         })
         tracker.log_curves(run_id, {"step_entropy": curves["entropy_mean"].to_list(),
                                     "step_logloss": curves["logloss_mean"].to_list()})

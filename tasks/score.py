@@ -28,7 +28,7 @@ import torch
 import kernels
 from tasks.config import DecodingSpec, ModelSpec
 from tasks.contracts import REFERENCE_SCHEMA
-from tasks.models import load_model, pad_id
+from tasks.models import input_device, load_model, pad_id
 
 ROW_BLOCK = 512  # rows of logits materialised at once for truncated decodings
 _SOFTCAP_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -37,11 +37,27 @@ _SOFTCAP_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "ou
 def plain_lm_head(model) -> torch.Tensor | None:
     """The [V, D] weight when logits = decoder(x) @ W.T exactly, else None."""
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        return None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.device.type == "meta":
+        return None  # (meta: accelerate offloaded the head; the model's own logits are used)
     if any(getattr(model.config, k, None) not in (None, 1, 1.0) for k in _SOFTCAP_KEYS):
         return None
     return head.weight
+
+
+def q_stats(rows: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,
+            decoding: DecodingSpec) -> kernels.TokenStats:
+    """H(q) and log q(target) per row under the decoding: fused with the LM head when nothing is truncated
+    (``rows`` hidden states [N, D], ``weight`` [V, D]), else from logits ``ROW_BLOCK`` rows at a time."""
+    if weight is not None and not decoding.truncated:
+        return kernels.fused_token_stats(rows, weight, targets, temperature=decoding.temperature)
+    blocks = [kernels.token_stats(_logits(rows[i : i + ROW_BLOCK], weight), targets[i : i + ROW_BLOCK],
+                                  **decoding.kernel_kwargs()) for i in range(0, rows.shape[0], ROW_BLOCK)]
+    return kernels.TokenStats(*(torch.cat(c) for c in zip(*blocks)))
+
+
+def _logits(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Float32 logits of a block of rows: hidden states through the plain LM head, or logits as they are."""
+    return rows.float() @ weight.float().T if weight is not None else rows
 
 
 def decoding_stats(rows: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,
@@ -55,7 +71,7 @@ def decoding_stats(rows: torch.Tensor, weight: torch.Tensor | None, targets: tor
     parts = []
     for i in range(0, rows.shape[0], ROW_BLOCK):
         block = rows[i : i + ROW_BLOCK]
-        logits = block.float() @ weight.float().T if weight is not None else block
+        logits = _logits(block, weight)
         y = targets[i : i + ROW_BLOCK]
         q = kernels.token_stats(logits, y, **decoding.kernel_kwargs())
         p = kernels.token_stats(logits, y, temperature=t)
@@ -98,7 +114,7 @@ def teacher_forced(model, contexts: list[list[int]], continuations: list[list[in
                    hidden: bool = False, use_cache: bool = False) -> TeacherForced:
     """Feed every context + continuation in one batch. Through the decoder alone (final hidden states)
     when the LM head is plain or ``hidden``; through the whole model (logits) otherwise."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids, mask = right_pad([c + r for c, r in zip(contexts, continuations)], pad_id, device)
     weight = plain_lm_head(model)
     if weight is not None or hidden:
@@ -109,7 +125,9 @@ def teacher_forced(model, contexts: list[list[int]], continuations: list[list[in
         states = out.logits
     rows = torch.cat([states[i, len(c) - 1 : len(c) - 1 + len(r)]
                       for i, (c, r) in enumerate(zip(contexts, continuations))])
-    targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in continuations]).to(device)
+    if weight is not None:  # spread over GPUs (device_map auto): the last layer's GPU -> the LM head's
+        rows = rows.to(weight.device)
+    targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in continuations]).to(rows.device)
     return TeacherForced(rows, weight, targets, [len(r) for r in continuations], mask,
                          out.past_key_values if use_cache else None)
 

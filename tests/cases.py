@@ -58,6 +58,11 @@ def _dataset(m: Path, path: str) -> dict:
     return tiny_config(m, datasets=[{"name": "x", "path": path}])
 
 
+def _model(m: Path, cfg: dict | None = None, **model) -> dict:
+    """The tiny model with ``model`` fields added, in the study ``cfg`` overrides (default: tiny_config's)."""
+    return tiny_config(m, models=[{"path": str(m), "name": "tiny", **model}], **(cfg or {}))
+
+
 CONFIG = "config {dir}/study.yaml: "  # how a mistake in the file itself starts: which file
 BAD_CONFIGS = [
     BadConfig("missing-file", lambda t, m: None, CONFIG + "no such file"),
@@ -89,4 +94,26 @@ BAD_CONFIGS = [
               "dataset x: {dir}/d.jsonl has no column 'text' (columns: ['body'])"),
     BadConfig("too-few-examples", lambda t, m: _dataset(m, _jsonl(t, [{"text": "short"}] * 3)),
               "dataset x: 0 usable examples of 2 requested (3 documents read; 3 dropped"),
+    BadConfig("revision-on-local-dir", lambda t, m: _model(m, revision="step1000"),
+              CONFIG + "models.0: revision 'step1000' applies to hub models (hf:); a local directory or GGUF file "
+              "has one version"),
+    BadConfig("tensor-parallel-on-cpu", lambda t, m: _model(m, device="cpu", tensor_parallel_size=2),
+              CONFIG + "models.0: tensor_parallel_size 2 needs GPUs, but device is cpu"),
+    BadConfig("device-map-on-cuda0", lambda t, m: _model(m, device="cuda:0", device_map="auto"),
+              CONFIG + "models.0: device_map: auto places the model over all GPUs itself, but device is cuda:0"),
+    BadConfig("device-map-on-cpu", lambda t, m: _model(m, device="cpu", device_map="auto"),
+              CONFIG + "models.0: device_map: auto places the model over all GPUs itself, but device is cpu"),
+    BadConfig("compile-on-with-device-map", lambda t, m: _model(m, compile="on", device_map="auto"),
+              CONFIG + "models.0: compile: on needs the whole model on one device"),
+    BadConfig("vllm-top-nsigma", lambda t, m: _model(m, {"decodings": [{"top_nsigma": 1.0}]}, engine="vllm"),
+              CONFIG + "decodings.0: top_nsigma is not a vLLM sampling parameter, and model tiny has engine: vllm"),
+    BadConfig("vllm-min-p-with-top-p",
+              lambda t, m: _model(m, {"decodings": [{"min_p": 0.05, "top_p": 0.9}]}, engine="vllm"),
+              CONFIG + "decodings.0: vLLM applies min_p before top_k/top_p"),
+    BadConfig("vllm-calibration-lookahead",
+              lambda t, m: _model(m, {"calibration": {"future_entropy": False, "top_nsigma": []}}, engine="vllm"),
+              CONFIG + "calibration: lookahead and future_entropy sample through entcal's own sampler, and model "
+              "tiny has engine: vllm"),
+    BadConfig("vllm-device-index", lambda t, m: _model(m, engine="vllm", device="cuda:1"),
+              "device cuda:1: vLLM takes its GPUs from CUDA_VISIBLE_DEVICES"),
 ]

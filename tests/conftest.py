@@ -35,8 +35,10 @@ REPO = Path(__file__).resolve().parents[1]  # the repository root: subprocesses 
 VOCAB = 384
 
 
-def build_tiny_model(path: Path, *, vocab: int = VOCAB, layers: int = 2, seed: int = 0) -> Path:
-    """A random Llama + a byte-level BPE tokenizer trained on the Python manual, saved to ``path``."""
+def build_tiny_model(path: Path, *, vocab: int = VOCAB, layers: int = 2, seed: int = 0, hidden: int = 48,
+                     heads: int = 4) -> Path:
+    """A random Llama + a byte-level BPE tokenizer trained on the Python manual, saved to ``path``.
+    vLLM's CPU attention needs a head size of 32 or more (hidden 64, heads 2)."""
     from pydoc_data.topics import topics
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -49,8 +51,8 @@ def build_tiny_model(path: Path, *, vocab: int = VOCAB, layers: int = 2, seed: i
     tok.train_from_iterator(list(topics.values())[:40], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=1024,
                       eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # sharper logits than the default init, so decodings differ visibly

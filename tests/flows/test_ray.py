@@ -2,6 +2,7 @@
 127.0.0.1 (CPU only), against the test stack's real S3, MLflow and Prefect servers. The tables must
 equal those of the same study run in one process, row for row."""
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -45,9 +46,14 @@ def _tables(out: Path) -> dict[str, pl.DataFrame]:
     return {str(p.relative_to(out)): pl.read_parquet(p) for p in sorted(out.rglob("*/*.parquet"))}
 
 
+def _parts(proc) -> list[tuple[str, int]]:
+    """(worker, models that worker had loaded) of every generation part, from the flow's log lines."""
+    found = re.findall(r"written by worker (\S+) \(models loaded there: (\d+)\)", proc.stderr)
+    return [(worker, int(loads)) for worker, loads in found]
+
+
 def _workers(proc) -> set[str]:
-    return {line.rsplit("written by worker ", 1)[1].strip() for line in proc.stderr.splitlines()
-            if "written by worker " in line}
+    return {worker for worker, _ in _parts(proc)}
 
 
 def test_shards_on_a_two_node_ray_cluster_equal_a_local_run(ray_cluster, tiny_model_dir, prefect_server, tmp_path):
@@ -71,3 +77,35 @@ def test_without_ray_address_a_local_ray_instance_runs_the_shards(tiny_model_dir
                      decodings=[{"temperature": 1.0}])
     assert "model-bound stages run on Ray at a local instance on 127.0.0.1" in proc.stderr, proc.stderr[-3000:]
     assert pl.read_parquet(out / "tiny__python-docs__t1" / "generations.parquet").height == 4
+
+
+@pytest.fixture(scope="module")
+def gpu_ray_cluster(stack):
+    """One node that declares one GPU (CPU only here: Ray schedules by the declared resource) and two CPUs."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 2, "num_gpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    yield cluster.address
+    cluster.shutdown()
+    os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+
+
+def test_shards_on_a_declared_gpu_reuse_one_warm_worker_that_loads_the_model_once(gpu_ray_cluster, tiny_model_dir,
+                                                                                    prefect_server, tmp_path):
+    """Ray runs a task that asks for a GPU in a fresh process per call unless max_calls=0: every shard would
+    load the weights again. Four shards, one GPU: one worker process, one model load, the local run's tables."""
+    over = dict(model_dir=tiny_model_dir, decodings=[{"temperature": 1.0}], shard_size=1)
+    local, a = _run(tmp_path, "gpulocal", {}, **over)
+    proc, b = _run(tmp_path, "gpuray", {"RAY_ADDRESS": gpu_ray_cluster}, executor="ray", **over)
+    assert "Ray cluster: 1 nodes, 2 CPUs, 1 GPUs" in proc.stderr, proc.stderr[-3000:]
+    found = _parts(proc)
+    assert len(found) == 4, proc.stderr[-3000:]
+    assert len({worker for worker, _ in found}) == 1, found  # one warm worker ran every shard
+    assert {loads for _, loads in found} == {1}, found  # and loaded the model once
+    assert not _workers(local) & _workers(proc)
+    ta, tb = _tables(a), _tables(b)
+    assert sorted(ta) == sorted(tb)
+    for name, df in ta.items():
+        assert tb[name].equals(df), f"{name} differs between the Ray run and the local run"

@@ -118,3 +118,13 @@ def test_the_config_and_its_ranges_load_without_torch():
     code = "import sys, tasks.config, kernels; assert 'torch' not in sys.modules, 'torch was imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_paper_scale_config_in_the_readme_is_a_valid_study():
+    """docs/paper-scale.yaml (README "Paper scale") is what it says: the Qwen2.5 family on vLLM and Ray."""
+    cfg = load_config(Path(__file__).parents[2] / "docs" / "paper-scale.yaml")
+    assert [m.engine for m in cfg.models] == ["vllm"] * 7 and {m.family for m in cfg.models} == {"qwen2.5"}
+    assert [m.tensor_parallel_size for m in cfg.models][-2:] == [2, 4] and cfg.models[-1].spread
+    assert [d.preset for d in cfg.datasets] == ["wikitext-103", "writingprompts", "codecontests"]
+    assert [d.temperature for d in cfg.decodings] == [1.0, 0.95, 0.9, 0.85, 0.8]
+    assert (cfg.num_examples, cfg.horizon, cfg.executor) == (5000, 1000, "ray")
