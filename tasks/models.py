@@ -161,7 +161,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     return _load_model(spec.model_dump_json())
 
 
-@functools.lru_cache(maxsize=2)
+# one model per process on a GPU (a warm Ray worker that moves on to the next model frees the last one);
+# two on CPU, where tests and the calibration flow switch back and forth
+@functools.lru_cache(maxsize=1 if torch.cuda.is_available() else 2)
 def _load_model(spec_json: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -200,3 +202,13 @@ def _load_model(spec_json: str) -> LoadedModel:
 def load_count() -> int:
     """Models this process has loaded so far (a warm worker loads each model once)."""
     return _load_model.cache_info().misses
+
+
+def release() -> None:
+    """Forget this process's loaded models and give their device memory back (a study is over)."""
+    import gc
+
+    _load_model.cache_clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

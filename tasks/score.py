@@ -50,6 +50,7 @@ def q_stats(rows: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tens
     (``rows`` hidden states [N, D], ``weight`` [V, D]), else from logits ``ROW_BLOCK`` rows at a time."""
     if weight is not None and not decoding.truncated:
         return kernels.fused_token_stats(rows, weight, targets, temperature=decoding.temperature)
+    weight = None if weight is None else weight.float()  # once, not per block
     blocks = [kernels.token_stats(_logits(rows[i : i + ROW_BLOCK], weight), targets[i : i + ROW_BLOCK],
                                   **decoding.kernel_kwargs()) for i in range(0, rows.shape[0], ROW_BLOCK)]
     return kernels.TokenStats(*(torch.cat(c) for c in zip(*blocks)))

@@ -38,12 +38,14 @@ from storage.settings import state_dir
 from tasks.config import ConfigError, DecodingSpec, ModelSpec
 from tasks.contracts import GENERATIONS_SCHEMA
 from tasks.generate import row_seed, token_strings
-from tasks.models import load_model, pad_id, pick_device, source_of
+from tasks.models import load_model, max_positions, pad_id, pick_device, source_of
 from tasks.score import q_stats, teacher_forced
 
 log = logging.getLogger(__name__)
 
-CPU_KV_CACHE_SLACK = 2.0  # CPU: KV cache bytes = this × what max_num_seqs full-length rows need
+RESCORE_TOKENS = 32768  # tokens per teacher-forced re-scoring forward (vLLM's batch may be far larger)
+CPU_KV_CACHE_SLACK = 2.0  # CPU: KV cache bytes = this × what max_num_seqs full-length rows need,
+CPU_KV_CACHE_MIN = 64 << 20  # and at least this (vLLM needs whole cache blocks)
 
 
 def weights(spec: ModelSpec) -> str:
@@ -85,10 +87,12 @@ def _dequantise(spec: ModelSpec, out: Path) -> None:
     log.info("dequantised %s to %s for vLLM", spec.label, out)
 
 
-def max_model_len(prompt_len: int, max_new_tokens: int) -> int:
+def max_model_len(prompt_len: int, max_new_tokens: int, limit: int | None = None) -> int:
     """vLLM's context length for a shard: prompt + generation, rounded up to 1024 so every shard of a
-    study shares one engine."""
-    return -(-(prompt_len + max_new_tokens) // 1024) * 1024
+    study shares one engine, at most the model's ``limit`` (its max_position_embeddings)."""
+    need = prompt_len + max_new_tokens
+    rounded = -(-need // 1024) * 1024
+    return max(need, min(rounded, limit) if limit else rounded)
 
 
 _ENGINE: dict = {}  # the one engine of this process: {"key": (spec json, context, max_num_seqs), "llm": LLM}
@@ -150,16 +154,17 @@ def _start(spec: ModelSpec, context: int, max_num_seqs: int):
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         per_token = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", heads) * head_dim * 4
-        kw["kv_cache_memory_bytes"] = int(CPU_KV_CACHE_SLACK * per_token * context * max_num_seqs)
+        kw["kv_cache_memory_bytes"] = max(CPU_KV_CACHE_MIN, int(CPU_KV_CACHE_SLACK * per_token * context * max_num_seqs))
     else:
         kw["gpu_memory_utilization"] = spec.gpu_memory_utilization
     log.info("starting vLLM for %s from %s (%s, tensor parallel %d, context %d, %d sequences at once)",
              spec.label, src, kw["dtype"], spec.tensor_parallel_size, context, max_num_seqs)
     try:
         llm = LLM(**kw)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model {spec.label}: vLLM cannot load it from {src} "
-                          f"({str(err).splitlines()[0][:200]})") from None
+    except (OSError, ValueError) as err:  # pydantic's ValidationError too: its last line says what is wrong
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        why = lines[-1] if len(lines) > 1 and "validation error" in lines[0] else (lines or [repr(err)])[0]
+        raise ConfigError(f"model {spec.label}: vLLM cannot start with it from {src} ({why[:240]})") from None
     return llm
 
 
@@ -167,9 +172,10 @@ def sampling_params(decoding: DecodingSpec, *, max_new_tokens: int, seed: int, e
     """vLLM's SamplingParams for one row: the decoding, its seed, the sampled token's processed log-prob."""
     from vllm import SamplingParams
 
+    # ignore_eos: stop at entcal's EOS ids (the model's generation config), not also at the tokenizer's
     return SamplingParams(temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p,
                           min_p=decoding.min_p, max_tokens=max_new_tokens, seed=seed, logprobs=0,
-                          stop_token_ids=list(eos_ids), detokenize=False)
+                          stop_token_ids=list(eos_ids), ignore_eos=True, detokenize=False)
 
 
 @torch.inference_mode()
@@ -211,7 +217,8 @@ def generate_table(spec: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpe
     lm = load_model(spec)  # the re-scoring copy (and the tokenizer and EOS ids the entcal engine uses)
     jobs = [(ex, s, p) for ex, p in zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list())
             for s in range(samples_per_prompt)]
-    llm = engine(spec, max_model_len(max((len(p) for _, _, p in jobs), default=1), max_new_tokens), batch_size)
+    longest = max((len(p) for _, _, p in jobs), default=1)
+    llm = engine(spec, max_model_len(longest, max_new_tokens, max_positions(spec)), batch_size)
     chunk = max(8 * batch_size, 64)  # rows handed to vLLM at once: enough to keep its batch full
     outputs = []
     for b in range(0, len(jobs), chunk):
@@ -224,9 +231,9 @@ def generate_table(spec: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpe
             progress(len(outputs), len(jobs))
     ids = [list(o.token_ids) for o in outputs]
     reported = [[next(iter(step.values())).logprob for step in o.logprobs] for o in outputs]
-    scored = rescore(lm.model, [p for _, _, p in jobs], ids, decoding, batch_size=batch_size,
-                     pad_id=pad_id(lm.tokenizer))
-    finish = ["eos" if ids[i] and ids[i][-1] in lm.eos_ids else "length" for i in range(len(jobs))]
+    rows = max(1, min(batch_size, RESCORE_TOKENS // (longest + max_new_tokens)))  # one forward's activations
+    scored = rescore(lm.model, [p for _, _, p in jobs], ids, decoding, batch_size=rows, pad_id=pad_id(lm.tokenizer))
+    finish = ["eos" if o.finish_reason == "stop" else "length" for o in outputs]
     texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
     pieces = token_strings(lm.tokenizer, ids)
     table = pl.DataFrame([

@@ -109,7 +109,11 @@ BAD_CONFIGS = [
               CONFIG + "decodings.0: top_nsigma is not a vLLM sampling parameter, and model tiny has engine: vllm"),
     BadConfig("vllm-min-p-with-top-p",
               lambda t, m: _model(m, {"decodings": [{"min_p": 0.05, "top_p": 0.9}]}, engine="vllm"),
-              CONFIG + "decodings.0: vLLM applies min_p before top_k/top_p"),
+              CONFIG + "decodings.0: vLLM applies min_p before top_p"),
+    BadConfig("vllm-tiny-temperature", lambda t, m: _model(m, {"decodings": [{"temperature": 0.005}]}, engine="vllm"),
+              CONFIG + "decodings.0: vLLM raises a temperature below 0.01 to 0.01"),
+    BadConfig("model-labels-repeat", lambda t, m: tiny_config(m, models=[{"path": str(m), "name": "tiny"}] * 2),
+              CONFIG + "models.1: its label 'tiny' repeats models.0's"),
     BadConfig("vllm-calibration-lookahead",
               lambda t, m: _model(m, {"calibration": {"future_entropy": False, "top_nsigma": []}}, engine="vllm"),
               CONFIG + "calibration: lookahead and future_entropy sample through entcal's own sampler, and model "
