@@ -47,6 +47,9 @@ if grep -q "device: none" "$out/device.txt"; then
     echo "gpu-check: no CUDA: bench-generate runs small (SmolLM2-135M, batch 8, 32 tokens, 1 repeat)" \
         "instead of batch 64 on a 0.5B Llama"
     gen_args=(--batch 8 --new-tokens 32 --repeats 1)
+    if [ -n "${ENTCAL_GPU_CHECK_MODEL_PATH:-}" ]; then  # (the test suite's tiny model: the CPU part in CI)
+        gen_args+=(--model-path "$ENTCAL_GPU_CHECK_MODEL_PATH" --prompts random)
+    fi
 else
     gen_args=(--batch 64 --random-llama 0.5b --prompts random)
 fi

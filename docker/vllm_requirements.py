@@ -14,3 +14,5 @@ if __name__ == "__main__":
         req = Requirement(line)
         if req.name not in left_out and "extra" not in str(req.marker or ""):
             print(line)
+    if "fastapi" in left_out:
+        print("uvloop")  # came with fastapi[standard] (uvicorn[standard]), and vllm.v1.utils imports it

@@ -1,0 +1,27 @@
+"""`make gpu-check`'s CPU part, as CI runs it: benchmarks/gpu_check.sh end to end on a machine without
+CUDA (the GPU tests skip and say why, both benchmarks write their JSON line), on a tiny model."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO, build_tiny_model
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU part: on a GPU run make gpu-check")
+def test_gpu_check_runs_its_cpu_part_and_writes_one_json_line_per_benchmark(tmp_path):
+    model = build_tiny_model(tmp_path / "tiny-h32", hidden=64, heads=2)  # vLLM's CPU attention: head size 32
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "ENTCAL_GPU_CHECK_MODEL_PATH": str(model)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "device: none (CPU only)" in proc.stdout
+    assert "gpu-check: SKIPPED" in proc.stdout  # the GPU tests' skip reasons are listed
+    assert "0 step(s) failed" in proc.stdout
+    for name in ("bench_kernels.json", "bench_generate.json"):
+        lines = (out / name).read_text().splitlines()
+        assert len(lines) == 1, (name, lines)
+        json.loads(lines[0])
+    generate = json.loads((out / "bench_generate.json").read_text())
+    assert {"entcal", "hf_generate", "vllm", "vllm_rescore"} <= set(generate["variants"]), generate.keys()
