@@ -119,5 +119,5 @@ BAD_CONFIGS = [
               CONFIG + "calibration: lookahead and future_entropy sample through entcal's own sampler, and model "
               "tiny has engine: vllm"),
     BadConfig("vllm-device-index", lambda t, m: _model(m, engine="vllm", device="cuda:1"),
-              "device cuda:1: vLLM takes its GPUs from CUDA_VISIBLE_DEVICES"),
+              CONFIG + "models.0: device cuda:1: vLLM takes its GPUs from CUDA_VISIBLE_DEVICES"),
 ]

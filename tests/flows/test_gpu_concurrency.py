@@ -26,6 +26,24 @@ def _client(api_url: str):
         yield client
 
 
+def _wait_until_free(client, timeout_s: float = 240) -> None:
+    """Until no slot of the limit is held: a study killed by an earlier test (the Prefect UI tests cancel
+    theirs) holds its slot until the lease expires (60 s, and the server's sweep)."""
+    import time
+
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if client.read_global_concurrency_limit_by_name(LIMIT).active_slots == 0:
+                return
+        except ObjectNotFound:
+            return
+        assert time.monotonic() < deadline, f"a slot of {LIMIT} stayed held for {timeout_s:.0f} s"
+        time.sleep(2)
+
+
 def _task_runs(client, study: str) -> tuple:
     """(the study's flow run, its task runs), found by the flow run's name ``<study>-<UTC time>``."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
@@ -42,8 +60,9 @@ def test_two_studies_at_once_take_turns_on_the_machine_s_gpu(tiny_model_dir, pre
     from flows.results import result_storage
     from storage.settings import from_env
 
-    with _client(prefect_server):  # a server that has seen a study (two first studies race to register
-        result_storage(from_env())  # the result block's type: ObjectAlreadyExists)
+    with _client(prefect_server) as client:  # a server that has seen a study (two first studies race to
+        result_storage(from_env())  # register the result block's type: ObjectAlreadyExists)
+        _wait_until_free(client)
     tag = uuid.uuid4().hex[:6]
     studies = [f"gpu-a-{tag}", f"gpu-b-{tag}"]
     procs = []
@@ -97,6 +116,8 @@ def test_a_limit_set_by_the_user_is_kept_a_waiting_study_says_so_and_a_shared_ra
     local, ray = StudyConfig.model_validate({}), StudyConfig.model_validate({"executor": "ray"})
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with _client(prefect_server) as client:  # device_slot talks to the same server
+        _wait_until_free(client)
+
         def held() -> int:
             return client.read_global_concurrency_limit_by_name(LIMIT).active_slots
 
