@@ -122,7 +122,9 @@ def test_the_config_and_its_ranges_load_without_torch():
 
 def test_the_paper_scale_config_in_the_readme_is_a_valid_study():
     """docs/paper-scale.yaml (README "Paper scale") is what it says: the Qwen2.5 family on vLLM and Ray."""
-    cfg = load_config(Path(__file__).parents[2] / "docs" / "paper-scale.yaml")
+    path = Path(__file__).parents[2] / "docs" / "paper-scale.yaml"
+    assert path.read_text() in (path.parents[1] / "README.md").read_text()  # the README shows it whole
+    cfg = load_config(path)
     assert [m.engine for m in cfg.models] == ["vllm"] * 7 and {m.family for m in cfg.models} == {"qwen2.5"}
     assert [m.tensor_parallel_size for m in cfg.models][-2:] == [2, 4] and cfg.models[-1].spread
     assert [d.preset for d in cfg.datasets] == ["wikitext-103", "writingprompts", "codecontests"]
