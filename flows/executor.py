@@ -16,12 +16,14 @@ five resumes at the first unfinished shard, and a part that is lost or altered i
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from urllib.parse import urlparse
 
 import polars as pl
 
+from flows.orphans import free_leaked_slots, mark_slot
 from flows.results import result_storage
 from flows.stages import (corpus_alpha_task, dataset_of, generate_task, model_params_task, prepare_task,
                           recalibrate_task, score_task, work_of)
@@ -83,9 +85,10 @@ def device_slot(config: StudyConfig, logger):
     and vLLM engine, so the next study finds the device empty. On a shared cluster (RAY_ADDRESS) Ray's
     GPU resources keep tasks apart: no slot.
 
-    A study that finds no free slot waits (Prefect retries, without end) and says so once. The slot is
-    leased for 60 s and renewed while the study runs: a killed study's slot comes back within about a
-    minute. A missing limit is created with one slot (every study's model lands on the first GPU);
+    A study that finds no free slot first frees what no running study holds (a killed study's:
+    orphans.free_leaked_slots), then waits (Prefect retries, without end) and says so once. The slot is
+    leased for 60 s and renewed while the study runs; on a Prefect server a killed study's lease also
+    expires within about a minute. A missing limit is created with one slot (every study's model lands on the first GPU);
     an existing one (the Prefect UI's Concurrency page) is never changed."""
     if config.executor != "local" and ray_address()[0] is not None:
         yield
@@ -97,11 +100,7 @@ def device_slot(config: StudyConfig, logger):
 
     with get_client(sync_client=True) as client:
         try:
-            limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-            if limit.active and limit.active_slots >= limit.limit:
-                logger.info("waiting for this machine's GPU: another study holds Prefect concurrency limit %s "
-                            "(%d/%d slots; if none runs, free leaked ones: prefect gcl update %s --active-slots 0)",
-                            GPU_LIMIT, limit.active_slots, limit.limit, GPU_LIMIT)
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         except ObjectNotFound:
             try:  # 409 if another study created it meanwhile: create, never update
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
@@ -109,10 +108,30 @@ def device_slot(config: StudyConfig, logger):
                             "GPU", GPU_LIMIT)
             except ObjectAlreadyExists:
                 pass
+    def slot(**wait):
+        return concurrency(GPU_LIMIT, occupy=1, lease_duration=60, strict=True, raise_on_lease_renewal_failure=False,
+                           **wait)
+
     try:
-        with concurrency(GPU_LIMIT, occupy=1, lease_duration=60, strict=True, raise_on_lease_renewal_failure=False):
+        with contextlib.ExitStack() as held:
+            quiet = logging.getLogger("prefect._internal.concurrency")  # it logs the timed-out try as an ERROR
+            level = quiet.level
+            quiet.setLevel(logging.CRITICAL)
+            try:
+                held.enter_context(slot(timeout_seconds=3))
+            except TimeoutError:  # every slot held: by a killed study (free it), or wait for the running one
+                if free_leaked_slots(GPU_LIMIT, logger) == 0:
+                    logger.info("waiting for this machine's GPU: another study holds Prefect concurrency limit %s",
+                                GPU_LIMIT)
+                held.enter_context(slot())
+            finally:
+                quiet.setLevel(level)
             logger.info("holding this machine's GPU (Prefect concurrency limit %s)", GPU_LIMIT)
-            yield
+            mark_slot(True)
+            try:
+                yield
+            finally:
+                mark_slot(False)
     finally:
         vllm_engine.close()
         models.release()

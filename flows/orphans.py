@@ -81,6 +81,54 @@ def crash_orphan_flow_runs(flow_run_id: str | None, logger) -> list[str]:
     return crashed
 
 
+SLOT_LABEL = "entcal.gpu_slot"  # "held" on a study's flow run while it holds this machine's GPU slot
+
+
+def mark_slot(held: bool) -> None:
+    """Label this flow run as holding the GPU slot or not (best effort: bookkeeping never fails a study)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if flow_run.get_id():
+        try:
+            with get_client(sync_client=True) as client:
+                client.update_flow_run_labels(UUID(flow_run.get_id()), {SLOT_LABEL: "held" if held else "free"})
+        except Exception as err:
+            logging.getLogger(__name__).warning("could not label the flow run's GPU slot: %s", err)
+
+
+def free_leaked_slots(limit: str, logger) -> int:
+    """Give back the slots of concurrency limit ``limit`` that no running study holds; returns how many.
+
+    A study killed with SIGKILL keeps its slot until its lease expires, and Prefect's ephemeral server
+    (``entcal run`` without a Prefect server, the test harness) never expires leases: every later study
+    would wait for ever. Holders are the RUNNING study flow runs labelled ``SLOT_LABEL: held``, after
+    crash_orphan_flow_runs has set Crashed those whose process on this host is gone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import flow_run
+
+    crash_orphan_flow_runs(flow_run.get_id(), logger)
+    with get_client(sync_client=True) as client:
+        running = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["entcal-study"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
+            limit=200)
+        holders = sum((fr.labels or {}).get(SLOT_LABEL) == "held" for fr in running)
+        active = client.read_global_concurrency_limit_by_name(limit).active_slots
+        if active <= holders:
+            return 0
+        client.update_global_concurrency_limit(limit, GlobalConcurrencyLimitUpdate(active_slots=holders))
+    logger.warning("freed %d slot(s) of Prefect concurrency limit %s that no running study holds (left by a killed "
+                   "study)", active - holders, limit)
+    return active - holders
+
+
 def end_mlflow_runs(status: str):
     """A flow state hook: end, with ``status``, the MLflow runs of the flow run still RUNNING (the
     study normally has; this covers what it cannot, e.g. a crash before its ``finally``)."""

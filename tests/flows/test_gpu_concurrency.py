@@ -2,7 +2,6 @@
 slot of Prefect's global concurrency limit entcal-gpu per study, flows/executor.py:device_slot), and both
 complete."""
 import contextlib
-import logging
 import subprocess
 import uuid
 from itertools import product
@@ -10,7 +9,7 @@ from itertools import product
 import yaml
 
 from flows.executor import GPU_LIMIT as LIMIT
-from tests.conftest import start_cli, tiny_config
+from tests.conftest import start_cli, start_python, tiny_config
 # per study (with its own seed): nothing either study runs is in the other's cache, the scoring included
 DECODINGS = ([{"temperature": 1.0}, {"temperature": 0.8}, {"temperature": 1.0, "top_p": 0.9}],
              [{"temperature": 1.0}, {"temperature": 0.7}, {"temperature": 1.0, "top_p": 0.8}])
@@ -99,58 +98,107 @@ def test_two_studies_at_once_take_turns_on_the_machine_s_gpu(tiny_model_dir, pre
     assert sum("waiting for this machine's GPU" in err for _, err in outs) == 1, [e[-2000:] for _, e in outs]
 
 
-def test_a_limit_set_by_the_user_is_kept_a_waiting_study_says_so_and_a_shared_ray_cluster_takes_no_slot(
-        prefect_server, monkeypatch, caplog):
+SLOT_SCRIPT = r"""
+import logging, os, subprocess, sys, threading
+
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.exceptions import ObjectNotFound
+
+from flows.executor import GPU_LIMIT, device_slot
+from tasks.config import StudyConfig
+
+lines = []
+log = logging.getLogger("test.gpu")
+log.setLevel(logging.INFO)
+log.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: lines.append(r.getMessage())})())
+local, ray = StudyConfig.model_validate({}), StudyConfig.model_validate({"executor": "ray"})
+client = get_client(sync_client=True).__enter__()
+
+
+def limit():
+    return client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+
+
+def set_limit(n):
+    try:
+        client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=n))
+    except ObjectNotFound:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=n))
+
+
+# 1. a user's limit of 3 slots stands; each study (a Ray instance of its own too) holds one
+set_limit(3)
+with device_slot(local, log):
+    assert limit().active_slots == 1
+    with device_slot(ray, log):
+        assert limit().active_slots == 2
+assert (limit().active_slots, limit().limit) == (0, 3)
+set_limit(1)
+
+# 2. a running study holds the GPU: another waits and says so, a study on a shared Ray cluster takes no
+#    slot, and the waiting one goes on when the first is done
+go, holding, done = threading.Event(), threading.Event(), threading.Event()
+
+
+@flow(name="entcal-study")
+def holder():
+    with device_slot(local, log):
+        holding.set()
+        go.wait(120)
+
+
+def waiter():
+    with device_slot(local, log):
+        done.set()
+
+
+threading.Thread(target=holder).start()
+assert holding.wait(60)
+threading.Thread(target=waiter).start()
+assert not done.wait(5), "a second study took the GPU while the first held it"
+os.environ["RAY_ADDRESS"] = "127.0.0.1:6379"
+with device_slot(ray, log):
+    assert limit().active_slots == 1
+del os.environ["RAY_ADDRESS"]
+go.set()
+assert done.wait(60), "the waiting study never got the GPU"
+print("WAITED", sum("waiting for this machine's GPU" in l for l in lines), flush=True)
+
+# 3. a study killed with SIGKILL while it held the slot: the next study frees the slot and goes on
+#    (Prefect's ephemeral server never expires the lease; a real server only after about a minute)
+holder_code = '''
+import time
+from prefect.concurrency.sync import concurrency
+held = concurrency("entcal-gpu", occupy=1, strict=True)  # kept: a dropped one would give the slot back
+held.__enter__()
+print("held", flush=True)
+time.sleep(600)
+'''
+killed = subprocess.Popen([sys.executable, "-c", holder_code], stdout=subprocess.PIPE, text=True)
+assert killed.stdout.readline().strip() == "held"
+killed.kill()
+killed.wait()
+assert limit().active_slots == 1
+with device_slot(local, log):
+    assert limit().active_slots == 1
+print("FREED", sum("freed 1 slot(s)" in l for l in lines), flush=True)
+print("OK", flush=True)
+"""
+
+
+def test_a_user_s_limit_stands_a_second_study_waits_and_a_killed_study_s_slot_is_freed(prefect_server, tmp_path):
     """device_slot never changes an existing limit (a user may have set it on the UI's Concurrency page),
-    waits while the slots are held and says so, and holds nothing for a study on a shared Ray cluster."""
-    import threading
-
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectNotFound
-
-    from flows.executor import device_slot
-    from tasks.config import StudyConfig
-
-    logger = logging.getLogger("test.gpu")
-    local, ray = StudyConfig.model_validate({}), StudyConfig.model_validate({"executor": "ray"})
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with _client(prefect_server) as client:  # device_slot talks to the same server
+    makes a second study wait while a running one holds the GPU (and says so), holds nothing for a study
+    on a shared Ray cluster, and frees a slot that a study killed with SIGKILL left held. In a process of
+    its own with PREFECT_API_URL set, as a study runs (the session's Prefect harness is not in the way)."""
+    script = tmp_path / "slots.py"
+    script.write_text(SLOT_SCRIPT)
+    with _client(prefect_server) as client:
         _wait_until_free(client)
-
-        def held() -> int:
-            return client.read_global_concurrency_limit_by_name(LIMIT).active_slots
-
-        try:  # a user's limit of 3 slots (a study of this session may have created it with 1)
-            client.update_global_concurrency_limit(LIMIT, GlobalConcurrencyLimitUpdate(limit=3))
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=LIMIT, limit=3))
-        try:
-            with device_slot(local, logger):
-                assert held() == 1
-                with device_slot(ray, logger):  # a Ray instance of its own runs on this machine's devices too
-                    assert held() == 2
-            assert held() == 0 and client.read_global_concurrency_limit_by_name(LIMIT).limit == 3
-        finally:  # as a study on this machine creates it
-            client.update_global_concurrency_limit(LIMIT, GlobalConcurrencyLimitUpdate(limit=1))
-
-        done = threading.Event()
-
-        def second_study():
-            with _client(prefect_server), device_slot(local, logger):
-                done.set()
-
-        with caplog.at_level(logging.INFO, logger="test.gpu"):
-            with concurrency(LIMIT, occupy=1, strict=True):  # another study holds the GPU
-                waiting = threading.Thread(target=second_study)
-                waiting.start()
-                assert not done.wait(5)  # it waits...
-                monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-                with device_slot(ray, logger):  # (a study on a shared cluster does not)
-                    assert held() == 1
-                monkeypatch.delenv("RAY_ADDRESS")
-            assert done.wait(60)  # ...and goes on once the slot is free
-            waiting.join(30)
-    lines = [r.getMessage() for r in caplog.records if r.name == "test.gpu" and "waiting" in r.getMessage()]
-    assert lines == [f"waiting for this machine's GPU: another study holds Prefect concurrency limit {LIMIT} "
-                     f"(1/1 slots; if none runs, free leaked ones: prefect gcl update {LIMIT} --active-slots 0)"]
+    proc = start_python(str(script), env={"PREFECT_API_URL": prefect_server, "RAY_ADDRESS": ""},
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "OK" in out, (out + err)[-4000:]
+    assert "WAITED 1" in out and "FREED 1" in out, out[-2000:]
