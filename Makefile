@@ -36,7 +36,7 @@ bench: setup
 	$(BIN)/entcal bench kernels --json
 	$(BIN)/entcal bench generate --json
 
-# the one-shot check for a machine with a GPU (about 8 minutes on one H100/H200): GPU tests and both
+# the one-shot check for a machine with a GPU (at most ~10 minutes on one H100/H200): GPU tests and both
 # benchmarks, each JSON line written to $(OUT)
 OUT ?= test-output/gpu-check
 gpu-check: setup

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (`make gpu-check OUT=dir`): about 8 minutes on one H100/H200 (the step
+# The one-shot GPU check (`make gpu-check OUT=dir`): at most ~10 minutes on one H100/H200 (the step
 # limits, 240 + 120 + 240 s, bound it at 10).
 #   1. the GPU-marked tests (large-vocabulary kernel cases, CUDA graphs), with their skip reasons;
 #   2. `entcal bench kernels --json`  -> OUT/bench_kernels.json

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from storage.errors import UserError
+from storage.stack import LEASES_ON_DISK
 
 class UserErrorFilter(logging.Filter):
     """Drop tracebacks of user mistakes from log records (Prefect logs task failures with exc_info)."""
@@ -62,7 +63,7 @@ def _environment() -> None:
     # Prefect's ephemeral server migrates its database on first start: 20 s is too short on 2 busy cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     # the ephemeral server's concurrency-slot leases on disk: a killed run's GPU slot expires for the next run
-    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
+    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASES_ON_DISK)
     if settings.prefect_api and "PREFECT_API_URL" not in os.environ:
         from storage.stack import health, read_stack_file
 
