@@ -85,56 +85,79 @@ def device_slot(config: StudyConfig, logger):
     and vLLM engine, so the next study finds the device empty. On a shared cluster (RAY_ADDRESS) Ray's
     GPU resources keep tasks apart: no slot.
 
-    A study that finds no free slot first frees what no running study holds (a killed study's:
-    orphans.free_leaked_slots), then waits (Prefect retries, without end) and says so once. The slot is
-    leased for 60 s and renewed while the study runs; on a Prefect server a killed study's lease also
-    expires within about a minute. A missing limit is created with one slot (every study's model lands on the first GPU);
-    an existing one (the Prefect UI's Concurrency page) is never changed."""
+    The slot is leased for 60 s and renewed while the study runs; the flow run is labelled with its
+    process and the lease (orphans.mark_slot). A study that finds no free slot first releases the
+    leases of studies killed on this host (orphans.free_leaked_slots: Prefect's ephemeral server never
+    expires leases; a server does within about a minute), then waits (Prefect retries, without end)
+    and says so once. A missing limit is created with one slot (every study's model lands on the first
+    GPU); an existing one (the Prefect UI's Concurrency page) is never changed."""
     if config.executor != "local" and ray_address()[0] is not None:
         yield
         return
+    try:
+        _ensure_gpu_limit(logger)
+        mark_slot(None)  # this process, before the slot: a study killed while it holds the slot is told dead
+        with _gpu_slot(logger) as lease:
+            mark_slot(lease)
+            yield
+    finally:  # (the label after the release: a study killed between the two leaves a released lease named)
+        mark_slot(None)
+        vllm_engine.close()
+        models.release()
+
+
+def _ensure_gpu_limit(logger) -> None:
+    """Create the limit with one slot if it does not exist (409 if another study created it meanwhile:
+    create, never update)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         except ObjectNotFound:
-            try:  # 409 if another study created it meanwhile: create, never update
+            try:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
                 logger.info("created Prefect concurrency limit %s (1 slot): one study at a time on this machine's "
                             "GPU", GPU_LIMIT)
             except ObjectAlreadyExists:
                 pass
-    def slot(**wait):
-        return concurrency(GPU_LIMIT, occupy=1, lease_duration=60, strict=True, raise_on_lease_renewal_failure=False,
-                           **wait)
 
+
+GPU_LEASE_S = 60  # the slot's lease, renewed while the study runs: what a killed study holds on a server
+
+
+@contextlib.contextmanager
+def _gpu_slot(logger):
+    """Wait for a slot of the limit; yields its lease id, renewed until the slot is given back on leaving.
+    Prefect's ``concurrency()`` without the lease id, which the flow run's label must name
+    (orphans.free_leaked_slots): its own building blocks (prefect is pinned in constraints.txt)."""
+    from prefect.concurrency._leases import maintain_concurrency_lease
+    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
+
+    def take(**wait):
+        return acquire_concurrency_slots_with_lease([GPU_LIMIT], 1, lease_duration=GPU_LEASE_S, strict=True,
+                                                    **wait).lease_id
+
+    quiet = logging.getLogger("prefect._internal.concurrency")  # it logs the timed-out try as an ERROR
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
-        with contextlib.ExitStack() as held:
-            quiet = logging.getLogger("prefect._internal.concurrency")  # it logs the timed-out try as an ERROR
-            level = quiet.level
-            quiet.setLevel(logging.CRITICAL)
-            try:
-                held.enter_context(slot(timeout_seconds=3))
-            except TimeoutError:  # every slot held: by a killed study (free it), or wait for the running one
-                if free_leaked_slots(GPU_LIMIT, logger) == 0:
-                    logger.info("waiting for this machine's GPU: another study holds Prefect concurrency limit %s",
-                                GPU_LIMIT)
-                held.enter_context(slot())
-            finally:
-                quiet.setLevel(level)
-            logger.info("holding this machine's GPU (Prefect concurrency limit %s)", GPU_LIMIT)
-            mark_slot(True)
-            try:
-                yield
-            finally:
-                mark_slot(False)
+        lease = take(timeout_seconds=3)
+    except TimeoutError:  # every slot held: by a killed study (free it), or wait for the running one
+        if free_leaked_slots(GPU_LIMIT, logger) == 0:
+            logger.info("waiting for this machine's GPU: another study holds Prefect concurrency limit %s",
+                        GPU_LIMIT)
+        lease = take()
     finally:
-        vllm_engine.close()
-        models.release()
+        quiet.setLevel(level)
+    logger.info("holding this machine's GPU (Prefect concurrency limit %s)", GPU_LIMIT)
+    try:
+        with maintain_concurrency_lease(lease, GPU_LEASE_S, raise_on_lease_renewal_failure=False):
+            yield lease
+    finally:
+        release_concurrency_slots_with_lease(lease)
 
 
 def merge_agreement(shards: list[dict]) -> dict:

@@ -81,11 +81,12 @@ def crash_orphan_flow_runs(flow_run_id: str | None, logger) -> list[str]:
     return crashed
 
 
-SLOT_LABEL = "entcal.gpu_slot"  # "held" on a study's flow run while it holds this machine's GPU slot
+SLOT_LABEL = "entcal.gpu_slot"  # a study's flow run: the lease id of the GPU slot it holds, else "free"
 
 
-def mark_slot(held: bool) -> None:
-    """Label this flow run as holding the GPU slot or not (best effort: bookkeeping never fails a study)."""
+def mark_slot(lease_id=None) -> None:
+    """Label this flow run with this process (owner tags) and the lease of the GPU slot it holds
+    (``lease_id``; None: it holds none). Best effort: bookkeeping never fails a study."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
@@ -94,39 +95,63 @@ def mark_slot(held: bool) -> None:
     if flow_run.get_id():
         try:
             with get_client(sync_client=True) as client:
-                client.update_flow_run_labels(UUID(flow_run.get_id()), {SLOT_LABEL: "held" if held else "free"})
+                client.update_flow_run_labels(UUID(flow_run.get_id()),
+                                              {**owner_tags(), SLOT_LABEL: str(lease_id) if lease_id else "free"})
         except Exception as err:
             logging.getLogger(__name__).warning("could not label the flow run's GPU slot: %s", err)
 
 
 def free_leaked_slots(limit: str, logger) -> int:
-    """Give back the slots of concurrency limit ``limit`` that no running study holds; returns how many.
+    """Release the GPU slot leases of studies killed on this host; returns how many.
 
-    A study killed with SIGKILL keeps its slot until its lease expires, and Prefect's ephemeral server
-    (``entcal run`` without a Prefect server, the test harness) never expires leases: every later study
-    would wait for ever. Holders are the RUNNING study flow runs labelled ``SLOT_LABEL: held``, after
-    crash_orphan_flow_runs has set Crashed those whose process on this host is gone."""
+    A study killed with SIGKILL never gives its slot back, and Prefect's ephemeral server (``entcal
+    run`` without a Prefect server, the test harness) never expires leases: every later study would
+    wait for ever. Each study labels its flow run with its process and, while it holds the slot, with
+    the slot's lease (mark_slot). After crash_orphan_flow_runs has set Crashed the runs whose process
+    on this host is gone, the leases their labels still name are released: exactly the dead studies'
+    slots, never a running study's (one that has just taken a slot and not yet labelled its run
+    included). A lease that a Prefect server has expired meanwhile is not counted."""
+    from uuid import UUID
+
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
     from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
                                                 FlowRunFilterStateType)
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.runtime import flow_run
 
     crash_orphan_flow_runs(flow_run.get_id(), logger)
+    freed = 0
     with get_client(sync_client=True) as client:
-        running = client.read_flow_runs(
+        crashed = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["entcal-study"])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
-            limit=200)
-        holders = sum((fr.labels or {}).get(SLOT_LABEL) == "held" for fr in running)
-        active = client.read_global_concurrency_limit_by_name(limit).active_slots
-        if active <= holders:
-            return 0
-        client.update_global_concurrency_limit(limit, GlobalConcurrencyLimitUpdate(active_slots=holders))
-    logger.warning("freed %d slot(s) of Prefect concurrency limit %s that no running study holds (left by a killed "
-                   "study)", active - holders, limit)
-    return active - holders
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED]))),
+            sort=FlowRunSort.END_TIME_DESC, limit=200)  # the latest crashes: a study frees its own on exit
+        for fr in crashed:
+            lease = (fr.labels or {}).get(SLOT_LABEL)
+            if lease in (None, "free"):
+                continue
+            if _lease_alive(client, UUID(lease)):  # (a Prefect server may have expired it meanwhile)
+                client.release_concurrency_slots_with_lease(UUID(lease))
+                freed += 1
+                logger.warning("freed 1 slot(s) of Prefect concurrency limit %s: the GPU slot of flow run %s (%s), "
+                               "whose process was killed", limit, fr.id, fr.name)
+            client.update_flow_run_labels(fr.id, {SLOT_LABEL: "free"})
+    return freed
+
+
+def _lease_alive(client, lease_id) -> bool:
+    """Whether a concurrency lease still holds its slots. Prefect reads no lease back; renewing one is
+    the probe (410 Gone when it expired or was released), and a live one is released right after."""
+    import httpx
+
+    try:
+        client.renew_concurrency_lease(lease_id, lease_duration=60)
+    except httpx.HTTPStatusError as err:
+        if err.response.status_code in (404, 410):
+            return False
+        raise
+    return True
 
 
 def end_mlflow_runs(status: str):

@@ -3,6 +3,8 @@ slot of Prefect's global concurrency limit entcal-gpu per study, flows/executor.
 complete."""
 import contextlib
 import subprocess
+import threading
+import time
 import uuid
 from itertools import product
 
@@ -28,8 +30,6 @@ def _client(api_url: str):
 def _wait_until_free(client, timeout_s: float = 240) -> None:
     """Until no slot of the limit is held: a study killed by an earlier test (the Prefect UI tests cancel
     theirs) holds its slot until the lease expires (60 s, and the server's sweep)."""
-    import time
-
     from prefect.exceptions import ObjectNotFound
 
     deadline = time.monotonic() + timeout_s
@@ -51,35 +51,108 @@ def _task_runs(client, study: str) -> tuple:
     return run, client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), limit=200)
 
 
+# A study's flow run (named like one, labelled like one) that holds the GPU slot until its stdin closes
+HOLDER = r"""
+import logging, sys
+from prefect import flow
+from flows.executor import device_slot
+from tasks.config import StudyConfig
+
+
+@flow(name="entcal-study")
+def hold():
+    with device_slot(StudyConfig.model_validate({}), logging.getLogger("holder")):
+        print("held", flush=True)
+        sys.stdin.read()
+
+
+hold()
+"""
+
+
+def _hold_gpu(api_url: str) -> subprocess.Popen:
+    """A process whose study-like flow run holds the GPU slot until its stdin is closed (or it is killed)."""
+    holder = start_python("-c", HOLDER, env={"PREFECT_API_URL": api_url, "RAY_ADDRESS": ""}, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = _Output(holder)
+    try:
+        _wait_for(lambda: out.count("held\n") or holder.poll() is not None, "the holder taking the GPU slot", 120)
+    finally:
+        if not out.count("held\n"):
+            holder.kill()
+    assert out.count("held\n"), out.text()[-3000:]
+    return holder
+
+
+class _Output:
+    """A process's stdout and stderr together, read as it writes them (nothing blocks on a full pipe)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._reader.start()
+
+    def _read(self, proc) -> None:
+        for line in proc.stdout:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def count(self, needle: str) -> int:
+        return sum(needle in line for line in list(self.lines))
+
+
+def _wait_for(cond, what: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(0.5)
+
+
+WAITING = "waiting for this machine's GPU"
+
+
 def test_two_studies_at_once_take_turns_on_the_machine_s_gpu(tiny_model_dir, prefect_server, tmp_path):
     """Two `entcal run` processes (think: the nightly run and an on-demand one) against one Prefect
-    server, with different seeds and decodings (nothing cached), started together. Both complete; no two
-    model-bound task runs of the two flow runs overlap in time: one study's model-bound work all comes
-    after the other's, and the second says it waited; the limit has its one slot, given back."""
+    server, with different seeds and decodings (nothing cached), both waiting for the GPU while a third
+    holds it (so both are running at once, however slowly each starts), then let go together. Both
+    complete; no two model-bound task runs of the two studies overlap in time: one study's model-bound
+    work all comes after the other's; each said once that it waited; the limit's one slot is given back."""
     from flows.results import result_storage
     from storage.settings import from_env
 
     with _client(prefect_server) as client:  # a server that has seen a study (two first studies race to
         result_storage(from_env())  # register the result block's type: ObjectAlreadyExists)
         _wait_until_free(client)
+    holder = _hold_gpu(prefect_server)
     tag = uuid.uuid4().hex[:6]
     studies = [f"gpu-a-{tag}", f"gpu-b-{tag}"]
-    procs = []
-    for seed, name in enumerate(studies):
-        cfg = tmp_path / f"{name}.yaml"
-        cfg.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, name=name, seed=7001 + seed,  # no other test's
-                                                decodings=DECODINGS[seed])))
-        procs.append(start_cli("run", "--config", str(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
+    procs, outs = [], []
+    try:
+        for seed, name in enumerate(studies):
+            cfg = tmp_path / f"{name}.yaml"
+            cfg.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, name=name, seed=7001 + seed,  # no other test's
+                                                    decodings=DECODINGS[seed])))
+            procs.append(start_cli("run", "--config", str(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True))
+            outs.append(_Output(procs[-1]))
+        _wait_for(lambda: all(o.count(WAITING) or p.poll() is not None for p, o in zip(procs, outs)),
+                  "both studies waiting for the GPU")
+        assert all(p.poll() is None for p in procs), [o.text()[-3000:] for o in outs]
+    finally:
+        holder.stdin.close()  # let go: the two studies race for the slot
+        holder.wait(timeout=60)
+    for p, o in zip(procs, outs):
+        assert p.wait(timeout=300) == 0, o.text()[-4000:]
+        o._reader.join(timeout=10)
 
     with _client(prefect_server) as client:
         limit = client.read_global_concurrency_limit_by_name(LIMIT)
         runs = [_task_runs(client, s) for s in studies]
     assert limit.limit == 1 and limit.active and limit.active_slots == 0  # one slot, given back
     assert all(flow_run.state.is_completed() for flow_run, _ in runs), [r.state for r, _ in runs]
+    assert [o.count(WAITING) for o in outs] == [1, 1], [o.text()[-2000:] for o in outs]  # said once, each
 
     gpu = []  # per study: its model-bound task runs, each (name, start, end)
     for flow_run, task_runs in runs:
@@ -93,10 +166,6 @@ def test_two_studies_at_once_take_turns_on_the_machine_s_gpu(tiny_model_dir, pre
         assert x[2] <= y[1] or y[2] <= x[1], f"{x} and {y} overlap"
     first, second = (a, b) if min(s for _, s, _ in a) < min(s for _, s, _ in b) else (b, a)
     assert max(e for *_, e in first) <= min(s for _, s, _ in second)  # the second study waited for the whole first
-    # both flow runs were running at once (the later one began before the first's model-bound work ended:
-    # an order of events, not a duration), and the one that waited said so
-    assert max(r.start_time for r, _ in runs) < max(e for *_, e in first)
-    assert sum("waiting for this machine's GPU" in err for _, err in outs) == 1, [e[-2000:] for _, e in outs]
 
 
 SLOT_SCRIPT = r"""
@@ -169,21 +238,31 @@ print("WAITED", sum("waiting for this machine's GPU" in l for l in lines), flush
 
 # 3. a study killed with SIGKILL while it held the slot: the next study frees the slot and goes on
 #    (Prefect's ephemeral server never expires the lease; a real server only after about a minute)
-holder_code = '''
-import time
-from prefect.concurrency.sync import concurrency
-held = concurrency("entcal-gpu", occupy=1, strict=True)  # kept: a dropped one would give the slot back
-held.__enter__()
-print("held", flush=True)
-time.sleep(600)
-'''
-killed = subprocess.Popen([sys.executable, "-c", holder_code], stdout=subprocess.PIPE, text=True)
+killed = subprocess.Popen([sys.executable, "-c", os.environ["HOLDER"]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True)
 assert killed.stdout.readline().strip() == "held"
 killed.kill()
 killed.wait()
 assert limit().active_slots == 1
 with device_slot(local, log):
     assert limit().active_slots == 1
+
+# 4. a slot a live process holds with no label naming it (a study between taking the slot and labelling
+#    its run): never freed, the next study waits for it
+from prefect.concurrency.sync import concurrency
+
+got = threading.Event()
+
+
+def third():
+    with device_slot(local, log):
+        got.set()
+
+
+with concurrency(GPU_LIMIT, occupy=1, strict=True):
+    threading.Thread(target=third).start()
+    assert not got.wait(10), "a study freed the slot of a live process"
+assert got.wait(60), "the waiting study never got the GPU"
 print("FREED", sum("freed 1 slot(s)" in l for l in lines), flush=True)
 print("OK", flush=True)
 """
@@ -192,13 +271,14 @@ print("OK", flush=True)
 def test_a_user_s_limit_stands_a_second_study_waits_and_a_killed_study_s_slot_is_freed(prefect_server, tmp_path):
     """device_slot never changes an existing limit (a user may have set it on the UI's Concurrency page),
     makes a second study wait while a running one holds the GPU (and says so), holds nothing for a study
-    on a shared Ray cluster, and frees a slot that a study killed with SIGKILL left held. In a process of
+    on a shared Ray cluster, frees a slot that a study killed with SIGKILL left held, and never one that
+    a live process holds. In a process of
     its own with PREFECT_API_URL set, as a study runs (the session's Prefect harness is not in the way)."""
     script = tmp_path / "slots.py"
     script.write_text(SLOT_SCRIPT)
     with _client(prefect_server) as client:
         _wait_until_free(client)
-    proc = start_python(str(script), env={"PREFECT_API_URL": prefect_server, "RAY_ADDRESS": ""},
+    proc = start_python(str(script), env={"PREFECT_API_URL": prefect_server, "RAY_ADDRESS": "", "HOLDER": HOLDER},
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "OK" in out, (out + err)[-4000:]
