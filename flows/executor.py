@@ -131,8 +131,9 @@ GPU_LEASE_S = 60  # the slot's lease, renewed while the study runs: what a kille
 @contextlib.contextmanager
 def _gpu_slot(logger):
     """Wait for a slot of the limit; yields its lease id, renewed until the slot is given back on leaving.
-    Prefect's ``concurrency()`` without the lease id, which the flow run's label must name
-    (orphans.free_leaked_slots): its own building blocks (prefect is pinned in constraints.txt)."""
+    What Prefect's ``concurrency()`` does, from its own building blocks (prefect is pinned in
+    constraints.txt): ``concurrency()`` keeps the lease id to itself, and the flow run's label must name
+    it (orphans.free_leaked_slots)."""
     from prefect.concurrency._leases import maintain_concurrency_lease
     from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
 

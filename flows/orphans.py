@@ -38,8 +38,9 @@ def own_study(tracker: Tracker, parent_id: str, logger) -> None:
 FLOW_NAMES = ("entcal-study", "entcal-calibration")  # flow runs labelled with their process
 
 
-def label_flow_run() -> None:
-    """Label this flow run with this process (``owner_tags``): a later study can tell it was killed."""
+def label_flow_run(extra: dict[str, str] | None = None) -> None:
+    """Label this flow run with this process (``owner_tags``), and ``extra``: a later study can tell it
+    was killed."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
@@ -47,7 +48,7 @@ def label_flow_run() -> None:
 
     if flow_run.get_id():
         with get_client(sync_client=True) as client:
-            client.update_flow_run_labels(UUID(flow_run.get_id()), owner_tags())
+            client.update_flow_run_labels(UUID(flow_run.get_id()), {**owner_tags(), **(extra or {})})
 
 
 def crash_orphan_flow_runs(flow_run_id: str | None, logger) -> list[str]:
@@ -85,20 +86,12 @@ SLOT_LABEL = "entcal.gpu_slot"  # a study's flow run: the lease id of the GPU sl
 
 
 def mark_slot(lease_id=None) -> None:
-    """Label this flow run with this process (owner tags) and the lease of the GPU slot it holds
-    (``lease_id``; None: it holds none). Best effort: bookkeeping never fails a study."""
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
-
-    if flow_run.get_id():
-        try:
-            with get_client(sync_client=True) as client:
-                client.update_flow_run_labels(UUID(flow_run.get_id()),
-                                              {**owner_tags(), SLOT_LABEL: str(lease_id) if lease_id else "free"})
-        except Exception as err:
-            logging.getLogger(__name__).warning("could not label the flow run's GPU slot: %s", err)
+    """Label this flow run with this process and the lease of the GPU slot it holds (``lease_id``; None:
+    it holds none). Best effort: bookkeeping never fails a study."""
+    try:
+        label_flow_run({SLOT_LABEL: str(lease_id) if lease_id else "free"})
+    except Exception as err:
+        logging.getLogger(__name__).warning("could not label the flow run's GPU slot: %s", err)
 
 
 def free_leaked_slots(limit: str, logger) -> int:
@@ -128,11 +121,12 @@ def free_leaked_slots(limit: str, logger) -> int:
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED]))),
             sort=FlowRunSort.END_TIME_DESC, limit=200)  # the latest crashes: a study frees its own on exit
         for fr in crashed:
-            lease = (fr.labels or {}).get(SLOT_LABEL)
-            if lease in (None, "free"):
+            try:
+                lease = UUID(str((fr.labels or {}).get(SLOT_LABEL, "")))
+            except ValueError:  # "free", none, or an earlier entcal's "held": no lease to release
                 continue
-            if _lease_alive(client, UUID(lease)):  # (a Prefect server may have expired it meanwhile)
-                client.release_concurrency_slots_with_lease(UUID(lease))
+            if _lease_alive(client, lease):  # (a Prefect server may have expired it meanwhile)
+                client.release_concurrency_slots_with_lease(lease)
                 freed += 1
                 logger.warning("freed 1 slot(s) of Prefect concurrency limit %s: the GPU slot of flow run %s (%s), "
                                "whose process was killed", limit, fr.id, fr.name)
@@ -146,7 +140,7 @@ def _lease_alive(client, lease_id) -> bool:
     import httpx
 
     try:
-        client.renew_concurrency_lease(lease_id, lease_duration=60)
+        client.renew_concurrency_lease(lease_id, lease_duration=60)  # (the shortest lease a server grants)
     except httpx.HTTPStatusError as err:
         if err.response.status_code in (404, 410):
             return False
