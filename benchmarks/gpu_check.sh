@@ -40,7 +40,7 @@ PY
 
 step gpu-tests 240 "$py" -m pytest -q -rs -m gpu -p no:cacheprovider tests/kernels tests/tasks
 grep -E "^SKIPPED" "$out/gpu-tests.log" | sed 's/^/gpu-check: /' || true
-step bench-kernels 120 "$py" -m flows.cli bench kernels --json
+step bench-kernels 120 "$py" -m entcal.flows.cli bench kernels --json
 json_line() { grep -E '^\{' "$1" | tail -1; }  # the result line (stderr shares the log, vLLM's included)
 json_line "$out/bench-kernels.log" > "$out/bench_kernels.json"
 if grep -q "device: none" "$out/device.txt"; then

@@ -27,7 +27,7 @@ from pathlib import Path
 import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tasks", "kernels", "storage")  # the code a stage's result can depend on
+PACKAGES = ("tasks", "kernels", "storage")  # the folders (entcal.tasks, ...) a stage's result can depend on
 CACHE_VERSION = "3"  # 3: generation returns a PartRecord; recalibration a Recalibration
 NAME_ONLY = {"shard"}  # parameters that only name a task run: not part of its cache key
 
@@ -56,8 +56,15 @@ def _canonical(value) -> str:
     raise TypeError(f"cache key: no content form for a {type(value).__name__} parameter")
 
 
+def _package_of(module: str) -> str | None:
+    """``tasks`` for ``entcal.tasks.generate``; None for a module that is not ours."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "entcal" and parts[1] in PACKAGES else None
+
+
 def _file_of(module: str, root: Path) -> Path | None:
-    base = root.joinpath(*module.split("."))
+    """``entcal.tasks.generate`` -> ``<root>/tasks/generate.py`` (the folders install as entcal.<folder>)."""
+    base = root.joinpath(*module.split(".")[1:])
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
             return path
@@ -91,7 +98,7 @@ def dependencies(*modules: str, root: Path = ROOT) -> list[Path]:
     todo = [(m, True) for m in modules]
     while todo:
         name, full = todo.pop()
-        if name.split(".")[0] not in PACKAGES or followed.get(name) is True or (name in followed and not full):
+        if _package_of(name) is None or followed.get(name) is True or (name in followed and not full):
             continue
         path = _file_of(name, root)
         if path is None:  # ``from pkg import name`` where name is not a module
@@ -99,7 +106,7 @@ def dependencies(*modules: str, root: Path = ROOT) -> list[Path]:
         followed[name] = full
         files.add(path)
         todo += [(m, True) for m in _imports(path, name, top_level=not full)]
-        if "." in name:
+        if _package_of(name.rpartition(".")[0]):
             todo.append((name.rpartition(".")[0], False))
     return sorted(files)
 

@@ -24,12 +24,12 @@ import numpy as np
 import polars as pl
 from prefect import flow, get_run_logger
 
-from flows.executor import Executor
-from flows.orphans import label_flow_run
-from tasks import figures, fronts, metrics
-from tasks.config import DecodingSpec, ModelSpec, StudyConfig
-from tasks.contracts import CalibrationResult
-from tasks.recalibrate import BeforeTables
+from entcal.flows.executor import Executor
+from entcal.flows.orphans import label_flow_run
+from entcal.tasks import figures, fronts, metrics
+from entcal.tasks.config import DecodingSpec, ModelSpec, StudyConfig
+from entcal.tasks.contracts import CalibrationResult
+from entcal.tasks.recalibrate import BeforeTables
 
 SWEEPS = ("top_k", "top_p", "min_p", "top_nsigma")
 OFF = {"top_p": 1.0, "min_p": 0.0}  # settings that truncate nothing, so the τ = 1 point belongs to the sweep

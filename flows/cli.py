@@ -14,8 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from storage.errors import UserError
-from storage.stack import LEASES_ON_DISK
+from entcal.storage.errors import UserError
+from entcal.storage.stack import LEASES_ON_DISK
 
 class UserErrorFilter(logging.Filter):
     """Drop tracebacks of user mistakes from log records (Prefect logs task failures with exc_info)."""
@@ -48,7 +48,7 @@ def _on_sigterm(signum, frame) -> None:
 
 def _environment() -> None:
     """Prefect's home and results stay under the project's state dir unless the user set them."""
-    from storage.settings import from_env
+    from entcal.storage.settings import from_env
 
     settings = from_env()
     (settings.state_dir / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
@@ -65,7 +65,7 @@ def _environment() -> None:
     # the ephemeral server's concurrency-slot leases on disk: a killed run's GPU slot expires for the next run
     os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASES_ON_DISK)
     if settings.prefect_api and "PREFECT_API_URL" not in os.environ:
-        from storage.stack import health, read_stack_file
+        from entcal.storage.stack import health, read_stack_file
 
         if health(read_stack_file(settings.state_dir), "prefect"):
             os.environ["PREFECT_API_URL"] = settings.prefect_api
@@ -77,7 +77,7 @@ class ServiceError(UserError, RuntimeError):
 
 def check_prefect(api_url: str | None) -> None:
     """A configured Prefect API must answer; without one, Prefect runs an ephemeral server."""
-    from storage.stack import http_ok
+    from entcal.storage.stack import http_ok
 
     if api_url and not http_ok(api_url.rstrip("/") + "/health", timeout=5):
         raise ServiceError(f"Prefect API at {api_url} is unreachable; check PREFECT_API_URL or `entcal stack status`")
@@ -138,7 +138,7 @@ def print_result(result: dict) -> None:
 
 
 def cmd_study(cfg_dict: dict | None, args) -> int:
-    from tasks.config import load_config, parse_config  # light: a bad config fails before torch loads
+    from entcal.tasks.config import load_config, parse_config  # light: a bad config fails before torch loads
 
     overrides = {k: v for k, v in (("num_examples", args.num_examples), ("max_new_tokens", args.max_new_tokens),
                                    ("horizon", args.horizon), ("seed", args.seed)) if v is not None}
@@ -146,9 +146,9 @@ def cmd_study(cfg_dict: dict | None, args) -> int:
         config = load_config(args.config, overrides)
     else:
         config = parse_config({**cfg_dict, **overrides}, source="demo config")
-    from flows.study import preflight, study
-    from storage.stack import ensure
-    from storage.tracking import check_server
+    from entcal.flows.study import preflight, study
+    from entcal.storage.stack import ensure
+    from entcal.storage.tracking import check_server
 
     preflight(config)
     check_prefect(os.environ.get("PREFECT_API_URL"))
@@ -162,7 +162,7 @@ def cmd_study(cfg_dict: dict | None, args) -> int:
 
 
 def cmd_stack(args) -> int:
-    from storage.stack import Stack
+    from entcal.storage.stack import Stack
 
     stack = Stack()
     if args.action == "up":
@@ -182,7 +182,7 @@ def cmd_stack(args) -> int:
 
 
 def cmd_theory(args) -> int:
-    from tasks import figures, scaling
+    from entcal.tasks import figures, scaling
 
     alphas = args.alpha or [1.2, 1.5, 2.0, 3.0]
     results = scaling.theory_results(alphas)
@@ -199,9 +199,9 @@ def cmd_theory(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from flows.serve import serve_all
-    from storage.settings import from_env
-    from storage.stack import Stack
+    from entcal.flows.serve import serve_all
+    from entcal.storage.settings import from_env
+    from entcal.storage.stack import Stack
 
     Stack().up()
     os.environ["PREFECT_API_URL"] = from_env().prefect_api
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).addFilter(UserErrorFilter((UserError,)))
     try:
         if args.command == "demo":
-            from tasks.config import demo_config
+            from entcal.tasks.config import demo_config
 
             return cmd_study(demo_config(args.quick, calibrate=args.calibrate), args)
         if args.command == "run":

@@ -23,18 +23,18 @@ from urllib.parse import urlparse
 
 import polars as pl
 
-from flows.orphans import free_leaked_slots, mark_slot
-from flows.results import result_storage
-from flows.stages import (corpus_alpha_task, dataset_of, generate_task, model_params_task, prepare_task,
+from entcal.flows.orphans import free_leaked_slots, mark_slot
+from entcal.flows.results import result_storage
+from entcal.flows.stages import (corpus_alpha_task, dataset_of, generate_task, model_params_task, prepare_task,
                           recalibrate_task, score_task, work_of)
-from storage import parts
-from storage.errors import UserError
-from storage.settings import Settings
-from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
-from tasks.contracts import Knobs, Recalibration
-from tasks import models, vllm_engine
-from tasks.generate import shards
-from tasks.recalibrate import BeforeTables
+from entcal.storage import parts
+from entcal.storage.errors import UserError
+from entcal.storage.settings import Settings
+from entcal.tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
+from entcal.tasks.contracts import Knobs, Recalibration
+from entcal.tasks import models, vllm_engine
+from entcal.tasks.generate import shards
+from entcal.tasks.recalibrate import BeforeTables
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

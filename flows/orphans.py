@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from storage.settings import from_env
-from storage.tracking import Tracker, TrackingError, owner_of, owner_tags
+from entcal.storage.settings import from_env
+from entcal.storage.tracking import Tracker, TrackingError, owner_of, owner_tags
 
 FLOW_RUN_TAG = "entcal.flow_run_id"  # on the MLflow parent run: the Prefect flow run it belongs to
 
@@ -60,7 +60,7 @@ def crash_orphan_flow_runs(flow_run_id: str | None, logger) -> list[str]:
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
-    from storage.stack import owner_alive
+    from entcal.storage.stack import owner_alive
 
     label_flow_run()
     crashed = []

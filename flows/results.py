@@ -12,8 +12,8 @@ import hashlib
 import anyio
 from prefect.filesystems import WritableFileSystem
 
-from storage import s3
-from storage.settings import Settings, from_env
+from entcal.storage import s3
+from entcal.storage.settings import Settings, from_env
 
 HEADER = b"entcal-sha256:"
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import polars as pl
 from prefect import get_run_logger
 
-from flows.cache import frame_digest
-from flows.calibration import calibration_markdown, calibration_metrics
-from flows.orphans import own_study
-from flows.stages import artifact_key, publish_calibration_task, publish_child_task, report_task
-from storage.settings import Settings
-from storage.tracking import NOTE, Tracker, TrackingError
-from tasks import metrics, publish, report
-from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
-from tasks.contracts import CalibrationResult, Summary
+from entcal.flows.cache import frame_digest
+from entcal.flows.calibration import calibration_markdown, calibration_metrics
+from entcal.flows.orphans import own_study
+from entcal.flows.stages import artifact_key, publish_calibration_task, publish_child_task, report_task
+from entcal.storage.settings import Settings
+from entcal.storage.tracking import NOTE, Tracker, TrackingError
+from entcal.tasks import metrics, publish, report
+from entcal.tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
+from entcal.tasks.contracts import CalibrationResult, Summary
 
 class StudyRecord:
     """The parent run of one study and what its children reported (``rows``: one per decoding)."""

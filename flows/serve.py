@@ -12,10 +12,11 @@ StudyConfig's defaults, not the deployment's.
 from __future__ import annotations
 
 from prefect import serve
+from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron, Schedule
 
-from flows.study import study
-from tasks.config import demo_config
+from entcal.flows.study import study
+from entcal.tasks.config import demo_config
 
 NIGHTLY_CRON = "0 3 * * *"
 NIGHTLY_TIMEZONE = "UTC"  # the schedule's own zone: 03:00 UTC whatever the serving machine's clock says
@@ -29,14 +30,14 @@ def deployments(nightly: Schedule | None = None, nightly_config: dict | None = N
     """The nightly and on-demand deployments; ``nightly`` / ``nightly_config`` replace the nightly's
     schedule and study (tests serve the real deployment with a schedule due in seconds)."""
     nightly_dep = study.to_deployment(
-        name="nightly", schedules=[nightly or nightly_schedule()], _sync=True,
+        name="nightly", schedules=[nightly or nightly_schedule()], _sync=True, entrypoint_type=EntrypointType.MODULE_PATH,
         parameters={"config": nightly_config or demo_config(quick=False)}, enforce_parameter_schema=True,
         description="The demo study every night at 03:00 UTC: SmolLM2-135M on both built-in corpora.",
         tags=["entcal", "scheduled"],
     )
     on_demand = study.to_deployment(
         name="on-demand", parameters={"config": demo_config(quick=True)}, enforce_parameter_schema=True, _sync=True,
-        description="A study you launch from the UI: edit models, datasets and decodings in the form.",
+        entrypoint_type=EntrypointType.MODULE_PATH, description="A study you launch from the UI: edit models, datasets and decodings in the form.",
         tags=["entcal", "on-demand"],
     )
     return [nightly_dep, on_demand]

@@ -19,16 +19,16 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.cache import content_key, frame_digest
-from flows.results import part_settings
-from storage import parts
-from storage.errors import UserError
-from storage.tracking import Tracker
-from tasks import datasets, generate, models, publish, recalibrate, report, scaling, score, vllm_engine
-from tasks.config import DatasetSpec, DecodingSpec, ModelSpec
-from storage.parts import PartRecord
-from tasks.contracts import GenerationKnobs, PromptKnobs, Recalibration, RecalibrationKnobs, ScoringKnobs
-from tasks.models import load_model, pad_id
+from entcal.flows.cache import content_key, frame_digest
+from entcal.flows.results import part_settings
+from entcal.storage import parts
+from entcal.storage.errors import UserError
+from entcal.storage.tracking import Tracker
+from entcal.tasks import datasets, generate, models, publish, recalibrate, report, scaling, score, vllm_engine
+from entcal.tasks.config import DatasetSpec, DecodingSpec, ModelSpec
+from entcal.storage.parts import PartRecord
+from entcal.tasks.contracts import GenerationKnobs, PromptKnobs, Recalibration, RecalibrationKnobs, ScoringKnobs
+from entcal.tasks.models import load_model, pad_id
 
 
 @dataclasses.dataclass(frozen=True)

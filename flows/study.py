@@ -14,16 +14,16 @@ from pathlib import Path
 import polars as pl
 from prefect import flow, get_run_logger
 
-from flows.calibration import calibrate
-from flows.executor import Executor, check_ray, device_slot, ray_address
-from flows.orphans import end_mlflow_runs
-from flows.runs import StudyRecord
-from flows.stages import study_run_name
-from storage.settings import from_env
-from tasks import datasets, figures, metrics, report, scaling
-from tasks.config import ConfigError, StudyConfig
-from tasks.contracts import Knobs
-from tasks.models import max_positions, source_of
+from entcal.flows.calibration import calibrate
+from entcal.flows.executor import Executor, check_ray, device_slot, ray_address
+from entcal.flows.orphans import end_mlflow_runs
+from entcal.flows.runs import StudyRecord
+from entcal.flows.stages import study_run_name
+from entcal.storage.settings import from_env
+from entcal.tasks import datasets, figures, metrics, report, scaling
+from entcal.tasks.config import ConfigError, StudyConfig
+from entcal.tasks.contracts import Knobs
+from entcal.tasks.models import max_positions, source_of
 
 
 @flow(name="entcal-study", log_prints=True, flow_run_name=study_run_name)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kernels.decoding import DECODING_DESCRIPTIONS, DECODING_RANGES, check_decoding, range_error
+from entcal.kernels.decoding import DECODING_DESCRIPTIONS, DECODING_RANGES, check_decoding, range_error
 
 if TYPE_CHECKING:
     import torch
 
-    from kernels.reference import TokenStats
+    from entcal.kernels.reference import TokenStats
 
 
 IMPLS = ("auto", "triton", "reference")
@@ -31,7 +31,7 @@ IMPLS = ("auto", "triton", "reference")
 def __getattr__(name: str):
     """`kernels.TokenStats`, imported (with torch) on first use."""
     if name == "TokenStats":
-        from kernels.reference import TokenStats
+        from entcal.kernels.reference import TokenStats
 
         return TokenStats
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")
@@ -51,7 +51,7 @@ def _triton_available() -> bool:
     except Exception:  # pragma: no cover - triton is a dependency, but keep CPU-only installs working
         return False
     try:
-        from kernels import stats  # noqa: F401
+        from entcal.kernels import stats  # noqa: F401
     except ImportError:
         return False
     return True
@@ -84,13 +84,13 @@ def token_stats(
     if _resolve(impl, logits.device) == "triton":
         truncated = top_k > 0 or top_p < 1.0 or min_p > 0.0 or top_nsigma > 0.0
         if truncated:
-            from kernels.truncation import truncated_token_stats
+            from entcal.kernels.truncation import truncated_token_stats
 
             return truncated_token_stats(logits, targets, **kw)
-        from kernels.stats import token_stats as triton_token_stats
+        from entcal.kernels.stats import token_stats as triton_token_stats
 
         return triton_token_stats(logits, targets, temperature=temperature)
-    from kernels import reference
+    from entcal.kernels import reference
 
     return reference.token_stats(logits, targets, **kw)
 
@@ -111,10 +111,10 @@ def fused_token_stats(
         )
     check_decoding(temperature=temperature)
     if _resolve(impl, hidden.device) == "triton":
-        from kernels.fused_head import fused_token_stats as triton_fused
+        from entcal.kernels.fused_head import fused_token_stats as triton_fused
 
         return triton_fused(hidden, weight, targets, temperature=temperature)
-    from kernels import reference
+    from entcal.kernels import reference
 
     return reference.fused_token_stats(hidden, weight, targets, temperature=temperature)
 

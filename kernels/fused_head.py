@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import TokenStats
-from kernels.stats import (_scale, _streaming_update, finalize, interpreting, merge_states,
+from entcal.kernels.reference import TokenStats
+from entcal.kernels.stats import (_scale, _streaming_update, finalize, interpreting, merge_states,
                            scale_mode)
 
 INF = float("inf")

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import TokenStats
+from entcal.kernels.reference import TokenStats
 
 NSTAT = 7  # per (row, split): m, c, r, w, count, mean, m2
 INF = float("inf")

@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.reference import TokenStats
-from kernels.stats import (_scale, finalize, launch_config, row_state, rows_view,
+from entcal.kernels import reference
+from entcal.kernels.reference import TokenStats
+from entcal.kernels.stats import (_scale, finalize, launch_config, row_state, rows_view,
                            scale_logits, scale_mode, target_z)
 
 G = 16  # thresholds tried by the mass pass

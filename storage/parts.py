@@ -18,8 +18,8 @@ from pathlib import Path
 
 import polars as pl
 
-from storage import s3
-from storage.settings import Settings
+from entcal.storage import s3
+from entcal.storage.settings import Settings
 
 PREFIX = "parts"
 

@@ -7,8 +7,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-from storage.errors import UserError
-from storage.settings import Settings
+from entcal.storage.errors import UserError
+from entcal.storage.settings import Settings
 
 log = logging.getLogger(__name__)
 

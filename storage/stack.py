@@ -24,9 +24,9 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from storage import s3
-from storage.errors import UserError
-from storage.settings import Settings, from_env, read_stack_file, stack_file
+from entcal.storage import s3
+from entcal.storage.errors import UserError
+from entcal.storage.settings import Settings, from_env, read_stack_file, stack_file
 
 log = logging.getLogger(__name__)
 

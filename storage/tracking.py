@@ -30,7 +30,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from storage.errors import UserError
+from entcal.storage.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class TrackingError(UserError, RuntimeError):
 def owner_tags() -> dict[str, str]:
     """Tags naming the process that starts a run (``entcal.owner_host`` / ``_pid`` / ``_start``: the
     process's start time, seconds since the epoch), so a later study can end the runs of a killed one."""
-    from storage.stack import owner_record
+    from entcal.storage.stack import owner_record
 
     rec = owner_record()
     return {"entcal.owner_host": rec["host"], "entcal.owner_pid": str(rec["pid"]), "entcal.owner_start": str(rec["start"])}
@@ -71,7 +71,7 @@ def owner_of(tags: dict) -> dict | None:
 
 def check_server(uri: str | None, timeout_s: float = 5.0) -> None:
     """Fail fast, with one line, when the MLflow server does not answer."""
-    from storage.stack import http_ok
+    from entcal.storage.stack import http_ok
 
     if not uri:
         raise TrackingError("no MLflow server: set MLFLOW_TRACKING_URI or run `entcal stack up`")
@@ -305,7 +305,7 @@ class Tracker:
         gone (see ``owner_tags``), logging one line per run (to ``logger``, else this module's). Returns their ids."""
         import socket
 
-        from storage.stack import owner_alive
+        from entcal.storage.stack import owner_alive
 
         ended = []
         for run in self._running(f"tags.`entcal.owner_host` = '{socket.gethostname()}'"):

@@ -33,12 +33,12 @@ import numpy as np
 import polars as pl
 import torch
 
-import kernels
-from tasks.config import DecodingSpec
-from tasks.contracts import REFERENCE_SCHEMA
-from tasks.generate import generate_table
-from tasks.models import input_device
-from tasks.score import plain_lm_head, teacher_forced
+from entcal import kernels
+from entcal.tasks.config import DecodingSpec
+from entcal.tasks.contracts import REFERENCE_SCHEMA
+from entcal.tasks.generate import generate_table
+from entcal.tasks.models import input_device
+from entcal.tasks.score import plain_lm_head, teacher_forced
 
 ROW_BLOCK = 512  # human positions whose candidates are scored per block (teacher-forced fitting)
 TAIL_BIN_NATS = 0.05  # δ: width in log p̂ of one tail bin (fitting, V > TAIL_BINS + 1)

@@ -13,8 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kernels.decoding import DECODING_DESCRIPTIONS, DECODING_RANGES
-from storage.errors import UserError
+from entcal.kernels.decoding import DECODING_DESCRIPTIONS, DECODING_RANGES
+from entcal.storage.errors import UserError
 
 BUILTIN_MODELS = ("smollm2-135m",)
 BUILTIN_DATASETS = ("python-docs", "python-stdlib")

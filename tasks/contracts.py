@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from tasks.config import StudyConfig
+from entcal.tasks.config import StudyConfig
 
 # ---------------------------------------------------------------- tables
 PROMPTS_SCHEMA = {  # tasks.datasets.prepare_prompts: one row per example

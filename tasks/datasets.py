@@ -21,8 +21,8 @@ from typing import Iterator
 
 import polars as pl
 
-from tasks.config import ConfigError, DatasetSpec, ModelSpec
-from tasks.contracts import PROMPTS_SCHEMA
+from entcal.tasks.config import ConfigError, DatasetSpec, ModelSpec
+from entcal.tasks.contracts import PROMPTS_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def build_prompts(
 def prepare_prompts(model: ModelSpec, dataset: DatasetSpec, *, num_examples: int, prompt_tokens: int,
                     min_reference_tokens: int, max_reference_tokens: int, max_new_tokens: int = 0) -> pl.DataFrame:
     """The prompts table for one (model tokenizer, dataset). Raises ConfigError when too few examples pass."""
-    from tasks.models import load_tokenizer, max_positions
+    from entcal.tasks.models import load_tokenizer, max_positions
 
     tok = load_tokenizer(model)
     limit = max_positions(model)

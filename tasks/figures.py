@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tasks.fronts import finite, truncation_front
-from tasks.metrics import smooth
-from tasks.scaling import ScalingFit, TheoryCurve
+from entcal.tasks.fronts import finite, truncation_front
+from entcal.tasks.metrics import smooth
+from entcal.tasks.scaling import ScalingFit, TheoryCurve
 
 
 def _pyplot():

@@ -36,13 +36,13 @@ from typing import Callable
 import polars as pl
 import torch
 
-import kernels
-from kernels.reference import scaled_logits
-from storage.errors import UserError
-from tasks.config import DecodingSpec, ModelSpec
-from tasks.contracts import GENERATIONS_SCHEMA
-from tasks.models import input_device, load_model, pad_id, pick_compile
-from tasks.score import plain_lm_head
+from entcal import kernels
+from entcal.kernels.reference import scaled_logits
+from entcal.storage.errors import UserError
+from entcal.tasks.config import DecodingSpec, ModelSpec
+from entcal.tasks.contracts import GENERATIONS_SCHEMA
+from entcal.tasks.models import input_device, load_model, pad_id, pick_compile
+from entcal.tasks.score import plain_lm_head
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from tasks.contracts import Summary
+from entcal.tasks.contracts import Summary
 
 
 def per_example(table: pl.DataFrame, col: str, horizon: int) -> pl.DataFrame:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import ConfigError, ModelSpec
+from entcal.tasks.config import ConfigError, ModelSpec
 
 log = logging.getLogger(__name__)
 

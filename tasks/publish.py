@@ -23,13 +23,13 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from storage import s3
-from storage.settings import Settings
-from storage.tracking import Tracker, git_commit
-from tasks import figures
-from tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
-from tasks.contracts import Summary
-from tasks.metrics import per_example
+from entcal.storage import s3
+from entcal.storage.settings import Settings
+from entcal.storage.tracking import Tracker, git_commit
+from entcal.tasks import figures
+from entcal.tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
+from entcal.tasks.contracts import Summary
+from entcal.tasks.metrics import per_example
 
 PACKAGES = ("torch", "transformers", "prefect", "mlflow", "polars", "triton")
 LIST_FIELDS = {"models": "label", "datasets": "label", "decodings": "key"}

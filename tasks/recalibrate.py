@@ -28,12 +28,12 @@ import numpy as np
 import polars as pl
 import torch
 
-from tasks.atoms import entropy_phi, fit_alpha, human_atoms, reweighted_generate
-from tasks.config import DecodingSpec
-from tasks.contracts import Recalibration
-from tasks.generate import generate_table
-from tasks.metrics import entce_summary
-from tasks.score import teacher_forced
+from entcal.tasks.atoms import entropy_phi, fit_alpha, human_atoms, reweighted_generate
+from entcal.tasks.config import DecodingSpec
+from entcal.tasks.contracts import Recalibration
+from entcal.tasks.generate import generate_table
+from entcal.tasks.metrics import entce_summary
+from entcal.tasks.score import teacher_forced
 
 LOOKAHEAD_BOUNDS = (-1.0, 4.0)
 FUTURE_BOUNDS = (-0.5, 4.0)  # (1 + α) stays > 0

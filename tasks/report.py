@@ -17,7 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tasks import figures
+from entcal.tasks import figures
 
 METRIC_COLUMNS = ("entce", "entce_ci_low", "entce_ci_high", "entropy", "logloss", "logloss_untruncated",
                   "truncated_share", "sampled_surprisal", "n_examples")

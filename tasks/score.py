@@ -25,10 +25,10 @@ from typing import Callable
 import polars as pl
 import torch
 
-import kernels
-from tasks.config import DecodingSpec, ModelSpec
-from tasks.contracts import REFERENCE_SCHEMA
-from tasks.models import input_device, load_model, pad_id
+from entcal import kernels
+from entcal.tasks.config import DecodingSpec, ModelSpec
+from entcal.tasks.contracts import REFERENCE_SCHEMA
+from entcal.tasks.models import input_device, load_model, pad_id
 
 ROW_BLOCK = 512  # rows of logits materialised at once for truncated decodings
 _SOFTCAP_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")

@@ -34,12 +34,12 @@ from typing import Callable
 import polars as pl
 import torch
 
-from storage.settings import state_dir
-from tasks.config import ConfigError, DecodingSpec, ModelSpec
-from tasks.contracts import GENERATIONS_SCHEMA
-from tasks.generate import row_seed, token_strings
-from tasks.models import load_model, max_positions, pad_id, pick_device, source_of
-from tasks.score import q_stats, teacher_forced
+from entcal.storage.settings import state_dir
+from entcal.tasks.config import ConfigError, DecodingSpec, ModelSpec
+from entcal.tasks.contracts import GENERATIONS_SCHEMA
+from entcal.tasks.generate import row_seed, token_strings
+from entcal.tasks.models import load_model, max_positions, pad_id, pick_device, source_of
+from entcal.tasks.score import q_stats, teacher_forced
 
 log = logging.getLogger(__name__)
 

@@ -70,14 +70,14 @@ def tiny_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_spec(tiny_model_dir):
-    from tasks.config import ModelSpec
+    from entcal.tasks.config import ModelSpec
 
     return ModelSpec(path=str(tiny_model_dir), name="tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_spec):
-    from tasks.models import load_model
+    from entcal.tasks.models import load_model
 
     return load_model(tiny_spec)
 
@@ -85,12 +85,12 @@ def tiny_lm(tiny_spec):
 @pytest.fixture(scope="session")
 def stack():
     """A real local stack: rclone serve s3 + MLflow server (SQLite, artifacts proxied to S3)."""
-    from storage.settings import from_env
-    from storage.stack import Stack
+    from entcal.storage.settings import from_env
+    from entcal.storage.stack import Stack
 
     st = Stack(Path(os.environ["ENTCAL_STATE_DIR"]))
     st.up(("s3", "mlflow"))
-    from storage import s3
+    from entcal.storage import s3
 
     s3.ensure_bucket(from_env())
     yield from_env()
@@ -108,7 +108,7 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def prefect_server(stack):
     """A real Prefect server in the stack (stopped with it); CLI subprocesses use it via stack.json."""
-    from storage.stack import Stack
+    from entcal.storage.stack import Stack
 
     Stack().up(("prefect",))
     return Stack().state()["prefect"]
@@ -116,7 +116,7 @@ def prefect_server(stack):
 
 def s3_keys(settings, prefix: str = "") -> list[str]:
     """Every object key under ``prefix`` in the settings' bucket."""
-    from storage import s3
+    from entcal.storage import s3
 
     pages = s3.client(settings).get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
@@ -128,7 +128,7 @@ def wait_for_s3(settings, timeout_s: float = 30.0) -> None:
 
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from storage import s3
+    from entcal.storage import s3
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -144,9 +144,9 @@ def wait_for_s3(settings, timeout_s: float = 30.0) -> None:
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
             check: bool = False) -> subprocess.CompletedProcess:
-    """`python -m flows.cli ARGS` run to its end in a subprocess from the repository root, with the test
+    """`python -m entcal.flows.cli ARGS` run to its end in a subprocess from the repository root, with the test
     environment (and ``env`` on top); stdout and stderr captured as text. ``check``: assert it exited 0."""
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "entcal.flows.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -160,8 +160,8 @@ def start_python(*args: str, env: dict | None = None, **popen) -> subprocess.Pop
 
 
 def start_cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    """`python -m flows.cli ARGS` started (not waited for), as :func:`start_python` starts it."""
-    return start_python("-m", "flows.cli", *args, env=env, **popen)
+    """`python -m entcal.flows.cli ARGS` started (not waited for), as :func:`start_python` starts it."""
+    return start_python("-m", "entcal.flows.cli", *args, env=env, **popen)
 
 
 def assert_one_line_error(proc, expected: str) -> str:

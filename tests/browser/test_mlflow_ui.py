@@ -14,8 +14,8 @@ from tests.conftest import tiny_config
 @pytest.fixture(scope="module")
 def studied(stack, prefect_harness, tiny_model_dir, tmp_path_factory):
     """A tiny study run by the flow; returns its result, its parent run's name and its child runs' EntCE."""
-    from flows.study import study
-    from tasks.config import StudyConfig
+    from entcal.flows.study import study
+    from entcal.tasks.config import StudyConfig
 
     result = study(StudyConfig.model_validate(tiny_config(tiny_model_dir, name="uibrowse")),
                    out=str(tmp_path_factory.mktemp("out")))

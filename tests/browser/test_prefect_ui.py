@@ -31,7 +31,7 @@ def _runs_of(api: str, deployment_id: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def served(prefect_server, stack, tmp_path_factory):
-    """`python -m flows.cli serve` against the stack's Prefect server, until both deployments exist.
+    """`python -m entcal.flows.cli serve` against the stack's Prefect server, until both deployments exist.
 
     On exit: on-demand runs this module created are cancelled (so the served process stops their work),
     the server is stopped, and those runs are deleted, so later tests see the deployment as it was."""

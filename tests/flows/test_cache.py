@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from flows import cache, stages
+from entcal.flows import cache, stages
 
 STAGES = {"prepare": stages.prepare_task, "generate": stages.generate_task, "score": stages.score_task,
           "recalibrate": stages.recalibrate_task, "corpus-alpha": stages.corpus_alpha_task,
@@ -70,14 +70,14 @@ def test_comments_and_docstrings_are_not_code(tree):
 
 def test_imports_inside_functions_count(tree):
     """kernels/__init__.py imports its Triton modules inside functions; they are dependencies all the same."""
-    files = {str(p.relative_to(tree)) for p in cache.dependencies("kernels", root=tree)}
+    files = {str(p.relative_to(tree)) for p in cache.dependencies("entcal.kernels", root=tree)}
     assert {"kernels/stats.py", "kernels/fused_head.py", "kernels/truncation.py"} <= files
 
 
 def test_the_key_is_the_code_and_the_parameters_by_content():
     import polars as pl
 
-    from tasks.contracts import GenerationKnobs
+    from entcal.tasks.contracts import GenerationKnobs
 
     class Context:  # what Prefect passes a cache_key_fn: only .task is read
         task = stages.generate_task
@@ -94,7 +94,7 @@ def test_the_key_is_the_code_and_the_parameters_by_content():
 def test_the_stage_function_itself_is_in_the_key():
     from prefect import task
 
-    from tasks import generate
+    from entcal.tasks import generate
 
     @task(name="generate")
     @stages.stage(generate)

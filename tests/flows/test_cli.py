@@ -49,8 +49,8 @@ def test_user_errors_are_never_retried(prefect_harness):
     """Every stage with retries retries a transient error but not a UserError (a config mistake fails once)."""
     from prefect import task
 
-    from flows import stages
-    from tasks.config import ConfigError
+    from entcal.flows import stages
+    from entcal.tasks.config import ConfigError
 
     with_retries = [t for t in vars(stages).values() if getattr(t, "retries", 0) and hasattr(t, "fn")]
     assert {t.name for t in with_retries} >= {"prepare", "publish-child", "report", "publish-calibration"}

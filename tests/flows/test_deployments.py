@@ -11,23 +11,23 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tasks.config import StudyConfig
+from entcal.tasks.config import StudyConfig
 from tests.conftest import start_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_prefect_yaml_matches_served_deployments():
-    from flows.serve import NIGHTLY_CRON, deployments
-    from tasks.config import demo_config
+    from entcal.flows.serve import NIGHTLY_CRON, deployments
+    from entcal.tasks.config import demo_config
 
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in doc["deployments"]}
     served = {d.name: d for d in deployments()}
     assert set(by_name) == set(served) == {"nightly", "on-demand"}
     for name, d in by_name.items():
-        module, fn = d["entrypoint"].split(":")
-        assert (ROOT / module).is_file() and fn == "study"
+        # a module path of the installed package (entcal.flows.study.study), as `entcal serve` registers it
+        assert d["entrypoint"] == served[name].entrypoint == "entcal.flows.study.study"
         StudyConfig.model_validate(d["parameters"]["config"])  # the defaults are valid studies
         # the same defaults as `entcal serve` (demo_config); horizon left to its rule, not pinned
         assert d["parameters"]["config"] == served[name].parameters["config"] == demo_config(quick=name == "on-demand")
@@ -45,7 +45,7 @@ def test_nightly_schedule_is_03_00_utc():
 
     from prefect.server.schemas.schedules import CronSchedule
 
-    from flows.serve import deployments
+    from entcal.flows.serve import deployments
 
     (schedule,) = [s.schedule for s in {d.name: d for d in deployments()}["nightly"].schedules]
     assert (schedule.cron, schedule.timezone) == ("0 3 * * *", "UTC")
@@ -58,7 +58,7 @@ def test_nightly_schedule_is_03_00_utc():
 def test_every_decoding_field_is_described_and_ranged_in_the_form():
     """The UI form is the JSON schema: each DecodingSpec field says what it is, and its range is there
     (so the API, not the worker, refuses an out-of-range value)."""
-    from flows.serve import deployments
+    from entcal.flows.serve import deployments
 
     for dep in deployments():
         props = dep._parameter_openapi_schema.model_dump()["definitions"]["DecodingSpec"]["properties"]
@@ -98,7 +98,7 @@ def test_out_of_range_run_is_refused_by_the_api(prefect_server):
     from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.serve import deployments
+    from entcal.flows.serve import deployments
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         on_demand = {d.name: d for d in deployments()}["on-demand"]
@@ -149,7 +149,7 @@ def test_out_of_range_run_is_refused_by_the_cli_for_prefect_yaml(prefect_server,
 def test_flow_parameters_render_as_a_typed_form():
     from prefect.utilities.callables import parameter_schema
 
-    from flows.study import study
+    from entcal.flows.study import study
 
     schema = parameter_schema(study.fn).model_dump()
     assert schema["properties"]["config"]["$ref"] == "#/definitions/StudyConfig" and schema["required"] == ["config"]
@@ -192,7 +192,7 @@ def test_deployment_run_via_api_lands_in_mlflow(prefect_server, stack, tiny_spec
     assert any("entce" in r.data.metrics for r in runs) and any(r.info.run_name == run.name for r in runs)
     assert re.fullmatch(r"deploytest-\d{8}-\d{6}", run.name), run.name  # <study>-<UTC time>
     # another process with another Prefect database reuses the served run's cached work through S3
-    from flows.study import study
+    from entcal.flows.study import study
 
     again = study(StudyConfig.model_validate(config))
     assert again["ran"] == [] and len(again["cached"]) == 4

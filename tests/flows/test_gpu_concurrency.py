@@ -10,7 +10,7 @@ from itertools import product
 
 import yaml
 
-from flows.executor import GPU_LIMIT as LIMIT
+from entcal.flows.executor import GPU_LIMIT as LIMIT
 from tests.conftest import start_cli, start_python, tiny_config
 # per study (with its own seed): nothing either study runs is in the other's cache, the scoring included
 DECODINGS = ([{"temperature": 1.0}, {"temperature": 0.85}, {"temperature": 1.0, "top_p": 0.92}],
@@ -55,8 +55,8 @@ def _task_runs(client, study: str) -> tuple:
 HOLDER = r"""
 import logging, sys
 from prefect import flow
-from flows.executor import device_slot
-from tasks.config import StudyConfig
+from entcal.flows.executor import device_slot
+from entcal.tasks.config import StudyConfig
 
 
 @flow(name="entcal-study")
@@ -119,8 +119,8 @@ def test_two_studies_at_once_take_turns_on_the_machine_s_gpu(tiny_model_dir, pre
     holds it (so both are running at once, however slowly each starts), then let go together. Both
     complete; no two model-bound task runs of the two studies overlap in time: one study's model-bound
     work all comes after the other's; each said once that it waited; the limit's one slot is given back."""
-    from flows.results import result_storage
-    from storage.settings import from_env
+    from entcal.flows.results import result_storage
+    from entcal.storage.settings import from_env
 
     with _client(prefect_server) as client:  # a server that has seen a study (two first studies race to
         result_storage(from_env())  # register the result block's type: ObjectAlreadyExists)
@@ -176,8 +176,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.exceptions import ObjectNotFound
 
-from flows.executor import GPU_LIMIT, device_slot
-from tasks.config import StudyConfig
+from entcal.flows.executor import GPU_LIMIT, device_slot
+from entcal.tasks.config import StudyConfig
 
 lines = []
 log = logging.getLogger("test.gpu")

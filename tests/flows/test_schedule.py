@@ -24,7 +24,7 @@ SERVE = """
 import json, sys
 from datetime import datetime, timedelta, timezone
 from prefect.schedules import RRule
-from flows.serve import serve_all
+from entcal.flows.serve import serve_all
 due = datetime.now(timezone.utc) + timedelta(seconds=float(sys.argv[2]))
 print("due at", due.isoformat(), flush=True)
 serve_all(limit=1, nightly=RRule(f"DTSTART:{due:%Y%m%dT%H%M%S}\\nRRULE:FREQ=DAILY;COUNT=1", timezone="UTC"),

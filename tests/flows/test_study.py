@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 from mlflow.tracking import MlflowClient
 
-from storage import s3
-from tasks.config import StudyConfig
+from entcal.storage import s3
+from entcal.tasks.config import StudyConfig
 from tests.conftest import s3_keys
 
 
@@ -25,7 +25,7 @@ def config(tiny_spec):
 
 @pytest.fixture(scope="module")
 def first_run(config, stack, prefect_harness, tmp_path_factory):
-    from flows.study import study
+    from entcal.flows.study import study
 
     out = tmp_path_factory.mktemp("out")
     with pytest.MonkeyPatch.context() as mp:  # MLflow's own override of the 5 s default: samples on a short run
@@ -95,7 +95,7 @@ def test_out_dir_holds_tables_and_summary(first_run):
 
 
 def test_rerun_hits_the_cache_and_runs_no_generation(first_run, config, stack, tmp_path):
-    from flows.study import study
+    from entcal.flows.study import study
 
     result, _ = first_run
     again = study(config, out=str(tmp_path))
@@ -120,7 +120,7 @@ def test_prefect_artifacts_summarise_the_run(first_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.stages import artifact_key
+    from entcal.flows.stages import artifact_key
 
     result, _ = first_run
     with get_client(sync_client=True) as client:
@@ -133,7 +133,7 @@ def test_prefect_artifacts_summarise_the_run(first_run):
 
 
 def test_calibration_study_writes_calibration_json(tiny_spec, stack, prefect_harness, tmp_path):
-    from flows.study import study
+    from entcal.flows.study import study
 
     cfg = StudyConfig.model_validate({
         "name": "caltest", "models": [tiny_spec.model_dump()], "datasets": [{"name": "python-docs"}],
@@ -263,8 +263,8 @@ def test_a_failed_generation_ends_its_child_runs_failed(tiny_model_dir, stack, p
     import torch
     from transformers import LlamaForCausalLM
 
-    from flows.study import study
-    from tasks.generate import NonFiniteLogits
+    from entcal.flows.study import study
+    from entcal.tasks.generate import NonFiniteLogits
 
     broken = tmp_path / "nan-llama"
     shutil.copytree(tiny_model_dir, broken)

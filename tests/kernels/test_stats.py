@@ -11,9 +11,9 @@ import re
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.stats import token_stats
+from entcal import kernels
+from entcal.kernels import reference
+from entcal.kernels.stats import token_stats
 
 from kernel_cases import (DEVICE, DTYPES, ROW_KINDS, TEMPERATURES, assert_stats_close,
                           make_logits, make_targets, truth)

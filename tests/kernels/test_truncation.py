@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import reference, truncation
-from kernels.truncation import compact, kth_largest, truncated_token_stats
+from entcal import kernels
+from entcal.kernels import reference, truncation
+from entcal.kernels.truncation import compact, kth_largest, truncated_token_stats
 
 from kernel_cases import DEVICE, DTYPES, TEMPERATURES, assert_stats_close, make_logits, make_targets
 

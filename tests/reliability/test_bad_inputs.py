@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from storage.errors import UserError
+from entcal.storage.errors import UserError
 from tests.cases import BAD_CONFIGS
 from tests.conftest import assert_one_line_error, build_tiny_model, run_cli, tiny_config
 
@@ -22,8 +22,8 @@ def _write(tmp_path, cfg: dict) -> str:
 @pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c.id for c in BAD_CONFIGS])
 def test_bad_config(tmp_path, tiny_model_dir, case):
     """What `entcal run` does before any service starts: load the file, then preflight every input."""
-    from flows.study import preflight
-    from tasks.config import load_config
+    from entcal.flows.study import preflight
+    from entcal.tasks.config import load_config
 
     path = case.write(tmp_path, tiny_model_dir)
     with pytest.raises(UserError) as err:
@@ -33,7 +33,7 @@ def test_bad_config(tmp_path, tiny_model_dir, case):
 
 
 def _dead_url():
-    from storage.stack import free_port
+    from entcal.storage.stack import free_port
 
     return f"http://127.0.0.1:{free_port()}"
 
@@ -67,7 +67,7 @@ def test_bad_endpoint(tmp_path, tiny_model_dir, stack, make_env, needle):
                                              ("ray://nohost", "expected host:port or ray://host:port")],
                          ids=["ray-unreachable", "ray-address-without-port"])
 def test_bad_ray_address(tmp_path, tiny_model_dir, stack, address, needle):
-    from storage.stack import free_port
+    from entcal.storage.stack import free_port
 
     port = free_port()
     cfg = _write(tmp_path, tiny_config(tiny_model_dir, executor="ray"))

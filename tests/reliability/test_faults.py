@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import yaml
 
-from storage import parts, s3
+from entcal.storage import parts, s3
 from tests.conftest import run_cli, s3_keys, start_cli, tiny_config, wait_for_s3
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def _bucket(prefix: str) -> str:
 
 # ------------------------------------------------------------------ a CLI we can kill mid-run
 class Cli:
-    """`python -m flows.cli ARGS` in its own process group; stderr read line by line."""
+    """`python -m entcal.flows.cli ARGS` in its own process group; stderr read line by line."""
 
     def __init__(self, *args: str, env: dict, stdout: Path):
         self.out = open(stdout, "w")
@@ -316,7 +316,7 @@ def test_cached_result_altered_at_rest_is_not_served(stack, prefect_server):
     from prefect.results import ResultStore
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.results import result_storage
+    from entcal.flows.results import result_storage
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         block = result_storage(stack)  # the block the study flow saves and uses
@@ -342,7 +342,7 @@ def test_cached_result_altered_at_rest_is_not_served(stack, prefect_server):
 # ------------------------------------------------------------------ S3 down for 30 s mid-run
 def _restart_rclone(root: Path, state: dict) -> subprocess.Popen:
     """The same command, port, data dir and key pair as storage.stack.Stack.up."""
-    from storage.stack import _bin
+    from entcal.storage.stack import _bin
 
     port = state["s3"].rsplit(":", 1)[1]
     cmd = [_bin("rclone"), "serve", "s3", str(root / "s3"), "--addr", f"127.0.0.1:{port}", "--vfs-cache-mode", "off"]
@@ -353,8 +353,8 @@ def _restart_rclone(root: Path, state: dict) -> subprocess.Popen:
 
 
 def test_s3_outage_of_30s_mid_run_is_retried_through(tmp_path, tiny_model_dir, stack, prefect_server):
-    from storage.settings import Settings
-    from storage.stack import Stack
+    from entcal.storage.settings import Settings
+    from entcal.storage.stack import Stack
 
     root = tmp_path / "st"
     own = Stack(root)
@@ -455,8 +455,8 @@ def _child_payload():
 @pytest.mark.parametrize("die_at", [1, 3, 7], ids=["before-the-child-run", "while-logging-metrics",
                                                     "while-uploading-tables"])
 def test_publish_to_an_mlflow_server_that_died_raises(stack, monkeypatch, die_at):
-    from storage.tracking import Tracker, TrackingError
-    from tasks import publish
+    from entcal.storage.tracking import Tracker, TrackingError
+    from entcal.tasks import publish
 
     relay = Relay(stack.mlflow_uri, die_at=10**9)
     try:
@@ -478,8 +478,8 @@ def test_relay_passes_a_whole_child_run_when_it_does_not_die(stack):
     """The relay itself is transparent: the same publish succeeds through it (and counts its requests)."""
     from mlflow.tracking import MlflowClient
 
-    from storage.tracking import Tracker
-    from tasks import publish
+    from entcal.storage.tracking import Tracker
+    from entcal.tasks import publish
 
     relay = Relay(stack.mlflow_uri, die_at=10**9)
     try:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import psutil
 
-from storage.stack import Stack, ensure
+from entcal.storage.stack import Stack, ensure
 from tests.conftest import run_cli, start_cli, start_python, tiny_config
 from tests.reliability.test_faults import STUDY, TAG, Cli, _bucket, _write
 
 HOLD = """import sys, time
 from pathlib import Path
-from storage.stack import ensure
+from entcal.storage.stack import ensure
 with ensure(("s3",), Path(sys.argv[1])):
     print("holding", flush=True)
     time.sleep(600)

@@ -203,7 +203,7 @@ def test_prefect_records_have_no_secrets(study_run, stack, prefect_server):
 
 
 def test_service_command_lines_have_no_secrets(study_run, stack, prefect_server):
-    from storage.settings import read_stack_file
+    from entcal.storage.settings import read_stack_file
 
     pids = read_stack_file(stack.state_dir)["pids"]
     assert {"s3", "mlflow", "prefect"} <= set(pids)
@@ -231,10 +231,10 @@ def test_the_calibration_subflow_stores_no_settings_in_prefect(tmp_path):
     and the prompts must be stored as placeholders, never walked into."""
     import logging
 
-    from flows.calibration import calibrate
-    from flows.executor import Executor
-    from storage.settings import Settings
-    from tasks.config import StudyConfig
+    from entcal.flows.calibration import calibrate
+    from entcal.flows.executor import Executor
+    from entcal.storage.settings import Settings
+    from entcal.tasks.config import StudyConfig
 
     settings = Settings(state_dir=tmp_path, access_key="AKIA-SECRET-ID", secret_key="very-secret-key")
     config = StudyConfig.model_validate({"calibration": {}})

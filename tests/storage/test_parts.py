@@ -4,7 +4,7 @@ import dataclasses
 import polars as pl
 import pytest
 
-from storage import parts, s3
+from entcal.storage import parts, s3
 
 TABLE = pl.DataFrame({"example_id": ["a", "b"], "token_ids": [[1, 2, 3], [4]],
                       "step_entropy": [[0.5, 0.25, 0.125], [1.0]]},

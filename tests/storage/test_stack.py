@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from storage import s3
-from storage.settings import Settings
-from storage.stack import Stack
+from entcal.storage import s3
+from entcal.storage.settings import Settings
+from entcal.storage.stack import Stack
 from tests.conftest import run_cli, s3_keys
 
 
@@ -23,7 +23,7 @@ def test_up_is_idempotent(stack):
 
 
 def test_stack_file_is_private(stack):
-    from storage.settings import stack_file
+    from entcal.storage.settings import stack_file
 
     assert stack_file().stat().st_mode & 0o077 == 0
 
@@ -45,7 +45,7 @@ def test_wrong_credentials_and_missing_bucket_are_explained(stack):
 
 
 def test_unreachable_endpoint_is_explained(tmp_path):
-    from storage.stack import free_port
+    from entcal.storage.stack import free_port
 
     dead = Settings(tmp_path, f"http://127.0.0.1:{free_port()}", "a", "b")
     with pytest.raises(s3.StorageError, match="unreachable"):

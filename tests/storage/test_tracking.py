@@ -13,14 +13,14 @@ from types import SimpleNamespace
 import polars as pl
 from mlflow.tracking import MlflowClient
 
-from tasks import figures, publish
-from tasks.config import StudyConfig
+from entcal.tasks import figures, publish
+from entcal.tasks.config import StudyConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tracker(stack, name=None, **kw):
-    from storage.tracking import Tracker
+    from entcal.storage.tracking import Tracker
 
     return Tracker(stack.mlflow_uri, experiment=name or f"entcal/tracking-{uuid.uuid4().hex[:8]}", **kw)
 
@@ -64,7 +64,7 @@ def test_headline_metrics_name_the_dataset_and_decoding_and_keep_full_precision(
 
 # ------------------------------------------------------------------ against the MLflow server
 def test_experiments_open_on_their_runs_new_and_old(stack):
-    from storage.tracking import EXPERIMENT_KIND_TAG
+    from entcal.storage.tracking import EXPERIMENT_KIND_TAG
 
     client = MlflowClient(stack.mlflow_uri)
     new = _tracker(stack, description="what this experiment holds")
@@ -100,7 +100,7 @@ def test_runs_carry_the_standard_tags_and_a_description(stack):
 
 
 def test_system_metrics_are_sampled_until_the_run_finishes(stack):
-    from storage.tracking import _MONITORS
+    from entcal.storage.tracking import _MONITORS
 
     tracker = _tracker(stack)
     run_id = tracker.start("busy")
@@ -123,7 +123,7 @@ def test_system_metrics_are_sampled_until_the_run_finishes(stack):
 def test_prompts_are_a_dataset_input_whose_source_is_their_s3_copy(stack):
     import io
 
-    from storage import s3
+    from entcal.storage import s3
 
     prompts = pl.DataFrame({"example_id": ["e0", "e1"], "dataset": ["d", "d"], "prompt_ids": [[1, 2], [3]],
                             "reference_ids": [[4], [5, 6]]})
@@ -178,7 +178,7 @@ def test_latest_run_finds_the_previous_study_launch(stack):
 
 
 def test_experiment_url_loads_a_shared_view_state_of_the_headline_metric_columns(stack):
-    from storage.tracking import HEADLINE_COLUMNS
+    from entcal.storage.tracking import HEADLINE_COLUMNS
 
     tracker = _tracker(stack)
     tracker.set_view_state()

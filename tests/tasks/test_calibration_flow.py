@@ -9,12 +9,12 @@ import polars as pl
 import pytest
 import torch
 
-from flows import calibration
-from flows.executor import Executor
-from tasks import fronts
-from tasks.config import DecodingSpec, StudyConfig
-from tasks.contracts import CalibrationResult
-from tasks.metrics import logloss_at_epsilon
+from entcal.flows import calibration
+from entcal.flows.executor import Executor
+from entcal.tasks import fronts
+from entcal.tasks.config import DecodingSpec, StudyConfig
+from entcal.tasks.contracts import CalibrationResult
+from entcal.tasks.metrics import logloss_at_epsilon
 
 
 def _prompts(lm, n=6, p=9, r=14):

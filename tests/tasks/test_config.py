@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from kernels.decoding import DECODING_DESCRIPTIONS, DECODING_RANGES, check_decoding
-from tasks.config import ConfigError, DecodingSpec, ModelSpec, StudyConfig, load_config, parse_config
+from entcal.kernels.decoding import DECODING_DESCRIPTIONS, DECODING_RANGES, check_decoding
+from entcal.tasks.config import ConfigError, DecodingSpec, ModelSpec, StudyConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,7 @@ def test_an_empty_horizon_is_the_shorter_of_generations_and_references():
 
 
 def test_decoding_ranges_are_in_the_json_schema_the_form_is_built_from():
-    from tasks.config import DecodingSpec
+    from entcal.tasks.config import DecodingSpec
 
     props = DecodingSpec.model_json_schema()["properties"]
     assert props["temperature"]["exclusiveMinimum"] == 0

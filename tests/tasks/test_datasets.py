@@ -3,8 +3,8 @@ import json
 import polars as pl
 import pytest
 
-from tasks.config import ConfigError, DatasetSpec
-from tasks.datasets import (build_prompts, documents, preset_documents, python_docs_documents,
+from entcal.tasks.config import ConfigError, DatasetSpec
+from entcal.tasks.datasets import (build_prompts, documents, preset_documents, python_docs_documents,
                             python_stdlib_documents)
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
@@ -72,7 +72,7 @@ def test_presets_apply_the_papers_filters():
 
 
 def test_instruction_formats(tiny_lm):
-    from tasks.datasets import Document, _prefix_ids
+    from entcal.tasks.datasets import Document, _prefix_ids
 
     tok = tiny_lm.tokenizer
     doc = Document("d", "Once upon a time", instruction="Write a story")

@@ -4,9 +4,9 @@ import polars as pl
 import pytest
 import torch
 
-from tasks.config import DecodingSpec
-from tasks.generate import generate_table, sample_tokens
-from tasks.score import score_table
+from entcal.tasks.config import DecodingSpec
+from entcal.tasks.generate import generate_table, sample_tokens
+from entcal.tasks.score import score_table
 
 DECODINGS = [DecodingSpec(), DecodingSpec(temperature=0.7), DecodingSpec(top_k=20),
              DecodingSpec(top_p=0.8), DecodingSpec(temperature=1.3, min_p=0.05)]
@@ -14,8 +14,8 @@ DECODINGS = [DecodingSpec(), DecodingSpec(temperature=0.7), DecodingSpec(top_k=2
 
 @pytest.fixture(scope="module")
 def prompts(tiny_lm):
-    from tasks.config import DatasetSpec
-    from tasks.datasets import build_prompts, documents
+    from entcal.tasks.config import DatasetSpec
+    from entcal.tasks.datasets import build_prompts, documents
 
     df, _ = build_prompts(documents(DatasetSpec(name="python-docs")), tiny_lm.tokenizer, label="python-docs",
                           num_examples=6, prompt_tokens=12, min_reference_tokens=24, max_reference_tokens=24)
@@ -54,7 +54,7 @@ def test_schema_and_reproducible_under_seed(tiny_lm, prompts):
 
 
 def test_shards_concatenate_to_the_unsharded_table(tiny_lm, prompts):
-    from tasks.generate import shards
+    from entcal.tasks.generate import shards
 
     whole = _gen(tiny_lm, prompts, DECODINGS[1])
     parts = shards(prompts, 4)
@@ -136,8 +136,8 @@ def test_inverse_cdf_never_draws_a_truncated_token():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (none on this machine)")
 def test_cuda_graph_decode_steps_sample_what_eager_cuda_samples(tiny_model_dir, prompts):
-    from tasks.config import ModelSpec
-    from tasks.models import load_model
+    from entcal.tasks.config import ModelSpec
+    from entcal.tasks.models import load_model
 
     lm = load_model(ModelSpec(path=str(tiny_model_dir), name="tiny", device="cuda", dtype="float32"))
     eos = _early_eos(lm, prompts, DECODINGS[0])

@@ -1,7 +1,7 @@
 import polars as pl
 import pytest
 
-from tasks.metrics import entce_summary, smooth, step_curves
+from entcal.tasks.metrics import entce_summary, smooth, step_curves
 
 
 def _tables(h_rows, l_rows):
@@ -49,7 +49,7 @@ def test_smooth():
 
 
 def test_example_sums_are_what_the_ci_resamples():
-    from tasks.metrics import example_sums
+    from entcal.tasks.metrics import example_sums
 
     gens, ref = _tables([[3.0] * 10, [1.0] * 4], [[2.0] * 10, [0.5] * 3])
     sums = example_sums(gens, ref, horizon=8)
@@ -66,9 +66,9 @@ def _random_prompts(lm, n=4, p=9, r=14):
 
 
 def test_logloss_at_epsilon_equals_a_direct_rescore(tiny_lm):
-    from tasks.metrics import logloss_at_epsilon
-    from tasks.config import DecodingSpec
-    from tasks.score import score_table
+    from entcal.tasks.metrics import logloss_at_epsilon
+    from entcal.tasks.config import DecodingSpec
+    from entcal.tasks.score import score_table
 
     prompts = _random_prompts(tiny_lm)
     decs = [DecodingSpec(top_k=5), DecodingSpec(top_p=0.8), DecodingSpec(min_p=0.1, temperature=0.7), DecodingSpec()]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.config import ConfigError, DecodingSpec, ModelSpec
+from entcal.tasks.config import ConfigError, DecodingSpec, ModelSpec
 from tests.conftest import build_tiny_model, random_prompts, start_python
 
 EMBED = "model.embed_tokens.weight"
@@ -44,8 +44,8 @@ def hub_cache(cache: Path, repo: str, branches: dict[str, Path]) -> dict[str, st
 # Run in a fresh process: huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE when it is imported.
 LOAD_REVISIONS = """
 import hashlib, json, sys
-from tasks.config import ConfigError, ModelSpec
-from tasks.models import load_model, load_tokenizer, max_positions
+from entcal.tasks.config import ConfigError, ModelSpec
+from entcal.tasks.models import load_model, load_tokenizer, max_positions
 
 out = {}
 for rev in (None, "step1000", sys.argv[1]):
@@ -97,13 +97,13 @@ def test_revision_loads_that_branch_of_a_hub_model_and_a_missing_one_is_one_line
 
 @pytest.fixture(scope="module")
 def spread_lm(tiny_model_dir):
-    from tasks.models import load_model
+    from entcal.tasks.models import load_model
 
     return load_model(ModelSpec(path=str(tiny_model_dir), name="tiny", device_map="auto"))
 
 
 def test_device_map_auto_on_cpu_stays_on_the_cpu(spread_lm, tiny_lm):
-    from tasks.models import input_device
+    from entcal.tasks.models import input_device
 
     assert spread_lm.spread and not tiny_lm.spread
     assert spread_lm.model is not tiny_lm.model  # two cache entries: the specs differ
@@ -115,8 +115,8 @@ def test_device_map_auto_on_cpu_stays_on_the_cpu(spread_lm, tiny_lm):
 
 def test_device_map_auto_generates_and_scores_what_the_plain_load_does(tiny_spec, tiny_model_dir, tiny_lm,
                                                                        spread_lm):
-    from tasks.generate import generate
-    from tasks.score import score
+    from entcal.tasks.generate import generate
+    from entcal.tasks.score import score
 
     spread = ModelSpec(path=str(tiny_model_dir), name="tiny", device_map="auto")
     prompts = random_prompts(tiny_lm, 4, 10, 14, seed=3)
@@ -133,7 +133,7 @@ def test_device_map_auto_generates_and_scores_what_the_plain_load_does(tiny_spec
 
 
 def test_pick_compile_is_off_for_a_spread_model():
-    from tasks.models import pick_compile
+    from entcal.tasks.models import pick_compile
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert pick_compile("auto", cuda) and pick_compile("on", cpu) and not pick_compile("auto", cpu)
@@ -146,7 +146,7 @@ def test_input_device_is_the_execution_device_of_offloaded_embeddings(tiny_model
     from accelerate import cpu_offload
     from transformers import AutoModelForCausalLM
 
-    from tasks.models import input_device
+    from entcal.tasks.models import input_device
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert input_device(model) == torch.device("cpu")  # no hook: the embeddings' own device
@@ -160,7 +160,7 @@ def test_input_device_is_the_execution_device_of_offloaded_embeddings(tiny_model
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs tensor_parallel_size 2 needs")
 def test_tensor_parallel_beyond_this_machines_gpus_is_a_load_time_config_error(tiny_model_dir):
-    from tasks.models import load_model
+    from entcal.tasks.models import load_model
 
     spec = ModelSpec(path=str(tiny_model_dir), name="tiny-tp2", device="auto", tensor_parallel_size=2)
     assert spec.spread  # the config validator lets it through: the flow's machine may not be the worker's

@@ -6,21 +6,21 @@ import polars as pl
 import pytest
 import torch
 
-from tasks.atoms import (
+from entcal.tasks.atoms import (
     TAIL_BIN_NATS, HumanAtoms, _candidate_pass, atoms_from_parts, entropy_phi, fit_alpha, human_atoms,
     position_atoms, reweighted_generate, reweighted_logits, tail_entries,
 )
-from tasks.config import DecodingSpec
-from tasks.contracts import REFERENCE_SCHEMA, Recalibration
-from tasks.figures import plot_pareto
-from tasks.fronts import tau_star, truncation_front
-from tasks.generate import generate_table
-from tasks.metrics import entce_summary
-from tasks.recalibrate import (
+from entcal.tasks.config import DecodingSpec
+from entcal.tasks.contracts import REFERENCE_SCHEMA, Recalibration
+from entcal.tasks.figures import plot_pareto
+from entcal.tasks.fronts import tau_star, truncation_front
+from entcal.tasks.generate import generate_table
+from entcal.tasks.metrics import entce_summary
+from entcal.tasks.recalibrate import (
     FUTURE_BOUNDS, LOOKAHEAD_BOUNDS, BeforeTables, FutureEntropyRegressor, fit_future_regressor,
     future_entropy_calibration, future_entropy_targets, lookahead_calibration,
 )
-from tasks.score import score_table
+from entcal.tasks.score import score_table
 
 N_NEW = 12
 
@@ -136,8 +136,8 @@ def test_truncation_zero_by_interpolation_and_front(tmp_path):
 # ---------------------------------------------------------------- model-based methods
 @pytest.fixture(scope="module")
 def prompts(tiny_lm):
-    from tasks.config import DatasetSpec
-    from tasks.datasets import build_prompts, documents
+    from entcal.tasks.config import DatasetSpec
+    from entcal.tasks.datasets import build_prompts, documents
 
     df, _ = build_prompts(documents(DatasetSpec(name="python-docs")), tiny_lm.tokenizer, label="python-docs",
                           num_examples=8, prompt_tokens=10, min_reference_tokens=N_NEW, max_reference_tokens=N_NEW)
@@ -165,7 +165,7 @@ def lookahead_entropies(model, input_ids, mask, *, top_k: int, temperature: floa
 
 def test_batched_candidate_entropies_equal_naive_loop(sharp_model):
     model, seqs = sharp_model, [[5, 17, 40, 99, 12, 7], [33, 8, 2], [60, 61, 62, 63]]
-    from tasks.generate import left_pad
+    from entcal.tasks.generate import left_pad
 
     ids, mask = left_pad(seqs, 0, "cpu")
     out = lookahead_entropies(model, ids, mask, top_k=6, temperature=0.8)

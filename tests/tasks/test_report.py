@@ -7,12 +7,12 @@ from html.parser import HTMLParser
 import polars as pl
 import pytest
 
-from tasks import report
-from tasks.metrics import entce_summary, step_curves
-from tasks.config import DatasetSpec, DecodingSpec
-from tasks.datasets import build_prompts, documents
-from tasks.generate import generate_table, token_strings
-from tasks.score import score_table
+from entcal.tasks import report
+from entcal.tasks.metrics import entce_summary, step_curves
+from entcal.tasks.config import DatasetSpec, DecodingSpec
+from entcal.tasks.datasets import build_prompts, documents
+from entcal.tasks.generate import generate_table, token_strings
+from entcal.tasks.score import score_table
 
 HORIZON = 12
 
@@ -176,7 +176,7 @@ def test_child_figure_draws_the_unsmoothed_curves_and_still_saves_once_closed(ta
 
     import matplotlib.pyplot as plt
 
-    from tasks import figures
+    from entcal.tasks import figures
 
     prompts, gens, ref = tables
     curves = step_curves(gens, ref, horizon=HORIZON)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import figures, scaling
+from entcal.tasks import figures, scaling
 
 PLANTED_SLOPE = -0.2
 THEORY_ALPHAS = (1.2, 1.5, 2.0, 3.0)
@@ -134,8 +134,8 @@ def test_fit_scaling_needs_two_distinct_models():
 
 
 def test_study_scaling_sections_use_per_example_sums(tmp_path):
-    from flows.study import scaling_sections
-    from tasks.config import StudyConfig
+    from entcal.flows.study import scaling_sections
+    from entcal.tasks.config import StudyConfig
 
     sizes = {"m1": 1e8, "m2": 4e8, "m3": 1.6e9}
     cfg = StudyConfig.model_validate({
@@ -278,9 +278,9 @@ def test_corpus_alpha_stats_cap_and_warnings():
 
 def test_corpus_alpha_stage_uses_top_5000_lowercased_words_of_the_whole_corpus():
     # Before: the first 200 documents, whitespace units, top 1000, a bare float.
-    from flows.stages import corpus_alpha_task
-    from tasks import datasets
-    from tasks.config import DatasetSpec
+    from entcal.flows.stages import corpus_alpha_task
+    from entcal.tasks import datasets
+    from entcal.tasks.config import DatasetSpec
 
     spec = DatasetSpec(name="python-stdlib")
     out = corpus_alpha_task.fn(spec)
@@ -291,7 +291,7 @@ def test_corpus_alpha_stage_uses_top_5000_lowercased_words_of_the_whole_corpus()
 
 
 def test_corpus_alpha_section_states_unit_counts_and_warning():
-    from tasks.report import corpus_alpha_section
+    from entcal.tasks.report import corpus_alpha_section
 
     stats = scaling.corpus_alpha_stats(["a a a b b c", "a b d"])
     text = corpus_alpha_section({"tiny": stats, "empty": None})

@@ -3,8 +3,8 @@ import math
 import polars as pl
 import torch
 
-from tasks.config import DecodingSpec
-from tasks.score import score_table
+from entcal.tasks.config import DecodingSpec
+from entcal.tasks.score import score_table
 from tests.conftest import random_prompts
 
 
@@ -48,7 +48,7 @@ def test_truncated_decoding_mixes_in_epsilon(tiny_lm):
 def test_teacher_forced_rows_equal_unpadded_forwards(tiny_lm):
     """Right padding hides nothing it should not: each row is the state of an unpadded forward at the
     position that predicts its continuation token (hidden states: the tiny model's head is plain)."""
-    from tasks.score import teacher_forced
+    from entcal.tasks.score import teacher_forced
 
     model = tiny_lm.model
     contexts, continuations = [[5, 9, 11, 40], [7, 3]], [[12, 13, 14], [20, 21, 22]]

