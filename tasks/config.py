@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -181,20 +181,42 @@ class DecodingSpec(_Closed):
         return self.model_dump()
 
 
+def _sweep(name: str, *, off: float):
+    """A sweep's settings: each within the knob's range (kernels.decoding), and never its "off" value."""
+    bounds = dict(DECODING_RANGES[name])
+    if off == 0:
+        bounds = {k: v for k, v in bounds.items() if k not in ("ge", "gt")} | {"gt": 0}
+    else:
+        bounds = {k: v for k, v in bounds.items() if k not in ("le", "lt")} | {"lt": off}
+    return list[Annotated[int if name == "top_k" else float, Field(**bounds)]]
+
+
 class CalibrationSpec(_Closed):
     """Which calibrations to fit (docs/SCIENCE.md §4), on a fit split and an evaluation split of the prompts."""
 
-    tau_bracket: tuple[float, float] = Field((0.7, 1.2), description="temperatures that bracket τ* (EntCE = 0)")
+    tau_bracket: tuple[float, float] = Field((0.7, 1.2), description="temperatures that bracket τ* (EntCE = 0): "
+                                             "low < high")
     tau_rounds: int = Field(5, ge=2, le=12, description="generation rounds of the τ* root search")
     tau_tol: float = Field(0.02, gt=0, description="stop when the bracket is this narrow")
-    top_k: list[int] = [100, 1000]
-    top_p: list[float] = [0.95, 0.98]
-    min_p: list[float] = [0.01, 0.05]
-    top_nsigma: list[float] = [1.5, 3.0]
+    top_k: _sweep("top_k", off=0) = [100, 1000]
+    top_p: _sweep("top_p", off=1.0) = [0.95, 0.98]
+    min_p: _sweep("min_p", off=0.0) = [0.01, 0.05]
+    top_nsigma: _sweep("top_nsigma", off=0.0) = [1.5, 3.0]
     lookahead: bool = True
     future_entropy: bool = True
     candidates: int = Field(8, ge=2, description="top-k candidates whose lookahead features are computed")
     fit_fraction: float = Field(0.5, gt=0, lt=1, description="share of prompts used to fit α (the rest evaluates)")
+
+    @model_validator(mode="after")
+    def _bracket(self) -> "CalibrationSpec":
+        lo, hi = self.tau_bracket
+        if not 0 < lo < hi <= DECODING_RANGES["temperature"]["le"]:
+            raise ValueError(f"tau_bracket [{lo:g}, {hi:g}]: expected two temperatures 0 < low < high that bracket "
+                             "τ* (e.g. [0.7, 1.2])")
+        if self.tau_tol >= hi - lo:
+            raise ValueError(f"tau_tol {self.tau_tol:g} is not narrower than tau_bracket [{lo:g}, {hi:g}]: the search "
+                             "would stop before its first step; lower tau_tol or widen the bracket")
+        return self
 
 
 class StudyConfig(_Closed):

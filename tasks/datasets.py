@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,32 @@ def python_stdlib_documents() -> Iterator[Document]:
 
 
 # ---------------------------------------------------------------- local files and the hub
-def _frame_documents(df: pl.DataFrame, label: str, text_field: str, source: str) -> Iterator[Document]:
+CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")  # control characters other than whitespace
+MAX_CONTROL_SHARE = 0.1  # above this share of control characters a "text" is binary data
+
+
+def check_text(text: str, label: str, where: str) -> str:
+    """``text`` unless it is mostly control characters (binary data read as text): ConfigError naming ``where``."""
+    bad = len(CONTROL.findall(text))
+    if text and bad > MAX_CONTROL_SHARE * len(text):
+        raise ConfigError(f"dataset {label}: {where} is not text ({bad / len(text):.0%} control characters); "
+                          "give human-written UTF-8 text")
+    return text
+
+
+def read_text_file(path: Path, label: str) -> str:
+    """A local .txt file's text; ConfigError naming it when it is not UTF-8 or is binary data."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"dataset {label}: {path} is not UTF-8 text (byte {data[err.start]:#04x} at offset "
+                          f"{err.start}); give a UTF-8 text file") from None
+    return check_text(text, label, str(path))
+
+
+def _frame_documents(df: pl.DataFrame, label: str, text_field: str, source: str,
+                     local: bool = False) -> Iterator[Document]:
     if text_field not in df.columns:
         raise ConfigError(
             f"dataset {label}: {source} has no column {text_field!r} (columns: {df.columns}); "
@@ -117,7 +143,8 @@ def _frame_documents(df: pl.DataFrame, label: str, text_field: str, source: str)
     ids = df["id"].cast(pl.String).to_list() if "id" in df.columns else None
     for i, text in enumerate(df[text_field].to_list()):
         if isinstance(text, str) and text.strip():
-            yield Document(f"{label}/{ids[i] if ids else i}", text)
+            yield Document(f"{label}/{ids[i] if ids else i}", check_text(text, label, f"{source} row {i}") if local
+                           else text)
 
 
 def local_documents(spec: DatasetSpec) -> Iterator[Document]:
@@ -131,12 +158,12 @@ def local_documents(spec: DatasetSpec) -> Iterator[Document]:
         if not files:
             raise ConfigError(f"dataset {label}: directory {path} has no .txt files")
         for f in files:
-            yield Document(f"{label}/{f.stem}", f.read_text(encoding="utf-8", errors="replace"))
+            yield Document(f"{label}/{f.stem}", read_text_file(f, label))
         return
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            yield Document(f"{label}/{path.stem}", path.read_text(encoding="utf-8", errors="replace"))
+            yield Document(f"{label}/{path.stem}", read_text_file(path, label))
             return
         if suffix == ".jsonl":
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -147,7 +174,7 @@ def local_documents(spec: DatasetSpec) -> Iterator[Document]:
             raise ConfigError(f"dataset {label}: {path}: expected a .txt, .jsonl or .parquet file, got {suffix!r}")
     except (json.JSONDecodeError, pl.exceptions.PolarsError, OSError) as err:
         raise ConfigError(f"dataset {label}: cannot read {path} ({err.__class__.__name__}: {str(err)[:200]})") from None
-    yield from _frame_documents(df, label, spec.text_field, str(path))
+    yield from _frame_documents(df, label, spec.text_field, str(path), local=True)
 
 
 def read_table(source: str) -> pl.DataFrame:
@@ -199,7 +226,7 @@ def check_source(spec: DatasetSpec) -> None:
             if spec.text_field not in columns:
                 raise ConfigError(f"dataset {spec.label}: {path} has no column {spec.text_field!r} (columns: {columns}); "
                                   "set text_field: to the column that holds the text")
-        if path.is_file() and suffix == ".txt" and not path.read_text(encoding="utf-8", errors="replace").strip():
+        if path.is_file() and suffix == ".txt" and not read_text_file(path, spec.label).strip():
             raise ConfigError(f"dataset {spec.label}: {path} is empty; give a file with text")
 
 

@@ -50,6 +50,16 @@ def _jsonl(case_dir: Path, rows: list[dict]) -> str:
     return str(p)
 
 
+def _file(case_dir: Path, name: str, data: bytes) -> str:
+    p = case_dir / name
+    p.write_bytes(data)
+    return str(p)
+
+
+RANDOM_BYTES = bytes(range(256)) * 64  # what a binary file saved as .txt holds: not UTF-8
+CONTROL_BYTES = b"\x01\x02\x03 ok \x04\x05\x06\x07\x08" * 500  # UTF-8, but mostly control characters
+
+
 def _decoding(m: Path, **decoding) -> dict:
     return tiny_config(m, decodings=[decoding])
 
@@ -90,6 +100,24 @@ BAD_CONFIGS = [
     BadConfig("dataset-missing", lambda t, m: _dataset(m, str(t / "no.jsonl")),
               "dataset x: {dir}/no.jsonl does not exist"),
     BadConfig("dataset-empty", lambda t, m: _dataset(m, _jsonl(t, [])), "dataset x: {dir}/d.jsonl is empty"),
+    BadConfig("dataset-not-utf8", lambda t, m: _dataset(m, _file(t, "d.txt", RANDOM_BYTES)),
+              "dataset x: {dir}/d.txt is not UTF-8 text (byte 0x80 at offset 128)"),
+    BadConfig("dataset-control-bytes", lambda t, m: _dataset(m, _file(t, "d.txt", CONTROL_BYTES)),
+              "dataset x: {dir}/d.txt is not text (67% control characters)"),
+    BadConfig("dataset-dir-with-binary", lambda t, m: _dataset(m, str(Path(_file(t, "a.txt", RANDOM_BYTES)).parent)),
+              "dataset x: {dir}/a.txt is not UTF-8 text"),
+    BadConfig("jsonl-text-is-binary", lambda t, m: _dataset(m, _jsonl(t, [{"text": CONTROL_BYTES.decode()}] * 3)),
+              "dataset x: {dir}/d.jsonl row 0 is not text (67% control characters)"),
+    BadConfig("tau-bracket-reversed", lambda t, m: tiny_config(m, calibration={"tau_bracket": [1.2, 0.7]}),
+              CONFIG + "calibration: tau_bracket [1.2, 0.7]: expected two temperatures 0 < low < high"),
+    BadConfig("tau-bracket-degenerate", lambda t, m: tiny_config(m, calibration={"tau_bracket": [1.0, 1.0]}),
+              CONFIG + "calibration: tau_bracket [1, 1]: expected two temperatures 0 < low < high"),
+    BadConfig("tau-tol-wider-than-bracket", lambda t, m: tiny_config(m, calibration={"tau_tol": 0.6}),
+              CONFIG + "calibration: tau_tol 0.6 is not narrower than tau_bracket [0.7, 1.2]"),
+    BadConfig("sweep-top-p-out-of-range", lambda t, m: tiny_config(m, calibration={"top_p": [0.9, 1.5]}),
+              CONFIG + "calibration.top_p.1: top_p must be < 1, got 1.5"),
+    BadConfig("sweep-top-k-zero", lambda t, m: tiny_config(m, calibration={"top_k": [0]}),
+              CONFIG + "calibration.top_k.0: top_k must be > 0, got 0"),
     BadConfig("text-column-missing", lambda t, m: _dataset(m, _jsonl(t, [{"body": "hi"}])),
               "dataset x: {dir}/d.jsonl has no column 'text' (columns: ['body'])"),
     BadConfig("too-few-examples", lambda t, m: _dataset(m, _jsonl(t, [{"text": "short"}] * 3)),
