@@ -10,7 +10,7 @@ QUIET   := 2>&1 | sed -u "/^WARNING: Location 'file:.*' is ignored/d"
 SHELL   := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: setup demo demo-quick test bench gpu-check stack-up stack-down clean
+.PHONY: setup demo demo-quick test test-fast bench gpu-check stack-up stack-down clean
 
 setup: $(STAMP)
 
@@ -40,8 +40,13 @@ demo: setup
 demo-quick: setup
 	$(BIN)/entcal demo --quick $(ARGS)
 
+# everything, as CI runs it: two workers, each test file on one of them (its module fixtures shared)
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(ARGS)
+
+# the edit loop: no service, no entcal subprocess, no bundled model (under 3 minutes on 2 cores)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not services and not slow" $(ARGS)
 
 bench: setup
 	$(BIN)/entcal bench kernels --json

@@ -4,16 +4,18 @@ Same model, prompts (the built-in python-docs corpus, or random ids), prompt len
 seed for every variant, all timed in one run and interleaved round-robin (so CPU contention from
 other processes hits each variant alike):
 
-  * entcal      ``tasks.generate.generate_table`` with ``DecodingSpec(temperature=1.0)``,
-                ``eos_ids=()`` so every row runs to ``--new-tokens``; records per-step entropy and
-                log-prob through ``kernels.token_stats``; preallocated (static) KV cache; on CUDA the
-                decode step is compiled with CUDA graphs (``--compile``), as in a study.
+  * entcal      ``tasks.generate.generate`` with ``DecodingSpec(temperature=1.0)``, the loaded model
+                without EOS ids so every row runs to ``--new-tokens``; records per-step entropy and
+                log-prob through ``kernels.token_stats``, draws by ``kernels.gumbel_argmax``;
+                preallocated (static) KV cache; on CUDA the decode step is compiled with CUDA graphs
+                (``--compile``), as in a study.
   * entcal_dynamic  the same with transformers' growing KV cache (``kv_cache="dynamic"``), the
                 one ``model.generate`` uses: the difference is what writing the cache in place buys.
   * entcal_nostats  the same call with ``tasks.generate.kernels`` swapped (inside this benchmark
                 only, restored afterwards) for a stand-in whose ``token_stats`` returns zeros of the
-                right shape: FOR TIMING ONLY, its statistics are meaningless. The difference to
-                ``entcal`` is the cost of the per-step statistics.
+                right shape (the draws are the real ``gumbel_argmax``'s): FOR TIMING ONLY, its
+                statistics are meaningless. The difference to ``entcal`` is the cost of the per-step
+                statistics.
   * hf_generate ``model.generate(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                 min_new_tokens=N, max_new_tokens=N, use_cache=True)`` after ``torch.manual_seed``.
   * forward_only  the floor: prefill + N-1 single-token forwards through the KV cache with no
@@ -115,22 +117,31 @@ def _no_stats(logits: torch.Tensor, targets=None, **_kw):
 
 @contextlib.contextmanager
 def _stats_off():
-    """Swap tasks.generate's ``kernels`` module reference (not the kernels module itself)."""
+    """Swap tasks.generate's ``kernels`` module reference (not the kernels module itself) for one whose
+    token_stats is the stand-in and whose sampler (gumbel_argmax, seed_words) is the real one."""
     import entcal.tasks.generate as gen
 
     saved = gen.kernels
-    gen.kernels = types.SimpleNamespace(token_stats=_no_stats)
+    gen.kernels = types.SimpleNamespace(token_stats=_no_stats, gumbel_argmax=saved.gumbel_argmax,
+                                        seed_words=saved.seed_words)
     try:
         yield
     finally:
         gen.kernels = saved
 
 
-def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int, device, compiled: bool):
-    from entcal.tasks.config import DecodingSpec
-    from entcal.tasks.generate import generate_table, left_pad
+def _runners(lm, prompts, *, new_tokens: int, batch: int, seed: int, device, compiled: bool):
+    """The entcal and transformers variants on ``lm`` (tasks.models.LoadedModel): entcal's sampler with no
+    EOS ids (every row makes ``new_tokens``), compiled when ``compiled`` and the cache is static."""
+    import dataclasses
 
+    from entcal.tasks.config import DecodingSpec
+    from entcal.tasks.contracts import GenerationKnobs
+    from entcal.tasks.generate import generate, left_pad
+
+    model, pad = lm.model, lm.pad_id
     decoding = DecodingSpec(temperature=1.0)
+    knobs = GenerationKnobs(max_new_tokens=new_tokens, samples_per_prompt=1, seed=seed, batch_size=batch)
     ids, mask = left_pad(prompts["prompt_ids"].to_list(), pad, device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     width = ids.shape[1]
@@ -138,9 +149,8 @@ def _runners(model, prompts, *, new_tokens: int, batch: int, seed: int, pad: int
     last: dict[str, list] = {}  # token ids of each entcal variant's latest run
 
     def entcal(key: str = "entcal", kv_cache: str = "static") -> int:
-        df = generate_table(model, prompts, decoding, max_new_tokens=new_tokens, seed=seed,
-                            batch_size=batch, eos_ids=(), pad_id=pad, kv_cache=kv_cache,
-                            compiled=compiled and kv_cache == "static")
+        sampler = dataclasses.replace(lm, eos_ids=(), compiled=compiled and kv_cache == "static")
+        df = generate(sampler, prompts, decoding, knobs, kv_cache=kv_cache)
         last[key] = df["token_ids"].to_list()
         return int(df["token_ids"].list.len().sum())
 
@@ -322,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
 
     from entcal.tasks.config import ModelSpec
-    from entcal.tasks.models import load_model, max_positions, pad_id, pick_compile
+    from entcal.tasks.models import load_model, max_positions
 
     t0 = time.perf_counter()
     if args.random_llama:  # built once: later runs find it (and only load the tokenizer)
@@ -340,15 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     if batch < 1:
         raise ValueError(f"--batch: expected >= 1, got {batch}")
     model = lm.model
-    pad = pad_id(lm.tokenizer)
+    pad = lm.pad_id
     prompts = _prompts(args.prompts, lm.tokenizer, batch, args.prompt_tokens, model.config.vocab_size, args.seed)
     lens = [len(p) for p in prompts["prompt_ids"].to_list()]
     log(f"model {spec.label} on {device} ({model.dtype}), loaded in {load_s:.1f} s; batch {batch}, "
         f"prompt tokens {min(lens)}..{max(lens)}, new tokens {args.new_tokens}, "
         f"torch threads {torch.get_num_threads()}")
-    compiled = pick_compile(args.compile, device)
-    runners, last = _runners(model, prompts, new_tokens=args.new_tokens, batch=batch, seed=args.seed, pad=pad,
-                             device=device, compiled=compiled)
+    compiled = lm.compiled  # tasks.models.pick_compile of --compile on this device, as a study picks it
+    runners, last = _runners(lm, prompts, new_tokens=args.new_tokens, batch=batch, seed=args.seed, device=device,
+                             compiled=compiled)
     want = batch * args.new_tokens
     vllm_info: dict = {}
     if use_vllm:
@@ -358,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # vLLM checks free memory against its share of the device
         t0 = time.perf_counter()
-        # the context and re-scoring rows a study's shard uses (tasks.vllm_engine.generate_table)
+        # the context and re-scoring rows a study's shard uses (tasks.vllm_engine.generate)
         llm = vllm_engine.engine(spec, vllm_engine.max_model_len(max(lens), args.new_tokens, max_positions(spec)),
                                  batch)
         vllm_info = {"vllm": __import__("vllm").__version__, "vllm_start_s": time.perf_counter() - t0,

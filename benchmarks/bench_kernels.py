@@ -9,6 +9,9 @@ On a CUDA device (N = 8192 rows, bf16):
     as a fraction of a bf16 matmul of the same shape (t_matmul / t), and the peak extra memory
     (torch.cuda.max_memory_allocated above the inputs) vs the N*V*2 logits bytes it avoids.
   * truncated_token_stats (top-k 50, top-p 0.9) on 1024 rows vs the PyTorch reference.
+  * gumbel_argmax (the sampler's Gumbel-max draw, kernels.sampling_triton) over float32 logits
+    [SAMPLE_ROWS, V], as a fraction of the copy bandwidth, and its draws against the numpy reference
+    (kernels.sampling) on 64 rows: mismatches should be 0.
 Without CUDA: a CPU smoke run of the Triton kernels in the interpreter against the reference on
 small shapes (correctness only; no timing claims), with "gpu": null.
 
@@ -31,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 VOCABS = (49152, 151936)
+SAMPLE_ROWS = 256  # rows of one sampling step (a generation batch)
 DIMS = ((49152, 576), (151936, 896))  # (V, D) pairs of the fused benchmark
 
 
@@ -38,7 +42,8 @@ def _kernels():
     """Import the kernel modules; without CUDA make them run in Triton's interpreter."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         os.environ["TRITON_INTERPRET"] = "1"
-        for name in ("entcal.kernels.stats", "entcal.kernels.truncation", "entcal.kernels.fused_head"):
+        for name in ("entcal.kernels.stats", "entcal.kernels.truncation", "entcal.kernels.fused_head",
+                     "entcal.kernels.sampling_triton"):
             if name in sys.modules:
                 importlib.reload(sys.modules[name])
     from entcal import kernels
@@ -151,6 +156,24 @@ def gpu_bench(n: int, log) -> dict:
             f"{mem_fused / 2**20:.1f} MiB vs {mem_unfused / 2**20:.1f} MiB")
         del h, w, t
         torch.cuda.empty_cache()
+    out["gumbel_argmax"] = []
+    for v in VOCABS:
+        z = torch.randn(SAMPLE_ROWS, v, device=dev, generator=g) * 3
+        words = kernels.seed_words(range(1, SAMPLE_ROWS + 1)).to(dev)
+        rec = {"V": v, "n": SAMPLE_ROWS, "dtype": "float32"}
+        try:
+            t_g = _bench(lambda: kernels.gumbel_argmax(z, words, 7, impl="triton"))
+            got = kernels.gumbel_argmax(z[:64], words[:64], 7, impl="triton").cpu()
+            want = kernels.gumbel_argmax(z[:64].cpu(), words[:64].cpu(), 7, impl="reference")
+            rec.update(triton_ms=t_g, triton_GBps=z.numel() * 4 / (t_g * 1e-3) / 1e9,
+                       mismatches_vs_reference=int((got != want).sum()))
+            log(f"gumbel_argmax V={v} n={SAMPLE_ROWS}: triton {t_g:.3f} ms, "
+                f"{rec['mismatches_vs_reference']} of 64 draws differ from the reference")
+        except Exception as err:  # report, don't lose the other kernels' figures
+            rec["error"] = f"{type(err).__name__}: {err}"[:300]
+            out.setdefault("errors", []).append(f"gumbel_argmax V={v}: {rec['error']}")
+        out["gumbel_argmax"].append(rec)
+        del z
     return out
 
 
@@ -172,8 +195,14 @@ def cpu_smoke(log) -> dict:
     tt = torch.randint(0, 300, (8,), generator=g)
     res["fused_max_abs_err"] = _max_err(kernels.fused_token_stats(h, w, tt, impl="triton"),
                                         kernels.fused_token_stats(h, w, tt, impl="reference"))
+    z = torch.randn(3, 2049, generator=g) * 3
+    z[0, ::3] = -math.inf
+    words = kernels.seed_words([1, 2**40 + 3, 2**62 + 5])
+    res["gumbel_argmax_mismatches"] = sum(
+        int((kernels.gumbel_argmax(z, words, step, impl="triton")
+             != kernels.gumbel_argmax(z, words, step, impl="reference")).sum()) for step in range(3))
     res["ok"] = max(res["token_stats_max_abs_err"], res["truncated_max_abs_err"],
-                    res["fused_max_abs_err"]) < 1e-4
+                    res["fused_max_abs_err"]) < 1e-4 and res["gumbel_argmax_mismatches"] == 0
     log(f"cpu smoke (TRITON_INTERPRET=1): {res}")
     return res
 

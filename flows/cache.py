@@ -2,7 +2,7 @@
 
 A stage's key is the hash of
   - CACHE_VERSION (the shape of cached results),
-  - the stage's name and the source of its task function (flows/stages.py),
+  - the stage's name and the source of its task function (flows/stages.py; STAGES names its modules),
   - the code of every module its result depends on: the modules the stage names and every module
     of ours (tasks/, kernels/, storage/) they import, transitively, in function bodies too, so a
     change to tasks/generate.py re-keys the calibration fits that sample through it, and a change
@@ -20,22 +20,17 @@ import ast
 import dataclasses
 import hashlib
 import inspect
-import io
 import json
 from pathlib import Path
 
 import polars as pl
 
+from entcal.tasks.contracts import frame_digest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tasks", "kernels", "storage")  # the folders (entcal.tasks, ...) a stage's result can depend on
-CACHE_VERSION = "3"  # 3: generation returns a PartRecord; recalibration a Recalibration
-NAME_ONLY = {"shard"}  # parameters that only name a task run: not part of its cache key
-
-
-def frame_digest(df: pl.DataFrame) -> str:
-    buf = io.BytesIO()
-    df.write_ipc(buf, compression="uncompressed")
-    return hashlib.sha256(buf.getvalue()).hexdigest()
+CACHE_VERSION = "4"  # 4: the package is entcal.*, stages take typed knobs (every key changed once)
+NAME_ONLY = {"label"}  # parameters that only name a task run: not part of its cache key
 
 
 def _canonical(value) -> str:
@@ -131,10 +126,9 @@ def source_digest(*modules: str, root: Path = ROOT) -> str:
     return h.hexdigest()
 
 
-def content_key(context, parameters: dict) -> str:
-    """A Prefect cache_key_fn: the stage's name, its code (the task function and ``fn.__stage__.modules``)
-    and its parameters."""
-    fn = context.task.fn
-    items = [CACHE_VERSION, context.task.name, inspect.getsource(fn), source_digest(*fn.__stage__.modules)]
+def content_key(task, parameters: dict, modules: tuple[str, ...]) -> str:
+    """The key of one call of ``task`` (a Prefect task): its name, its function's source, the code of
+    ``modules`` (flows/stages.py STAGES) and what they import, and its parameters by content."""
+    items = [CACHE_VERSION, task.name, inspect.getsource(task.fn), source_digest(*modules)]
     items += [f"{k}={_canonical(v)}" for k, v in sorted(parameters.items()) if k not in NAME_ONLY]
     return hashlib.sha256("\n".join(items).encode()).hexdigest()

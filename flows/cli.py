@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 from entcal.storage.errors import UserError
-from entcal.storage.stack import LEASES_ON_DISK
 
 class UserErrorFilter(logging.Filter):
     """Drop tracebacks of user mistakes from log records (Prefect logs task failures with exc_info)."""
@@ -62,8 +61,6 @@ def _environment() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     # Prefect's ephemeral server migrates its database on first start: 20 s is too short on 2 busy cores
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    # the ephemeral server's concurrency-slot leases on disk: a killed run's GPU slot expires for the next run
-    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASES_ON_DISK)
     if settings.prefect_api and "PREFECT_API_URL" not in os.environ:
         from entcal.storage.stack import health, read_stack_file
 
@@ -182,10 +179,10 @@ def cmd_stack(args) -> int:
 
 
 def cmd_theory(args) -> int:
-    from entcal.tasks import figures, scaling
+    from entcal.tasks import figures, theory
 
     alphas = args.alpha or [1.2, 1.5, 2.0, 3.0]
-    results = scaling.theory_results(alphas)
+    results = theory.theory_results(alphas)
     if args.json:
         print(json.dumps({"results": results}))
         return 0
@@ -193,7 +190,7 @@ def cmd_theory(args) -> int:
     for r in results:
         print(f"{r['alpha']:>6.2f} {r['fitted_exponent']:>9.3f} {r['predicted_exponent']:>16.3f}")
     if args.plot:
-        path = figures.plot_theory(scaling.theory_curves(alphas), args.plot)
+        path = figures.plot_theory(theory.theory_curves(alphas), args.plot)
         print(f"plot: {path}")
     return 0
 

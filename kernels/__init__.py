@@ -5,6 +5,7 @@ Public API (docs/DESIGN.md):
     token_stats(logits[N, V], targets[N] | None, *, temperature, top_k, top_p, min_p, top_nsigma,
                 impl="auto") -> TokenStats(entropy[N], logsumexp[N], target_logprob[N])
     fused_token_stats(hidden[N, D], weight[V, D], targets[N] | None, *, temperature, impl="auto")
+    gumbel_argmax(z[N, V], seed_words[N, 2], step, impl="auto") -> [N] tokens   (kernels.sampling)
 
 All outputs are float32, in nats. ``impl="auto"`` runs Triton on CUDA and the PyTorch
 reference elsewhere; ``impl="triton"`` also runs on CPU under ``TRITON_INTERPRET=1``.
@@ -29,11 +30,15 @@ IMPLS = ("auto", "triton", "reference")
 
 
 def __getattr__(name: str):
-    """`kernels.TokenStats`, imported (with torch) on first use."""
+    """`kernels.TokenStats`, `kernels.gumbel_argmax`, `kernels.seed_words`, imported (with torch) on first use."""
     if name == "TokenStats":
         from entcal.kernels.reference import TokenStats
 
         return TokenStats
+    if name in ("gumbel_argmax", "seed_words"):
+        from entcal.kernels import sampling
+
+        return getattr(sampling, name)
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")
 
 
@@ -119,5 +124,5 @@ def fused_token_stats(
     return reference.fused_token_stats(hidden, weight, targets, temperature=temperature)
 
 
-__all__ = ["TokenStats", "token_stats", "fused_token_stats", "IMPLS", "DECODING_RANGES",
+__all__ = ["TokenStats", "token_stats", "fused_token_stats", "gumbel_argmax", "seed_words", "IMPLS", "DECODING_RANGES",
            "DECODING_DESCRIPTIONS", "check_decoding", "range_error"]

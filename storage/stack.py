@@ -31,7 +31,6 @@ from entcal.storage.settings import Settings, from_env, read_stack_file, stack_f
 log = logging.getLogger(__name__)
 
 SERVICES = ("s3", "mlflow", "prefect")
-LEASES_ON_DISK = "prefect.server.concurrency.lease_storage.filesystem"
 HOST = os.environ.get("ENTCAL_BIND_HOST", "127.0.0.1")
 
 
@@ -206,9 +205,7 @@ class Stack:
                 cmd = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(port)]
                 # the UI asks /ui-settings where the API is: without this it says 127.0.0.1:4200
                 env = {"PREFECT_HOME": str(self.root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       "PREFECT_UI_ENABLED": "true", "PREFECT_API_URL": "", "PREFECT_SERVER_UI_API_URL": st["prefect"],
-                       # concurrency-slot leases on disk: a killed study's GPU slot expires even across restarts
-                       "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASES_ON_DISK}
+                       "PREFECT_UI_ENABLED": "true", "PREFECT_API_URL": "", "PREFECT_SERVER_UI_API_URL": st["prefect"]}
                 timeout = 300  # ~30 s on an idle 2-core machine; far more when it is busy
             st["pids"][name] = self._spawn(name, cmd, env)
             _record_spawn(st, name, ephemeral)

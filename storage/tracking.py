@@ -16,6 +16,7 @@ seconds (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides).
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import subprocess
@@ -183,18 +184,29 @@ class Tracker:
         return run.info.run_id
 
     @_as_tracking_error
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        """Stop the run's system-metrics monitor (flushing its samples), then end the run."""
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        """The one way a run ends: stop its system-metrics monitor (flushing its samples), then set its status."""
         self.stop_system_metrics(run_id)
         self.client.set_terminated(run_id, status=status)
 
-    def finish_quietly(self, run_id: str, status: str = "FAILED") -> None:
-        """End a run on the way out of a failure: a second error (MLflow down) is logged, not raised,
-        so the first one reaches the user."""
+    @contextlib.contextmanager
+    def run(self, name: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None,
+            description: str | None = None, system_metrics: bool = False):
+        """A run (``start``) for the block, with system metrics sampled while it lasts if asked; it ends
+        FINISHED, FAILED on an exception, KILLED on SIGTERM / Ctrl-C. Yields the run id. A second error
+        while ending a failed run (MLflow down) is logged, so the first one reaches the user."""
+        run_id = self.start(name, parent_id=parent_id, tags=tags, description=description)
+        if system_metrics:
+            self.start_system_metrics(run_id)
         try:
-            self.finish(run_id, status)
-        except TrackingError as err:
-            log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
+            yield run_id
+        except BaseException as err:
+            try:
+                self.end(run_id, "FAILED" if isinstance(err, Exception) else "KILLED")
+            except TrackingError as second:
+                log.warning("could not end MLflow run %s: %s", run_id, second)
+            raise
+        self.end(run_id)
 
     def start_system_metrics(self, run_id: str, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> None:
         """Sample CPU, memory, disk, network (and GPU where pynvml sees one) into ``system/*`` metrics
@@ -312,22 +324,10 @@ class Tracker:
             owner = owner_of(run.data.tags)
             if owner is None or owner_alive(owner):
                 continue
-            self.client.set_terminated(run.info.run_id, status="KILLED")
+            self.end(run.info.run_id, "KILLED")
             ended.append(run.info.run_id)
             (logger or log).warning("MLflow run %s (%s) was left RUNNING by entcal process %s, which is gone: set KILLED",
                         run.info.run_id, run.info.run_name, owner["pid"])
-        return ended
-
-    @_as_tracking_error
-    def end_tagged(self, key: str, value: str, status: str) -> list[str]:
-        """End, with ``status``, the RUNNING runs tagged ``key`` = ``value`` and their RUNNING child runs."""
-        ended = []
-        for run in self._running(f"tags.`{key}` = '{value}'"):
-            for child in self._running(f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"):
-                self.client.set_terminated(child.info.run_id, status=status)
-                ended.append(child.info.run_id)
-            self.client.set_terminated(run.info.run_id, status=status)
-            ended.append(run.info.run_id)
         return ended
 
     @_as_tracking_error

@@ -35,9 +35,9 @@ import torch
 
 from entcal import kernels
 from entcal.tasks.config import DecodingSpec
-from entcal.tasks.contracts import REFERENCE_SCHEMA
-from entcal.tasks.generate import generate_table
-from entcal.tasks.models import input_device
+from entcal.tasks.contracts import REFERENCE_SCHEMA, GenerationKnobs
+from entcal.tasks.generate import generate
+from entcal.tasks.models import LoadedModel, input_device
 from entcal.tasks.score import plain_lm_head, teacher_forced
 
 ROW_BLOCK = 512  # human positions whose candidates are scored per block (teacher-forced fitting)
@@ -227,15 +227,16 @@ def _eos_tensor(eos_ids, device) -> torch.Tensor | None:
 
 
 @torch.inference_mode()
-def human_atoms(model, prompts: pl.DataFrame, decoding: DecodingSpec, phi, gamma: float, *, top_k: int = 16,
-                max_tokens: int, batch_size: int = 8, pad_id: int = 0, eos_ids=(),
-                chunk: int | None = None) -> HumanAtoms:
+def human_atoms(lm: LoadedModel, prompts: pl.DataFrame, decoding: DecodingSpec, phi, gamma: float, *, top_k: int,
+                max_tokens: int, batch_size: int, chunk: int | None = None) -> HumanAtoms:
     """Teacher-forced pass (tasks.score.teacher_forced, KV cache kept) over prompt + first ``max_tokens``
-    reference tokens; for every reference position its top-k candidates and phi after appending each (one
-    batched candidate forward per block), φ(EOS) = 0 for ``eos_ids``."""
+    reference tokens, ``batch_size`` examples at a time; for every reference position its ``top_k``
+    candidates and phi after appending each (one batched candidate forward per block), φ(EOS) = 0 for
+    the model's EOS ids."""
     _untruncated(decoding)
+    model, pad_id = lm.model, lm.pad_id
     device = input_device(model)
-    eos = _eos_tensor(eos_ids, device)
+    eos = _eos_tensor(lm.eos_ids, device)
     weight = plain_lm_head(model)  # teacher_forced's rows are hidden states exactly when this is not None
     weight = None if weight is None else weight.float()
     ids_all, ctx = prompts["example_id"].to_list(), prompts["prompt_ids"].to_list()
@@ -307,13 +308,12 @@ def fit_alpha(atoms: HumanAtoms, *, bounds: tuple[float, float], buckets=(), tol
 
 
 # ---------------------------------------------------------------- generation from q̃
-def reweighted_generate(model, prompts: pl.DataFrame, decoding: DecodingSpec, phi, gamma: float, alpha,
-                        buckets=(), *, key: str, top_k: int = 16, max_new_tokens: int, samples_per_prompt: int = 1,
-                        seed: int = 0, batch_size: int = 8, eos_ids=(), pad_id: int = 0,
+def reweighted_generate(lm: LoadedModel, prompts: pl.DataFrame, decoding: DecodingSpec, phi, gamma: float, alpha,
+                        buckets=(), *, key: str, top_k: int, knobs: GenerationKnobs,
                         chunk: int | None = None) -> pl.DataFrame:
     """A GENERATIONS_SCHEMA table sampled from q̃ (z̃ = reweighted_logits, α_t per step bucket) by
-    tasks.generate's own sampler: same uniforms, padding and compaction, so α = 0 reproduces generate_table
-    row for row. ``eos_ids`` stop a row and get φ = 0."""
+    tasks.generate's own sampler: same draws, padding and compaction, so α = 0 reproduces tasks.generate
+    row for row. The model's EOS ids stop a row and get φ = 0."""
     _untruncated(decoding)
     al, edges = np.atleast_1d(np.asarray(alpha, dtype=float)), list(buckets)
     eos = {}
@@ -322,12 +322,10 @@ def reweighted_generate(model, prompts: pl.DataFrame, decoding: DecodingSpec, ph
         k = min(top_k, z.shape[-1])
         cand = z.topk(k, dim=-1).indices
         rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k)
-        phi_c = _candidate_pass(model, cache, mask, rows, next_pos[:, 0][rows], cand.reshape(-1), phi,
+        phi_c = _candidate_pass(lm.model, cache, mask, rows, next_pos[:, 0][rows], cand.reshape(-1), phi,
                                 chunk=chunk).view(-1, k)
         if z.device not in eos:
-            eos[z.device] = _eos_tensor(eos_ids, z.device)
+            eos[z.device] = _eos_tensor(lm.eos_ids, z.device)
         return reweighted_logits(z, cand, phi_c, float(al[bisect.bisect_right(edges, t)]), gamma, eos[z.device])
 
-    return generate_table(model, prompts, decoding, max_new_tokens=max_new_tokens,
-                          samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
-                          eos_ids=tuple(eos_ids), pad_id=pad_id, adjust=adjust, key=key)
+    return generate(lm, prompts, decoding, knobs, adjust=adjust, key=key)

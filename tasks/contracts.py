@@ -9,11 +9,13 @@ record of a stored generation part, PartRecord, lives with the store that writes
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 from dataclasses import dataclass, field
 
 import polars as pl
 
-from entcal.tasks.config import StudyConfig
+from entcal.tasks.config import DecodingSpec, StudyConfig
 
 # ---------------------------------------------------------------- tables
 PROMPTS_SCHEMA = {  # tasks.datasets.prepare_prompts: one row per example
@@ -43,6 +45,16 @@ REFERENCE_SCHEMA = {  # tasks.score: one row per example × decoding
     "step_entropy": pl.List(pl.Float32),  # H(q_t) on the human prefix
     "step_truncated": pl.List(pl.Boolean),  # y_t outside the truncated support
 }
+
+
+def frame_digest(df: pl.DataFrame) -> str:
+    """sha256 (hex) of a table's content: its Arrow IPC bytes, uncompressed."""
+    buf = io.BytesIO()
+    df.write_ipc(buf, compression="uncompressed")
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+EPS_COLUMNS = ("logloss_eps_x10", "logloss_eps_div10")  # a sweep point's L̄ re-mixed at ε×10 and ε/10
 
 
 # ---------------------------------------------------------------- records
@@ -94,7 +106,6 @@ class CalibrationResult:
     truncation: list[dict]  # EntCE-zeroing setting per method
     sweep: list[dict]  # every evaluated (method, param)
     pareto_front: list[dict]
-    pareto_figure: str
     fit_examples: int
     eval_examples: int
     epsilon: float
@@ -105,12 +116,52 @@ class CalibrationResult:
               "pareto_front": "evaluation", "lookahead": "fit α on fit; before/after on evaluation",
               "future_entropy": "fit α on fit; before/after on evaluation"}
 
+    @property
+    def pareto_figure(self) -> str:
+        """The file name of its Pareto figure in the report's folder."""
+        return f"pareto__{self.label}.png"
+
     def as_dict(self) -> dict:
         """calibration.json: the fields, ``splits`` (which split each number comes from) and
         ``figures``; a recalibration that did not run is absent."""
         doc = {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in (
             "lookahead", "future_entropy")}
         return {**doc, "splits": dict(self.SPLITS), "figures": {"pareto": self.pareto_figure}}
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """One (model, dataset, decoding) measured: what its MLflow child run, its ``--out`` folder and the
+    report show. ``sums``: metrics.example_sums (the scaling fit's nested bootstrap resamples them)."""
+
+    model: str
+    dataset: str
+    decoding: DecodingSpec
+    summary: Summary
+    curves: pl.DataFrame  # metrics.step_curves: step, entropy_mean, logloss_mean and their counts
+    examples: pl.DataFrame  # metrics.example_table: one row per example
+    sums: dict
+    tables: dict[str, pl.DataFrame]  # prompts, generations, reference
+    agreement: dict | None = None  # engine: vllm: its log-probs against entcal's re-score
+
+    def row(self) -> dict:
+        """The report's and the CLI's row: names, decoding knobs and the summary's numbers."""
+        return {"model": self.model, "dataset": self.dataset, "decoding": self.decoding.key,
+                "temperature": self.decoding.temperature, "truncated": self.decoding.truncated,
+                **self.summary.as_dict()}
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """What a study produced, for the report: every pair, every calibration, the scaling fits (tasks.scaling
+    FamilyFit), the corpora's α, and which stages ran or came from cache."""
+
+    pairs: list[PairResult]
+    calibrations: list[CalibrationResult]
+    scaling: list
+    corpus_alpha: dict[str, dict | None]
+    cached: list[str]
+    ran: list[str]
 
 
 # ---------------------------------------------------------------- knobs
@@ -148,14 +199,9 @@ class SummaryKnobs:
 
 @dataclass(frozen=True)
 class RecalibrationKnobs:
-    top_k: int  # candidates whose φ is computed exactly
-    max_new_tokens: int
-    horizon: int
-    samples_per_prompt: int  # as the study's generations, so "before" and "after" share their draws
-    seed: int
-    batch_size: int
-    bootstrap: int
-    ci_level: float
+    candidates: int  # top-k candidates whose φ is computed exactly
+    generation: GenerationKnobs  # the study's: "before" and "after" share their draws
+    summary: SummaryKnobs  # the horizon T and the CIs
 
 
 @dataclass(frozen=True)
@@ -170,19 +216,18 @@ class Knobs:
 
     @classmethod
     def of(cls, config: StudyConfig) -> "Knobs":
+        generation = GenerationKnobs(max_new_tokens=config.max_new_tokens, samples_per_prompt=config.samples_per_prompt,
+                                     seed=config.seed, batch_size=config.batch_size)
+        summary = SummaryKnobs(horizon=config.horizon, bootstrap=config.bootstrap, ci_level=config.ci_level,
+                               seed=config.seed)
         return cls(
             prompts=PromptKnobs(num_examples=config.num_examples, prompt_tokens=config.prompt_tokens,
                                 min_reference_tokens=config.min_reference_tokens,
                                 max_reference_tokens=max(config.horizon, config.max_new_tokens),
                                 max_new_tokens=config.max_new_tokens),
-            generation=GenerationKnobs(max_new_tokens=config.max_new_tokens,
-                                       samples_per_prompt=config.samples_per_prompt, seed=config.seed,
-                                       batch_size=config.batch_size),
+            generation=generation,
             scoring=ScoringKnobs(max_tokens=config.horizon, epsilon=config.epsilon, batch_size=config.batch_size),
-            summary=SummaryKnobs(horizon=config.horizon, bootstrap=config.bootstrap, ci_level=config.ci_level,
-                                 seed=config.seed),
+            summary=summary,
             recalibration=None if config.calibration is None else RecalibrationKnobs(
-                top_k=config.calibration.candidates, max_new_tokens=config.max_new_tokens, horizon=config.horizon,
-                samples_per_prompt=config.samples_per_prompt, seed=config.seed, batch_size=config.batch_size, bootstrap=config.bootstrap,
-                ci_level=config.ci_level),
+                candidates=config.calibration.candidates, generation=generation, summary=summary),
         )

@@ -23,7 +23,7 @@ from typing import Iterator
 import polars as pl
 
 from entcal.tasks.config import ConfigError, DatasetSpec, ModelSpec
-from entcal.tasks.contracts import PROMPTS_SCHEMA
+from entcal.tasks.contracts import PROMPTS_SCHEMA, PromptKnobs
 
 log = logging.getLogger(__name__)
 
@@ -301,21 +301,24 @@ def build_prompts(
     return pl.DataFrame(rows, schema=PROMPTS_SCHEMA), stats
 
 
-def prepare_prompts(model: ModelSpec, dataset: DatasetSpec, *, num_examples: int, prompt_tokens: int,
-                    min_reference_tokens: int, max_reference_tokens: int, max_new_tokens: int = 0) -> pl.DataFrame:
-    """The prompts table for one (model tokenizer, dataset). Raises ConfigError when too few examples pass."""
+def prepare_prompts(model: ModelSpec, dataset: DatasetSpec, knobs: PromptKnobs) -> pl.DataFrame:
+    """The prompts table for one (model tokenizer, dataset): ``knobs.num_examples`` examples in dataset order
+    whose reference has at least ``knobs.min_reference_tokens`` tokens after a ``knobs.prompt_tokens`` prompt,
+    each fitting the model's context with ``knobs.max_new_tokens`` generated. Raises ConfigError when too
+    few examples pass."""
     from entcal.tasks.models import load_tokenizer, max_positions
 
     tok = load_tokenizer(model)
     limit = max_positions(model)
+    longest = max(0, knobs.max_new_tokens - knobs.max_reference_tokens)
     df, stats = build_prompts(
-        documents(dataset), tok, label=dataset.label, num_examples=num_examples, prompt_tokens=prompt_tokens,
-        min_reference_tokens=min_reference_tokens, max_reference_tokens=max_reference_tokens,
-        max_total_tokens=limit - max(0, max_new_tokens - max_reference_tokens) if limit else None,
+        documents(dataset), tok, label=dataset.label, num_examples=knobs.num_examples,
+        prompt_tokens=knobs.prompt_tokens, min_reference_tokens=knobs.min_reference_tokens,
+        max_reference_tokens=knobs.max_reference_tokens, max_total_tokens=limit - longest if limit else None,
         prompt_format=dataset.prompt_format,
     )
-    if stats.kept < num_examples:
-        raise ConfigError(stats.message(dataset.label, num_examples, min_reference_tokens))
+    if stats.kept < knobs.num_examples:
+        raise ConfigError(stats.message(dataset.label, knobs.num_examples, knobs.min_reference_tokens))
     log.info("dataset %s: %d examples (%d documents read, %d too short)", dataset.label, stats.kept,
              stats.documents, stats.dropped_short)
     return df

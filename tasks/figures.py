@@ -23,7 +23,8 @@ import polars as pl
 
 from entcal.tasks.fronts import finite, truncation_front
 from entcal.tasks.metrics import smooth
-from entcal.tasks.scaling import ScalingFit, TheoryCurve
+from entcal.tasks.scaling import ScalingFit
+from entcal.tasks.theory import TheoryCurve
 
 
 def _pyplot():

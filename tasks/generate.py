@@ -7,13 +7,15 @@ log-prob come out of ``kernels.token_stats`` on the same logits the token was dr
 One distribution, one rounding: those logits are float32, hidden.float() @ W.float().T from the
 decoder's final hidden state when the LM head is plain (``tasks.score.plain_lm_head``), i.e. the
 rounding tasks/score.py scores human text with, not the model-dtype (bf16) logits of ``model(...)``;
-other heads fall back to the model's logits as float32. The draw inverts the CDF in float64.
+other heads fall back to the model's logits as float32.
 
-Reproducibility: every (example, sample) row owns a generator seeded from (seed, example_id,
-sample) that draws its uniforms up front; a token is drawn by inverting the CDF of q_t with the
-step's uniform. A row's sample therefore depends only on its own logits, not on which rows
-share its batch or on batch order. Rows are processed longest prompt first, and finished rows
-are compacted out of the batch (and out of the KV cache) so no step is spent on them.
+Paired, reproducible draws: every (example, sample) row owns a seed (``row_seed``: seed, example_id,
+sample), and its token at step t is the Gumbel-max draw argmax_w z_w + G(seed, t, w)
+(``kernels.gumbel_argmax``: the noise is a hash of the three, in float64). A row's sample depends only on
+its own logits, not on which rows share its batch, on batch order or on its shard; and two decodings of
+one row share their noise, so a small change of q_t changes few draws (docs/SCIENCE.md §4b). Rows are
+processed longest prompt first, and finished rows are compacted out of the batch (and out of the KV
+cache) so no step is spent on them.
 
 KV cache: preallocated for prompt + max_new_tokens and written in place (transformers'
 StaticCache), so a step never copies the past: a growing cache concatenates every layer's keys
@@ -24,7 +26,7 @@ without a static cache layout use the growing cache.
 Output schema (tasks/contracts.py, docs/DESIGN.md): example_id str, sample i32, decoding str, token_ids list[i32],
 step_entropy list[f32], step_logprob list[f32], finish_reason str ("eos" | "length"), text str (the
 continuation decoded, special tokens skipped), tokens list[str] (each token's own text, special tokens
-included; "".join(tokens) is the full decode). text and tokens are null when no tokenizer was given.
+included; "".join(tokens) is the full decode).
 """
 from __future__ import annotations
 
@@ -39,9 +41,9 @@ import torch
 from entcal import kernels
 from entcal.kernels.reference import scaled_logits
 from entcal.storage.errors import UserError
-from entcal.tasks.config import DecodingSpec, ModelSpec
-from entcal.tasks.contracts import GENERATIONS_SCHEMA
-from entcal.tasks.models import input_device, load_model, pad_id, pick_compile
+from entcal.tasks.config import DecodingSpec
+from entcal.tasks.contracts import GENERATIONS_SCHEMA, GenerationKnobs
+from entcal.tasks.models import LoadedModel, input_device
 from entcal.tasks.score import plain_lm_head
 
 log = logging.getLogger(__name__)
@@ -59,20 +61,6 @@ class NonFiniteLogits(UserError, RuntimeError):
 def row_seed(seed: int, example_id: str, sample: int) -> int:
     digest = hashlib.sha256(f"{seed}\x00{example_id}\x00{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def sample_tokens(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw from softmax(z) rows (z[N, V] may hold -inf) with uniforms u[N] in [0, 1) -> [N] long.
-
-    The CDF and the draw are float64: in float32 a CDF near 1 moves in steps of 6e-8 (2^-24), so a token
-    with q below ~3e-8 late in a large vocabulary added nothing to it and was never drawn. The softmax
-    stays float32 (relative error ~1e-7 per token; 4x cheaper on CPU than a float64 softmax)."""
-    probs = torch.softmax(z.float(), dim=-1)
-    cdf = torch.cumsum(probs.double(), dim=-1)
-    target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]
-    # side="right": the first token whose cdf exceeds the draw; zero-probability tokens never win
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return idx.clamp_max(z.shape[-1] - 1)
 
 
 def new_cache(model, max_len: int, kind: str):
@@ -102,42 +90,30 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
-Step = Callable[..., tuple[torch.Tensor, object]]
 
 
-def step_function(model) -> Step:
-    """``step(**forward kwargs) -> (x, cache)`` at each row's last position: x is the decoder's final
-    hidden state [N, D] (model dtype) when the LM head is plain (``plain_lm_head``), else the model's
-    logits [N, V]; ``head_logits`` turns x into float32 logits."""
-    if plain_lm_head(model) is None:
-        def step(**kw):
-            out = model(**kw, logits_to_keep=1)
-            return out.logits[:, -1], out.past_key_values
-    else:
-        base = model.get_decoder()
-
-        def step(**kw):
-            out = base(**kw)
-            return out.last_hidden_state[:, -1], out.past_key_values
-    return step
-
-
-def head_logits(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """Float32 logits [N, V]: hidden [N, D] @ weight[V, D].T in float32 (the rounding tasks/score.py
-    scores with), or the model's logits x [N, V] as float32 when ``weight`` is None."""
-    return x.float() if weight is None else x.float().to(weight.device) @ weight.T  # spread: last GPU -> head's
-
-
-def decoder(model, compiled: bool) -> Step:
-    """The one-token decode step (``step_function``), or ``torch.compile`` of it (once per model and
-    process) over the static cache; on CUDA in "reduce-overhead" mode, i.e. every step replays a CUDA
-    graph instead of launching each layer's kernels from Python. The LM head stays outside the graph."""
+def decode_module(model, compiled: bool):
+    """The module a decode step calls: the decoder alone when the LM head is plain (``plain_lm_head``: its
+    final hidden states go through ``head_logits``), else the whole model; with ``compiled``,
+    ``torch.compile`` of it (once per module and process) over the static cache, on CUDA in
+    "reduce-overhead" mode: every step replays a CUDA graph instead of launching each layer's kernels
+    from Python. The LM head stays outside the graph."""
+    base = model if plain_lm_head(model) is None else model.get_decoder()
     if not compiled:
-        return step_function(model)
-    if model not in _COMPILED:
+        return base
+    if base not in _COMPILED:
         cuda = next(model.parameters()).device.type == "cuda"
-        _COMPILED[model] = torch.compile(step_function(model), mode="reduce-overhead" if cuda else None)
-    return _COMPILED[model]
+        _COMPILED[base] = torch.compile(base, mode="reduce-overhead" if cuda else None)
+    return _COMPILED[base]
+
+
+def head_logits(out, weight: torch.Tensor | None) -> torch.Tensor:
+    """Float32 logits [N, V] at each row's last position of a decode step's output: its final hidden state
+    [N, D] @ weight[V, D].T in float32 (the rounding tasks/score.py scores with), or the model's own logits
+    as float32 when ``weight`` (the plain LM head) is None."""
+    if weight is None:
+        return out.logits[:, -1].float()
+    return out.last_hidden_state[:, -1].float().to(weight.device) @ weight.T  # spread: last GPU -> the head's
 
 
 def _compact(cache, keep: torch.Tensor, static: bool, compiled: bool) -> None:
@@ -154,53 +130,52 @@ def _compact(cache, keep: torch.Tensor, static: bool, compiled: bool) -> None:
 
 @torch.inference_mode()
 def sample_batch(
-    model,
+    lm: LoadedModel,
     prompts: list[list[int]],
     seeds: list[int],
     decoding: DecodingSpec,
     *,
     max_new_tokens: int,
-    eos_ids: tuple[int, ...] = (),
-    pad_id: int = 0,
     on_step: Callable[[int], None] | None = None,
     row_names: list[str] | None = None,
     adjust: Adjust | None = None,
     kv_cache: str = "static",
-    compiled: bool = False,
 ) -> list[dict]:
-    """Sample one continuation per prompt. Returns per row: token_ids, step_entropy, step_logprob,
-    finish_reason. ``on_step(n_tokens)`` is called after each decode step with the tokens it made.
+    """Sample one continuation per prompt from ``lm`` (its EOS ids end a row, its pad id pads, its
+    ``compiled`` compiles the decode step over the static cache). Returns per row: token_ids, step_entropy,
+    step_logprob, finish_reason. ``on_step(n_tokens)`` is called after each decode step with the tokens it made.
 
     Statistics and draw share one z[N, V] per step: ``scaled_logits`` of float32 logits from the final
     hidden state through the plain LM head (``head_logits``; the model's logits as float32 otherwise),
-    then ``adjust``; entropy and log-prob by ``kernels.token_stats(z)``, the token by ``sample_tokens(z)``.
+    then ``adjust``; entropy and log-prob by ``kernels.token_stats(z)``, the token by ``kernels.gumbel_argmax(z)``
+    with the noise of (row seed, step, token).
 
     ``adjust(t, z, cache, mask, positions) -> z̃`` reshapes the sampling distribution's logits before
     the draw (reweighted sampling, tasks/atoms.py); entropy and log-prob are then those of z̃.
     ``kv_cache``: "static" (preallocated, in place; the growing cache when ``adjust`` is set) or "dynamic".
-    ``compiled``: decode steps through ``decoder(model, True)`` (static cache only).
 
     Tokens and statistics stay on the device until the batch ends: the host waits on the device only
     to drop rows that hit EOS (when there are EOS ids) and once at the end; NaN / +inf logits are
     raised (naming the example and the first bad step) at the next such wait."""
+    model, eos_ids, pad_id = lm.model, lm.eos_ids, lm.pad_id
     device = input_device(model)
     n, steps = len(prompts), max_new_tokens
-    uniforms = torch.stack([
-        torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds
-    ]).to(device)
+    words = kernels.seed_words(seeds).to(device)  # each row's draws: a function of its seed, step and token
     ids, mask = left_pad(prompts, pad_id, device)
     width = ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     static = new_cache(model, width + steps, "dynamic" if adjust is not None else kv_cache)
-    compiled = compiled and static is not None
+    compiled = lm.compiled and static is not None
     if static is not None:  # the mask spans the whole cache; column width + t opens when token t is fed
         mask = torch.cat([mask, torch.zeros((n, steps), dtype=mask.dtype, device=device)], dim=-1)
     head = plain_lm_head(model)
     head = None if head is None else head.float()  # once per batch: a no-op for a float32 model
-    x, cache = step_function(model)(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    past_key_values=static, use_cache=True)
-    logits, next_pos = head_logits(x, head).to(device), positions[:, -1:] + 1  # spread: the head's GPU -> the rows'
-    step_fn = decoder(model, compiled)
+    keep_last = {"logits_to_keep": 1} if head is None else {}
+    out = decode_module(model, False)(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                      past_key_values=static, use_cache=True, **keep_last)
+    cache = out.past_key_values
+    logits, next_pos = head_logits(out, head).to(device), positions[:, -1:] + 1  # spread: the head's GPU -> the rows'
+    step_module = decode_module(model, compiled)
     graphs = compiled and device.type == "cuda"
     alive = torch.arange(n, device=device)  # original row index of each batch row
     tok_out = torch.zeros((n, steps), dtype=torch.long, device=device)
@@ -216,7 +191,7 @@ def sample_batch(
         z = scaled_logits(logits, **kw)  # temperature and truncation applied once per step
         if adjust is not None:
             z = adjust(t, z, cache, mask, next_pos)
-        tok = sample_tokens(z, uniforms[alive, t])
+        tok = kernels.gumbel_argmax(z, words[alive], t)
         stats = kernels.token_stats(z, tok)  # z is already q's logits: τ = 1, nothing left to truncate
         tok_out[alive, t], ent_out[alive, t], lp_out[alive, t] = tok, stats.entropy, stats.target_logprob
         if on_step:
@@ -239,9 +214,10 @@ def sample_batch(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        x, cache = step_fn(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                           use_cache=True)
-        logits, next_pos = head_logits(x, head).to(device), next_pos + 1
+        out = step_module(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                          use_cache=True, **keep_last)
+        cache = out.past_key_values
+        logits, next_pos = head_logits(out, head).to(device), next_pos + 1
     _raise_if_bad(first_bad, steps, row_names)
     finished = length < steps
     if eos is not None:  # a row whose token at the final step is EOS finished by EOS too
@@ -266,46 +242,30 @@ def _raise_if_bad(first_bad: torch.Tensor, steps: int, row_names: list[str] | No
                           "(try dtype: float32, or check the model's weights)")
 
 
-def generate_table(
-    model,
-    prompts: pl.DataFrame,
-    decoding: DecodingSpec,
-    *,
-    max_new_tokens: int,
-    samples_per_prompt: int = 1,
-    seed: int = 0,
-    batch_size: int = 8,
-    eos_ids: tuple[int, ...] = (),
-    pad_id: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-    adjust: Adjust | None = None,
-    key: str | None = None,
-    kv_cache: str = "static",
-    compiled: bool = False,
-    tokenizer=None,
-) -> pl.DataFrame:
-    """The generations table for one decoding. ``progress(done_rows, total_rows)`` after each batch;
-    ``adjust``, ``kv_cache`` and ``compiled`` as in sample_batch, ``key`` names the decoding column (default: the
-    decoding's key); ``tokenizer`` (optional) fills the text and tokens columns (null without it)."""
+def generate(lm: LoadedModel, prompts: pl.DataFrame, decoding: DecodingSpec, knobs: GenerationKnobs, *,
+             progress: Callable[[int, int], None] | None = None, adjust: Adjust | None = None,
+             key: str | None = None, kv_cache: str = "static") -> pl.DataFrame:
+    """The generations table of ``prompts`` under one decoding: ``knobs.samples_per_prompt`` rows per prompt,
+    ``knobs.max_new_tokens`` steps at most, ``knobs.batch_size`` rows per batch, each row's draws seeded by
+    (``knobs.seed``, example, sample). ``progress(done_rows, total_rows)`` after each batch; ``adjust`` and
+    ``kv_cache`` as in sample_batch; ``key`` names the decoding column (default: the decoding's key)."""
     jobs = [
         (ex, s, p) for ex, p in zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list())
-        for s in range(samples_per_prompt)
+        for s in range(knobs.samples_per_prompt)
     ]
     order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][2]))  # longest first: OOM on batch one
     results: dict[int, dict] = {}
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        rows = sample_batch(
-            model, [jobs[i][2] for i in idx], [row_seed(seed, jobs[i][0], jobs[i][1]) for i in idx],
-            decoding, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-            row_names=[jobs[i][0] for i in idx], adjust=adjust, kv_cache=kv_cache, compiled=compiled,
-        )
+    for b in range(0, len(order), knobs.batch_size):
+        idx = order[b : b + knobs.batch_size]
+        rows = sample_batch(lm, [jobs[i][2] for i in idx], [row_seed(knobs.seed, jobs[i][0], jobs[i][1]) for i in idx],
+                            decoding, max_new_tokens=knobs.max_new_tokens, row_names=[jobs[i][0] for i in idx],
+                            adjust=adjust, kv_cache=kv_cache)
         results.update(zip(idx, rows))
         if progress:
             progress(len(results), len(jobs))
     ids = [results[i]["token_ids"] for i in range(len(jobs))]
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if tokenizer is not None else [None] * len(jobs)
-    pieces = token_strings(tokenizer, ids) if tokenizer is not None else [None] * len(jobs)
+    texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    pieces = token_strings(lm.tokenizer, ids)
     data = [
         {"example_id": ex, "sample": s, "decoding": key or decoding.key, **results[i], "text": texts[i],
          "tokens": pieces[i]}
@@ -336,21 +296,3 @@ def token_strings(tokenizer, rows: list[list[int]]) -> list[list[str]]:
             pending = []
         out.append(strs)
     return out
-
-
-def shards(prompts: pl.DataFrame, shard_size: int) -> list[pl.DataFrame]:
-    """Consecutive slices of the prompts table; rows sample the same tokens whichever shard holds them."""
-    if shard_size <= 0 or prompts.height <= shard_size:
-        return [prompts]
-    return [prompts.slice(i, shard_size) for i in range(0, prompts.height, shard_size)]
-
-
-def generate(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, *, max_new_tokens: int,
-             samples_per_prompt: int, seed: int, batch_size: int,
-             progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
-    """Load ``model`` (cached per process) and sample the generations table for one decoding."""
-    lm = load_model(model)
-    return generate_table(lm.model, prompts, decoding, max_new_tokens=max_new_tokens,
-                          samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size,
-                          eos_ids=lm.eos_ids, pad_id=pad_id(lm.tokenizer), progress=progress,
-                          compiled=pick_compile(model.compile, lm.device, spread=lm.spread), tokenizer=lm.tokenizer)

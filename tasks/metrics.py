@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from entcal.tasks.contracts import Summary
+from entcal.tasks.config import DecodingSpec
+from entcal.tasks.contracts import PairResult, Summary, SummaryKnobs
 
 
 def per_example(table: pl.DataFrame, col: str, horizon: int) -> pl.DataFrame:
@@ -49,9 +50,11 @@ def example_sums(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon:
             "logloss_n": both["n_l"].to_numpy().astype(np.float64)}
 
 
-def entce_summary(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int,
-                  bootstrap: int = 1000, ci_level: float = 0.95, seed: int = 0) -> Summary:
-    """H̄, L̄, EntCE and its bootstrap CI, plus diagnostics (tasks.contracts.Summary). Nats per token."""
+def entce_summary(generations: pl.DataFrame, reference: pl.DataFrame, knobs: SummaryKnobs) -> Summary:
+    """H̄, L̄, EntCE over the first ``knobs.horizon`` steps and its percentile bootstrap CI over examples
+    (``knobs.bootstrap`` resamples at ``knobs.ci_level``, seeded by ``knobs.seed``), plus diagnostics
+    (tasks.contracts.Summary). Nats per token."""
+    horizon, bootstrap, ci_level, seed = knobs.horizon, knobs.bootstrap, knobs.ci_level, knobs.seed
     sums = example_sums(generations, reference, horizon=horizon)
     hs, hn, ls, ln = (sums[k] for k in ("entropy_sum", "entropy_n", "logloss_sum", "logloss_n"))
     n = hs.size  # examples
@@ -134,3 +137,39 @@ def smooth(values: list[float], alpha: float) -> list[float]:
             s = x if s is None else alpha * x + (1 - alpha) * s
         out.append(s if s is not None else float("nan"))
     return out
+
+
+TEXT_CHARS = 80  # characters of each example's first generation in the per-example table
+
+
+def example_table(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int) -> pl.DataFrame:
+    """One row per example: entropy_mean (H̄ of its samples), logloss_mean (L̄ of its reference),
+    entce, tokens pooled (nats/token, first ``horizon`` steps), the first sample's finish_reason and,
+    when the generations carry decoded text (their ``text`` column), its first ``TEXT_CHARS`` characters."""
+    h = per_example(generations, "step_entropy", horizon)
+    l = per_example(reference, "step_logloss", horizon)
+    if "text" not in generations.columns:
+        generations = generations.with_columns(pl.lit(None, pl.String).alias("text"))
+    first = generations.group_by("example_id", maintain_order=True).first()
+    out = (h.join(l, on="example_id", how="left", suffix="_l")
+           .join(first.select("example_id", "finish_reason", "text"), on="example_id", how="left")
+           .select("example_id", (pl.col("sum") / pl.col("n")).alias("entropy_mean"),
+                   (pl.col("sum_l") / pl.col("n_l")).alias("logloss_mean"),
+                   pl.col("n").alias("generated_tokens"), pl.col("n_l").alias("reference_tokens"),
+                   "finish_reason", pl.col("text").str.slice(0, TEXT_CHARS))
+           .with_columns((pl.col("entropy_mean") - pl.col("logloss_mean")).alias("entce")))
+    cols = ["example_id", "entropy_mean", "logloss_mean", "entce", "generated_tokens", "reference_tokens",
+            "finish_reason"]
+    return out.select(cols + (["text"] if out["text"].null_count() < out.height else []))
+
+
+def pair_result(model: str, dataset: str, decoding: DecodingSpec, prompts: pl.DataFrame, generations: pl.DataFrame,
+                reference: pl.DataFrame, knobs: SummaryKnobs, agreement: dict | None = None) -> PairResult:
+    """Everything measured of one (model, dataset, decoding) from its tables: the summary, the per-step
+    curves, the per-example table and sums, the tables themselves, and engine: vllm's ``agreement``."""
+    return PairResult(
+        model=model, dataset=dataset, decoding=decoding, summary=entce_summary(generations, reference, knobs),
+        curves=step_curves(generations, reference, horizon=knobs.horizon),
+        examples=example_table(generations, reference, horizon=knobs.horizon),
+        sums=example_sums(generations, reference, horizon=knobs.horizon),
+        tables={"prompts": prompts, "generations": generations, "reference": reference}, agreement=agreement)

@@ -20,14 +20,19 @@ log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedModel:
+    """A model as every stage uses it: the module, its tokenizer, where its inputs go, the ids that end a
+    generation, the id that pads a batch, and whether the sampler compiles its decode step."""
+
     model: torch.nn.Module
     tokenizer: object
-    device: torch.device
+    device: torch.device  # where inputs go (input_device; the first GPU of a spread model)
     eos_ids: tuple[int, ...]
+    pad_id: int
     params: int
-    spread: bool = False  # loaded with device_map auto: ``device`` is where inputs go (input_device)
+    spread: bool = False  # loaded with device_map auto
+    compiled: bool = False  # pick_compile of the spec's ``compile`` on this device
 
 
 def bundled_smollm2() -> Path:
@@ -89,6 +94,19 @@ def input_device(model) -> torch.device:
     if dev is not None:
         return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
     return emb.weight.device
+
+
+def devices(spec: ModelSpec) -> list[str]:
+    """The devices of this machine that ``spec``'s model runs on, by a name every process agrees on: the
+    GPU's UUID (whatever CUDA_VISIBLE_DEVICES maps it to), or ``cpu``. A spread model (device_map auto,
+    tensor parallel) takes every visible GPU."""
+    if not torch.cuda.is_available() or spec.device == "cpu":
+        return ["cpu"]
+    if spec.spread or spec.device in ("auto", "cuda"):
+        indices = range(torch.cuda.device_count()) if spec.spread else [0]
+    else:
+        indices = [torch.device(spec.device).index or 0]
+    return [f"gpu-{torch.cuda.get_device_properties(i).uuid}" for i in indices]
 
 
 def check_gpus(spec: ModelSpec) -> None:
@@ -194,8 +212,9 @@ def _load_model(spec_json: str) -> LoadedModel:
     eos = eos if eos is not None else tok.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
     return LoadedModel(
-        model=model, tokenizer=tok, device=device, eos_ids=eos_ids,
+        model=model, tokenizer=tok, device=device, eos_ids=eos_ids, pad_id=pad_id(tok),
         params=int(sum(p.numel() for p in model.parameters())), spread=spec.spread,
+        compiled=pick_compile(spec.compile, device, spread=spec.spread),
     )
 
 

@@ -30,11 +30,12 @@ import torch
 
 from entcal.tasks.atoms import entropy_phi, fit_alpha, human_atoms, reweighted_generate
 from entcal.tasks.config import DecodingSpec
-from entcal.tasks.contracts import Recalibration
-from entcal.tasks.generate import generate_table
+from entcal.tasks.contracts import Recalibration, RecalibrationKnobs
 from entcal.tasks.metrics import entce_summary
+from entcal.tasks.models import LoadedModel
 from entcal.tasks.score import teacher_forced
 
+BASE = DecodingSpec()  # τ = 1, untruncated: the decoding both methods reweight
 LOOKAHEAD_BOUNDS = (-1.0, 4.0)
 FUTURE_BOUNDS = (-0.5, 4.0)  # (1 + α) stays > 0
 
@@ -68,30 +69,22 @@ def _key(decoding: DecodingSpec, tag: str, alpha) -> str:
     return f"{decoding.key}-{tag}" + "_".join(f"{a:g}" for a in np.atleast_1d(alpha))
 
 
-def _before_after(model, prompts_eval, decoding, phi, gamma, fit, tag, before: BeforeTables | None, *, top_k,
-                  horizon, sampling, bootstrap, ci_level, seed, chunk, extra=None) -> Recalibration:
-    """EntCE on ``prompts_eval``: before = p̂ (``before``'s tables, else tasks.generate's sampler and the
-    human text at α = 0), after = q̃ (reweighted_generate, the human text at the fitted α)."""
+def _before_after(lm: LoadedModel, prompts_eval, decoding, phi, gamma, fit, tag, before: BeforeTables,
+                  knobs: RecalibrationKnobs, *, chunk=None, extra=None) -> Recalibration:
+    """EntCE on ``prompts_eval``: before = p̂ (``before``'s tables), after = q̃ (reweighted_generate, the
+    human text at the fitted α)."""
     alpha, buckets = fit["alpha"], fit["buckets"]
-    moved = not np.all(np.asarray(alpha) == 0)
-    atoms = None
-    if moved or before is None:
-        atoms = human_atoms(model, prompts_eval, decoding, phi, gamma, top_k=top_k, max_tokens=horizon,
-                            batch_size=sampling["batch_size"], pad_id=sampling["pad_id"], eos_ids=sampling["eos_ids"],
-                            chunk=chunk)
-    if before is None:
-        gens0, ref0 = generate_table(model, prompts_eval, decoding, **sampling), atoms.table(0.0, key=decoding.key)
-    else:
-        gens0 = _rows_of(before.eval_generations, prompts_eval, decoding, "eval_generations")
-        ref0 = _rows_of(before.eval_reference, prompts_eval, decoding, "eval_reference")
-    if moved:
-        gens1 = reweighted_generate(model, prompts_eval, decoding, phi, gamma, alpha, buckets, top_k=top_k,
-                                    key=_key(decoding, tag, alpha), chunk=chunk, **sampling)
-        ref1 = atoms.table(alpha, buckets, key=_key(decoding, tag, alpha))
-    else:
+    gens0 = _rows_of(before.eval_generations, prompts_eval, decoding, "eval_generations")
+    ref0 = _rows_of(before.eval_reference, prompts_eval, decoding, "eval_reference")
+    if np.all(np.asarray(alpha) == 0):
         gens1, ref1 = gens0, ref0
-    s0, s1 = (entce_summary(g, r, horizon=horizon, bootstrap=bootstrap, ci_level=ci_level, seed=seed)
-              for g, r in ((gens0, ref0), (gens1, ref1)))
+    else:
+        atoms = human_atoms(lm, prompts_eval, decoding, phi, gamma, top_k=knobs.candidates,
+                            max_tokens=knobs.summary.horizon, batch_size=knobs.generation.batch_size, chunk=chunk)
+        gens1 = reweighted_generate(lm, prompts_eval, decoding, phi, gamma, alpha, buckets, top_k=knobs.candidates,
+                                    key=_key(decoding, tag, alpha), knobs=knobs.generation, chunk=chunk)
+        ref1 = atoms.table(alpha, buckets, key=_key(decoding, tag, alpha))
+    s0, s1 = (entce_summary(g, r, knobs.summary) for g, r in ((gens0, ref0), (gens1, ref1)))
     return Recalibration(
         alpha=alpha, entce_before=s0.entce, entce_after=s1.entce, logloss_before=s0.logloss,
         logloss_after=s1.logloss,
@@ -102,23 +95,17 @@ def _before_after(model, prompts_eval, decoding, phi, gamma, fit, tag, before: B
 
 
 # ---------------------------------------------------------------- lookahead (Braverman et al.)
-def lookahead_calibration(model, prompts_train, prompts_eval, decoding: DecodingSpec | None = None, *,
-                          before: BeforeTables | None = None, top_k: int = 16, max_new_tokens: int = 64,
-                          horizon: int | None = None, bounds=LOOKAHEAD_BOUNDS, samples_per_prompt: int = 1,
-                          seed: int = 0, batch_size: int = 8, eos_ids=(), pad_id: int = 0, bootstrap: int = 1000,
-                          ci_level: float = 0.95, chunk: int | None = None) -> Recalibration:
+def lookahead_calibration(lm: LoadedModel, prompts_train, prompts_eval, before: BeforeTables,
+                          knobs: RecalibrationKnobs, *, decoding: DecodingSpec = BASE, bounds=LOOKAHEAD_BOUNDS,
+                          chunk: int | None = None) -> Recalibration:
     """Fit α of q̃ ∝ p̂·exp(−α·H(next | ·, w)) on ``prompts_train``'s human text; EntCE / L̄ (nats/token,
-    first ``horizon`` steps) before and after on ``prompts_eval``. ``before``: the evaluation split's
-    cached generations and reference table (else generated and scored here). extra: alpha_buckets,
-    entropy_before / after, entce_ci_before / after, fit_logloss, fit_logloss_alpha0."""
-    decoding, horizon = decoding or DecodingSpec(), horizon or max_new_tokens
+    first T steps) before (``before``: the evaluation split's cached tables) and after on ``prompts_eval``.
+    extra: alpha_buckets, entropy_before / after, entce_ci_before / after, fit_logloss, fit_logloss_alpha0."""
     phi = entropy_phi(decoding.temperature)
-    fit = fit_alpha(human_atoms(model, prompts_train, decoding, phi, 0.0, top_k=top_k, max_tokens=horizon,
-                                batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids, chunk=chunk), bounds=bounds)
-    sampling = dict(max_new_tokens=max_new_tokens, samples_per_prompt=samples_per_prompt, seed=seed,
-                  batch_size=batch_size, eos_ids=tuple(eos_ids), pad_id=pad_id)
-    return _before_after(model, prompts_eval, decoding, phi, 0.0, fit, "look", before, top_k=top_k, horizon=horizon,
-                         sampling=sampling, bootstrap=bootstrap, ci_level=ci_level, seed=seed, chunk=chunk)
+    fit = fit_alpha(human_atoms(lm, prompts_train, decoding, phi, 0.0, top_k=knobs.candidates,
+                                max_tokens=knobs.summary.horizon, batch_size=knobs.generation.batch_size,
+                                chunk=chunk), bounds=bounds)
+    return _before_after(lm, prompts_eval, decoding, phi, 0.0, fit, "look", before, knobs, chunk=chunk)
 
 
 # ---------------------------------------------------------------- future entropy (Cao et al., Alg. 1)
@@ -151,8 +138,8 @@ def future_entropy_targets(step_entropy) -> np.ndarray:
 
 
 @torch.inference_mode()
-def fit_future_regressor(model, prompts: pl.DataFrame, generations: pl.DataFrame, *, horizon: int,
-                         ridge: float = 1e-2, batch_size: int = 8, pad_id: int = 0) -> FutureEntropyRegressor:
+def fit_future_regressor(lm: LoadedModel, prompts: pl.DataFrame, generations: pl.DataFrame, *, horizon: int,
+                         ridge: float = 1e-2, batch_size: int = 8) -> FutureEntropyRegressor:
     """Target at generated token s (feature: the final hidden state at that token, i.e. after appending
     it, from tasks.score.teacher_forced over prompt + generation): future_entropy_targets, the SUM of
     step_entropy over steps s+1 … end of that generation within the first ``horizon`` steps (nats). The
@@ -167,7 +154,7 @@ def fit_future_regressor(model, prompts: pl.DataFrame, generations: pl.DataFrame
     n, sx, sxx, sy, syy, sxy = 0, 0.0, 0.0, 0.0, 0.0, 0.0
     for b in range(0, len(gens), batch_size):
         part = gens[b : b + batch_size]
-        tf = teacher_forced(model, [c for c, _, _ in part], [t for _, t, _ in part], pad_id=pad_id, hidden=True)
+        tf = teacher_forced(lm.model, [c for c, _, _ in part], [t for _, t, _ in part], pad_id=lm.pad_id, hidden=True)
         # row j of a generation predicts its token j, so it is the state after token j − 1: drop each first row
         x = torch.cat([rows[1:] for rows in tf.rows.split(tf.lengths)]).double()
         y = torch.from_numpy(np.concatenate([future_entropy_targets(e) for _, _, e in part])).to(x.device)
@@ -185,28 +172,23 @@ def fit_future_regressor(model, prompts: pl.DataFrame, generations: pl.DataFrame
     return FutureEntropyRegressor(mean.float().cpu(), scale.float().cpu(), w.float().cpu(), float(ym), r2, n)
 
 
-def future_entropy_calibration(model, prompts_train, prompts_eval, decoding: DecodingSpec | None = None, *,
-                               before: BeforeTables | None = None, top_k: int = 16, max_new_tokens: int = 64,
-                               horizon: int | None = None, buckets=(), bounds=FUTURE_BOUNDS, ridge: float = 1e-2,
-                               samples_per_prompt: int = 1, seed: int = 0, batch_size: int = 8, eos_ids=(),
-                               pad_id: int = 0, bootstrap: int = 1000, ci_level: float = 0.95,
-                               chunk: int | None = None) -> Recalibration:
-    """Regressor f̂ on the model's own generations for ``prompts_train`` (``before.train_generations``
-    when given, else generated here), α of q̃ ∝ p̂^{1+α}·exp(−α·f̂) (one per step bucket, edges
-    ``buckets``) on their human text; EntCE / L̄ (nats/token) before and after on ``prompts_eval``
-    (``before``: as lookahead_calibration). extra: lookahead_calibration's, plus regressor_r2, regressor_n."""
-    decoding, horizon = decoding or DecodingSpec(), horizon or max_new_tokens
-    sampling = dict(max_new_tokens=max_new_tokens, samples_per_prompt=samples_per_prompt, seed=seed,
-                  batch_size=batch_size, eos_ids=tuple(eos_ids), pad_id=pad_id)
-    if before is not None and before.train_generations is not None:
-        gens = _rows_of(before.train_generations, prompts_train, decoding, "train_generations")
-    else:
-        gens = generate_table(model, prompts_train, decoding, **sampling)
-    reg = fit_future_regressor(model, prompts_train, gens, horizon=horizon, ridge=ridge, batch_size=batch_size,
-                               pad_id=pad_id)
-    atoms = human_atoms(model, prompts_train, decoding, reg.phi, 1.0, top_k=top_k, max_tokens=horizon,
-                        batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids, chunk=chunk)
+def future_entropy_calibration(lm: LoadedModel, prompts_train, prompts_eval, before: BeforeTables,
+                               knobs: RecalibrationKnobs, *, decoding: DecodingSpec = BASE, buckets=(),
+                               bounds=FUTURE_BOUNDS, ridge: float = 1e-2, chunk: int | None = None) -> Recalibration:
+    """Regressor f̂ on the model's own generations for ``prompts_train`` (``before.train_generations``),
+    α of q̃ ∝ p̂^{1+α}·exp(−α·f̂) (one per step bucket, edges ``buckets``) on their human text; EntCE / L̄
+    (nats/token) before and after on ``prompts_eval`` (as lookahead_calibration). extra: lookahead's, plus
+    regressor_r2, regressor_n."""
+    if before.train_generations is None:
+        raise ValueError("future_entropy_calibration: BeforeTables.train_generations is None; the regressor is "
+                         "fitted on the model's own generations of the fit split")
+    _rows_of(before.eval_generations, prompts_eval, decoding, "eval_generations")  # refuse bad tables before fitting
+    _rows_of(before.eval_reference, prompts_eval, decoding, "eval_reference")
+    gens = _rows_of(before.train_generations, prompts_train, decoding, "train_generations")
+    reg = fit_future_regressor(lm, prompts_train, gens, horizon=knobs.summary.horizon, ridge=ridge,
+                               batch_size=knobs.generation.batch_size)
+    atoms = human_atoms(lm, prompts_train, decoding, reg.phi, 1.0, top_k=knobs.candidates,
+                        max_tokens=knobs.summary.horizon, batch_size=knobs.generation.batch_size, chunk=chunk)
     fit = fit_alpha(atoms, bounds=bounds, buckets=buckets)
-    return _before_after(model, prompts_eval, decoding, reg.phi, 1.0, fit, "fut", before, top_k=top_k,
-                         horizon=horizon, sampling=sampling, bootstrap=bootstrap, ci_level=ci_level, seed=seed,
-                         chunk=chunk, extra={"regressor_r2": reg.r2, "regressor_n": reg.n})
+    return _before_after(lm, prompts_eval, decoding, reg.phi, 1.0, fit, "fut", before, knobs, chunk=chunk,
+                         extra={"regressor_r2": reg.r2, "regressor_n": reg.n})

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 from pathlib import Path
 
 import polars as pl
 
 from entcal.tasks import figures
+from entcal.tasks.contracts import EPS_COLUMNS, CalibrationResult, StudyResult
+from entcal.tasks.scaling import FamilyFit
 
 METRIC_COLUMNS = ("entce", "entce_ci_low", "entce_ci_high", "entropy", "logloss", "logloss_untruncated",
                   "truncated_share", "sampled_surprisal", "n_examples")
@@ -71,25 +74,96 @@ def markdown_report(name: str, summary: pl.DataFrame, *, horizon: int, figures: 
     return "\n".join(lines)
 
 
-def write_report(out_dir: Path, name: str, summary: pl.DataFrame, curves: list[dict], *, horizon: int,
-                 smoothing: float, run_url: str | None = None, extra: str = "",
-                 excerpts: list[dict] | None = None) -> dict[str, Path]:
-    """Write the figures, report.md and the self-contained report.html into ``out_dir``; returns their
-    paths ("report" is report.md, "html" report.html). ``excerpts``: pick_excerpts' dicts."""
+def write_report(out_dir: Path, name: str, rows: list[dict], result: StudyResult, *, horizon: int,
+                 smoothing: float, run_url: str | None = None, excerpts: list[dict] | None = None) -> dict[str, Path]:
+    """Write the study's report into ``out_dir``: the figures (error accumulation, EntCE against temperature,
+    each calibration's Pareto front, each scaling fit), calibration.json when the study calibrated,
+    report.md and the self-contained report.html (with ``excerpts``: pick_excerpts' dicts), summary.parquet.
+    ``rows``: one per child run (PairResult.row() with its run_id and run_url). Returns every file written
+    by name ("report" is report.md, "html" report.html)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    figs = {
+    summary = pl.DataFrame(rows)
+    curves = [{"model": r.model, "dataset": r.dataset, "decoding": r.decoding.key, "curves": r.curves}
+              for r in result.pairs]
+    files = {
         "error_accumulation": figures.plot_error_accumulation(curves, out_dir / "error_accumulation.png",
                                                               smoothing=smoothing),
         "entce_vs_temperature": figures.plot_entce_vs_temperature(summary, out_dir / "entce_vs_temperature.png"),
     }
-    md_text = markdown_report(name, summary, horizon=horizon, figures=[str(p) for p in figs.values()],
-                              run_url=run_url, extra=extra)
+    sections = []
+    for c in result.calibrations:
+        files[c.pareto_figure] = Path(figures.plot_pareto(
+            c.sweep, out_dir / c.pareto_figure, title=f"{c.label}: EntCE vs L̄, evaluation split, {c.eval_examples} prompts"))
+        sections.append(calibration_markdown(c))
+    sections.append(corpus_alpha_section(result.corpus_alpha))
+    for f in result.scaling:
+        figure = None if f.fit is None else Path(figures.plot_scaling(
+            [x for x, _, _ in f.points], [e for _, e, _ in f.points], f.fit,
+            str(out_dir / f"scaling__{f.family}__{f.dataset}.png")))
+        files.update({figure.name: figure} if figure else {})
+        sections.append(scaling_section(f, figure and figure.name))
+    if result.calibrations:
+        docs = {c.label: c.as_dict() for c in result.calibrations}
+        files["calibration.json"] = out_dir / "calibration.json"
+        files["calibration.json"].write_text(json.dumps(next(iter(docs.values())) if len(docs) == 1
+                                                        else {"pairs": docs}, indent=2, default=str))
+    md_text = markdown_report(name, summary, horizon=horizon, figures=[str(files["error_accumulation"]),
+                                                                       str(files["entce_vs_temperature"])],
+                              run_url=run_url, extra="\n".join(sections))
     md = out_dir / "report.md"
     md.write_text(md_text)
     page = out_dir / "report.html"
     page.write_text(html_report(name, md_text, out_dir, excerpts or []))
     summary.write_parquet(out_dir / "summary.parquet")
-    return {**figs, "report": md, "html": page}
+    return {**files, "report": md, "html": page}
+
+
+def scaling_section(f: FamilyFit, figure: str | None) -> str:
+    """The report's section of one family's scaling fit on one dataset (``figure``: its plot's file name)."""
+    head = f"## Scaling: {f.family} on {f.dataset}"
+    if f.fit is None:
+        return f"{head}\n\nNo fit: {f.error}\n"
+    return f"{head}\n\n{f.fit.describe()}\n\n![scaling]({figure})\n"
+
+
+def calibration_markdown(result: CalibrationResult) -> str:
+    def f(v):
+        return "—" if v is None else f"{v:.3f}"
+
+    def alpha(v):
+        return " / ".join(f(a) for a in v) if isinstance(v, list) else f(v)
+
+    eps, n_eval, n_fit, label = result.epsilon, result.eval_examples, result.fit_examples, result.label
+    ev = f"evaluation split, {n_eval} prompts"
+    e10, e01 = f"ε×10 = {eps * 10:.0e}", f"ε/10 = {eps / 10:.0e}"
+    cols = (f"| truncated share | L̄ untruncated | L̄ at {e10} | L̄ at {e01} |", "|---|---|---|---|")
+
+    def tail(r: dict) -> str:
+        return " | ".join(f(r.get(c)) for c in ("truncated_share", "logloss_untruncated", *EPS_COLUMNS)) + " |"
+
+    lo, hi = result.tau_star_ci
+    lines = [f"## Calibration: {label}", "",
+             f"τ* = {f(result.tau_star)} (CI [{f(lo)}, {f(hi)}]); L̄ at τ* = {f(result.logloss_at_tau_star)} "
+             f"vs L̄ at τ = 1: {f(result.logloss_at_tau_1)} — root search on the {ev}.", "",
+             f"L̄ of truncated decodings mixes in the untruncated p with weight ε = {eps}: "
+             f"a truncated human token costs about −log ε, so the columns at {e10} and {e01} show how far each "
+             "number moves with that arbitrary constant.", "",
+             f"EntCE-zeroing settings ({ev}):", "",
+             "| method | EntCE-zeroing param | L̄ there " + cols[0], "|---|---|---" + cols[1]]
+    lines += [f"| {t['method']} | {f(t['param'])} | {f(t['logloss'])} | {tail(t)}" for t in result.truncation]
+    lines += ["", f"Sweeps ({ev}):", "", "| method | param | EntCE | L̄ " + cols[0], "|---|---|---|---" + cols[1]]
+    lines += [f"| {r['method']} | {r['param']:g} | {f(r['entce'])} | {f(r['logloss'])} | {tail(r)}"
+              for r in result.sweep if not r.get("anchor")]
+    lines += ["", f"Recalibration: α fitted on the fit split, {n_fit} prompts; before/after on the {ev}.", "",
+              "| calibration | α | EntCE before | EntCE after | L̄ before | L̄ after |", "|---|---|---|---|---|---|"]
+    for name in ("lookahead", "future_entropy"):
+        r = getattr(result, name)
+        if r is not None:
+            lines.append(f"| {name} | {alpha(r.alpha)} | {f(r.entce_before)} | {f(r.entce_after)} | "
+                         f"{f(r.logloss_before)} | {f(r.logloss_after)} |")
+    lines += ["", f"![Pareto front of EntCE against L̄, {ev}]({result.pareto_figure})", "",
+              f"Pareto front: every sweep point on the {ev}; circled: not dominated in (|EntCE|, L̄).", ""]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ excerpts of generations

@@ -26,9 +26,9 @@ import polars as pl
 import torch
 
 from entcal import kernels
-from entcal.tasks.config import DecodingSpec, ModelSpec
-from entcal.tasks.contracts import REFERENCE_SCHEMA
-from entcal.tasks.models import input_device, load_model, pad_id
+from entcal.tasks.config import DecodingSpec
+from entcal.tasks.contracts import REFERENCE_SCHEMA, ScoringKnobs
+from entcal.tasks.models import LoadedModel, input_device
 
 ROW_BLOCK = 512  # rows of logits materialised at once for truncated decodings
 _SOFTCAP_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -147,26 +147,20 @@ def score_batch(model, contexts: list[list[int]], continuations: list[list[int]]
     return out
 
 
-def score_table(
-    model,
-    prompts: pl.DataFrame,
-    decodings: list[DecodingSpec],
-    *,
-    max_tokens: int,
-    epsilon: float,
-    batch_size: int = 8,
-    pad_id: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> pl.DataFrame:
-    """The reference table: one row per example × decoding, first ``max_tokens`` reference tokens."""
+def score(lm: LoadedModel, prompts: pl.DataFrame, decodings: list[DecodingSpec], knobs: ScoringKnobs, *,
+          progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
+    """The reference table: the human references of ``prompts`` scored under every decoding, one row per
+    example × decoding, over the first ``knobs.max_tokens`` reference tokens, ``knobs.batch_size`` examples
+    per forward (longest first); truncated decodings are ε-mixed (``knobs.epsilon``)."""
     ids = prompts["example_id"].to_list()
     ctx = prompts["prompt_ids"].to_list()
-    ref = [r[:max_tokens] for r in prompts["reference_ids"].to_list()]
+    ref = [r[: knobs.max_tokens] for r in prompts["reference_ids"].to_list()]
     order = sorted(range(len(ids)), key=lambda i: -(len(ctx[i]) + len(ref[i])))
     scored: dict[int, dict] = {}
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        res = score_batch(model, [ctx[i] for i in idx], [ref[i] for i in idx], decodings, epsilon=epsilon, pad_id=pad_id)
+    for b in range(0, len(order), knobs.batch_size):
+        idx = order[b : b + knobs.batch_size]
+        res = score_batch(lm.model, [ctx[i] for i in idx], [ref[i] for i in idx], decodings, epsilon=knobs.epsilon,
+                          pad_id=lm.pad_id)
         scored.update(zip(idx, res))
         if progress:
             progress(len(scored), len(ids))
@@ -178,11 +172,3 @@ def score_table(
                          "step_logloss_untruncated": c["logloss_untruncated"],
                          "step_entropy": c["entropy"], "step_truncated": c["truncated"]})
     return pl.DataFrame(data, schema=REFERENCE_SCHEMA)
-
-
-def score(model: ModelSpec, prompts: pl.DataFrame, decodings: list[DecodingSpec], *, max_tokens: int,
-          epsilon: float, batch_size: int, progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
-    """Load ``model`` (cached per process) and score the human references under every decoding."""
-    lm = load_model(model)
-    return score_table(lm.model, prompts, decodings, max_tokens=max_tokens, epsilon=epsilon,
-                       batch_size=batch_size, pad_id=pad_id(lm.tokenizer), progress=progress)

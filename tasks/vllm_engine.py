@@ -36,9 +36,9 @@ import torch
 
 from entcal.storage.settings import state_dir
 from entcal.tasks.config import ConfigError, DecodingSpec, ModelSpec
-from entcal.tasks.contracts import GENERATIONS_SCHEMA
+from entcal.tasks.contracts import GENERATIONS_SCHEMA, GenerationKnobs
 from entcal.tasks.generate import row_seed, token_strings
-from entcal.tasks.models import load_model, max_positions, pad_id, pick_device, source_of
+from entcal.tasks.models import LoadedModel, load_model, max_positions, pick_device, source_of
 from entcal.tasks.score import q_stats, teacher_forced
 
 log = logging.getLogger(__name__)
@@ -209,21 +209,20 @@ def agreement(rescored: list[list[float]], reported: list[list[float]]) -> dict:
             "logprob_abs_diff_max": float(d.max()) if diffs else 0.0, "support_mismatches": mismatches}
 
 
-def generate_table(spec: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec, *, max_new_tokens: int,
-                   samples_per_prompt: int = 1, seed: int = 0, batch_size: int = 8,
-                   progress: Callable[[int, int], None] | None = None) -> tuple[pl.DataFrame, dict]:
-    """The generations table for one decoding, sampled by vLLM and re-scored by entcal, and the two
+def generate(lm: LoadedModel, spec: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec,
+             knobs: GenerationKnobs, *, progress: Callable[[int, int], None] | None = None) -> tuple[pl.DataFrame, dict]:
+    """The generations table for one decoding, sampled by vLLM (the engine of ``spec``) and re-scored by
+    entcal on ``lm`` (the transformers copy of the same model: its tokenizer and EOS ids too), and the two
     engines' agreement (``agreement``). ``progress(done_rows, total_rows)`` after each chunk of rows."""
-    lm = load_model(spec)  # the re-scoring copy (and the tokenizer and EOS ids the entcal engine uses)
     jobs = [(ex, s, p) for ex, p in zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list())
-            for s in range(samples_per_prompt)]
+            for s in range(knobs.samples_per_prompt)]
     longest = max((len(p) for _, _, p in jobs), default=1)
-    llm = engine(spec, max_model_len(longest, max_new_tokens, max_positions(spec)), batch_size)
-    chunk = max(8 * batch_size, 64)  # rows handed to vLLM at once: enough to keep its batch full
+    llm = engine(spec, max_model_len(longest, knobs.max_new_tokens, max_positions(spec)), knobs.batch_size)
+    chunk = max(8 * knobs.batch_size, 64)  # rows handed to vLLM at once: enough to keep its batch full
     outputs = []
     for b in range(0, len(jobs), chunk):
         part = jobs[b : b + chunk]
-        params = [sampling_params(decoding, max_new_tokens=max_new_tokens, seed=row_seed(seed, ex, s),
+        params = [sampling_params(decoding, max_new_tokens=knobs.max_new_tokens, seed=row_seed(knobs.seed, ex, s),
                                   eos_ids=lm.eos_ids) for ex, s, _ in part]
         outputs += [o.outputs[0] for o in llm.generate([{"prompt_token_ids": list(p)} for _, _, p in part], params,
                                                        use_tqdm=False)]
@@ -231,8 +230,8 @@ def generate_table(spec: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpe
             progress(len(outputs), len(jobs))
     ids = [list(o.token_ids) for o in outputs]
     reported = [[next(iter(step.values())).logprob for step in o.logprobs] for o in outputs]
-    rows = max(1, min(batch_size, RESCORE_TOKENS // (longest + max_new_tokens)))  # one forward's activations
-    scored = rescore(lm.model, [p for _, _, p in jobs], ids, decoding, batch_size=rows, pad_id=pad_id(lm.tokenizer))
+    rows = max(1, min(knobs.batch_size, RESCORE_TOKENS // (longest + knobs.max_new_tokens)))  # one forward's activations
+    scored = rescore(lm.model, [p for _, _, p in jobs], ids, decoding, batch_size=rows, pad_id=lm.pad_id)
     finish = ["eos" if o.finish_reason == "stop" else "length" for o in outputs]
     texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
     pieces = token_strings(lm.tokenizer, ids)

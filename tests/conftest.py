@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="entcal-tests-"))
 os.environ["ENTCAL_STATE_DIR"] = str(_SESSION_DIR / "state")
+os.environ["ENTCAL_LOCK_DIR"] = str(_SESSION_DIR / "locks")  # this session's studies take turns on the device
 os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(_SESSION_DIR / "state" / "results"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,6 +33,18 @@ for var in ("ENTCAL_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", 
     os.environ.pop(var, None)
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root: subprocesses run here
+
+# The fast tier (`make test-fast`: -m "not services and not slow") leaves out every test that starts a
+# service or an entcal process: those using these fixtures, and the modules that mark themselves
+# `pytestmark = pytest.mark.services` (they start `entcal` or another server in a subprocess).
+SERVICE_FIXTURES = {"stack", "prefect_harness", "prefect_server", "browser", "page", "ray_cluster",
+                    "gpu_ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
 VOCAB = 384
 
 

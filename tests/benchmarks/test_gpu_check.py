@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import REPO, build_tiny_model
 
+pytestmark = pytest.mark.services  # entcal or a server in a subprocess: not in make test-fast
+
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU part: on a GPU run make gpu-check")
 def test_gpu_check_runs_its_cpu_part_and_writes_one_json_line_per_benchmark(tmp_path):

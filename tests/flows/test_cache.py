@@ -7,9 +7,6 @@ import pytest
 
 from entcal.flows import cache, stages
 
-STAGES = {"prepare": stages.prepare_task, "generate": stages.generate_task, "score": stages.score_task,
-          "recalibrate": stages.recalibrate_task, "corpus-alpha": stages.corpus_alpha_task,
-          "model-params": stages.model_params_task}
 
 
 @pytest.fixture
@@ -21,7 +18,7 @@ def tree(tmp_path):
 
 
 def digest(stage: str, root) -> str:
-    return cache.source_digest(*STAGES[stage].fn.__stage__.modules, root=root)
+    return cache.source_digest(*stages.STAGES[stage].modules, root=root)
 
 
 def edit(root, path: str, text: str = "\nEDITED = 1\n") -> None:
@@ -37,7 +34,7 @@ def edit(root, path: str, text: str = "\nEDITED = 1\n") -> None:
     ("recalibrate", "tasks/generate.py"),  # the reweighted sampler is the study's sampler
     ("recalibrate", "tasks/metrics.py"),
     ("prepare", "tasks/datasets.py"),
-    ("corpus-alpha", "tasks/scaling.py"),
+    ("corpus-alpha", "tasks/theory.py"),
     ("model-params", "tasks/models.py"),
 ])
 def test_editing_a_dependency_changes_the_key(tree, stage, dependency):
@@ -48,7 +45,7 @@ def test_editing_a_dependency_changes_the_key(tree, stage, dependency):
 
 @pytest.mark.parametrize("stage, unrelated", [
     ("generate", "tasks/report.py"),
-    ("score", "tasks/publish.py"),
+    ("score", "tasks/describe.py"),
     ("prepare", "tasks/generate.py"),
     ("prepare", "kernels/stats.py"),  # config.py imports kernels.decoding, not the kernels
     ("generate", "storage/s3.py"),  # where a part is stored is not what it holds
@@ -74,45 +71,50 @@ def test_imports_inside_functions_count(tree):
     assert {"kernels/stats.py", "kernels/fused_head.py", "kernels/truncation.py"} <= files
 
 
+def key(task, parameters: dict) -> str:
+    """The key Prefect's cache_key_fn gives a call of ``task`` (flows/stages.py content_key)."""
+    return cache.content_key(task, parameters, stages.STAGES[task.name].modules)
+
+
+def test_every_task_is_a_registered_stage_whose_modules_exist():
+    import importlib
+
+    tasks = [stages.prepare_task, stages.generate_task, stages.score_task, stages.recalibrate_task,
+             stages.model_params_task, stages.corpus_alpha_task]
+    assert {t.name for t in tasks} == set(stages.STAGES)
+    for stage in stages.STAGES.values():
+        assert all(importlib.import_module(m) for m in stage.modules)
+    assert [n for n, s in stages.STAGES.items() if s.gpu] == ["generate", "score", "recalibrate", "model-params"]
+
+
 def test_the_key_is_the_code_and_the_parameters_by_content():
     import polars as pl
 
     from entcal.tasks.contracts import GenerationKnobs
 
-    class Context:  # what Prefect passes a cache_key_fn: only .task is read
-        task = stages.generate_task
-
     knobs = GenerationKnobs(max_new_tokens=8, samples_per_prompt=1, seed=0, batch_size=4)
     prompts = pl.DataFrame({"example_id": ["a"], "prompt_ids": [[1, 2]]})
-    key = cache.content_key(Context, {"prompts": prompts, "knobs": knobs, "shard": 0})
-    assert key == cache.content_key(Context, {"prompts": prompts.clone(), "knobs": knobs, "shard": 3})  # name only
-    assert key != cache.content_key(Context, {"prompts": prompts, "knobs": GenerationKnobs(8, 1, 1, 4), "shard": 0})
-    assert key != cache.content_key(Context, {"prompts": prompts.with_columns(pl.lit("b").alias("example_id")),
-                                              "knobs": knobs, "shard": 0})
+    one = key(stages.generate_task, {"prompts": prompts, "knobs": knobs, "label": "m/d/t1/shard0"})
+    assert one == key(stages.generate_task, {"prompts": prompts.clone(), "knobs": knobs, "label": "x"})  # name only
+    assert one != key(stages.generate_task, {"prompts": prompts, "knobs": GenerationKnobs(8, 1, 1, 4), "label": "x"})
+    assert one != key(stages.generate_task, {"prompts": prompts.with_columns(pl.lit("b").alias("example_id")),
+                                             "knobs": knobs, "label": "x"})
 
 
 def test_the_stage_function_itself_is_in_the_key():
     from prefect import task
 
-    from entcal.tasks import generate
-
     @task(name="generate")
-    @stages.stage(generate)
     def one(x: int) -> int:
         return x
 
     @task(name="generate")
-    @stages.stage(generate)
     def other(x: int) -> int:
         return x + 1
 
-    keys = [cache.content_key(type("Context", (), {"task": t}), {"x": 1}) for t in (one, other)]
-    assert keys[0] != keys[1]
+    assert key(one, {"x": 1}) != key(other, {"x": 1})
 
 
 def test_a_parameter_without_a_content_form_is_refused():
-    class Context:
-        task = stages.corpus_alpha_task
-
     with pytest.raises(TypeError, match="no content form for a object parameter"):
-        cache.content_key(Context, {"dataset": object()})
+        key(stages.corpus_alpha_task, {"dataset": object()})

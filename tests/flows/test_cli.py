@@ -8,6 +8,8 @@ import yaml
 from tests.cases import BAD_CONFIGS
 from tests.conftest import assert_one_line_error, run_cli, tiny_config
 
+pytestmark = pytest.mark.services  # entcal or a server in a subprocess: not in make test-fast
+
 
 @pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c.id for c in BAD_CONFIGS])
 def test_bad_config_fails_fast_with_one_line(tmp_path, tiny_model_dir, case):
@@ -52,9 +54,10 @@ def test_user_errors_are_never_retried(prefect_harness):
     from entcal.flows import stages
     from entcal.tasks.config import ConfigError
 
-    with_retries = [t for t in vars(stages).values() if getattr(t, "retries", 0) and hasattr(t, "fn")]
-    assert {t.name for t in with_retries} >= {"prepare", "publish-child", "report", "publish-calibration"}
-    assert all(t.retry_condition_fn is stages.retry_unless_user_error for t in with_retries)
+    tasks = [t for t in vars(stages).values() if hasattr(t, "fn") and hasattr(t, "retries")]
+    assert {t.name for t in tasks} == set(stages.STAGES)
+    assert {t.name for t in tasks if t.retries} == {"prepare"}  # reads files and the hub: worth retrying
+    assert all(t.retry_condition_fn is stages.retry_unless_user_error for t in tasks)
     calls = []
 
     @task(retries=2, retry_delay_seconds=0, retry_condition_fn=stages.retry_unless_user_error)

@@ -72,7 +72,6 @@ def test_schedule_fires_and_the_served_study_completes(prefect_server, stack, ti
             tasks = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
             assert {"prepare tiny/python-docs", "generate tiny/python-docs/t1", "score tiny/python-docs/t1",
                     "corpus-alpha python-docs"} <= tasks, tasks
-            assert any(t.startswith("publish tiny") for t in tasks) and any(t.startswith("report ") for t in tasks), tasks
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
             progress = {a.key: a.description for a in arts if a.type == "progress"}
             # generation/scoring may be served from cache (earlier tests): then no progress artifact is made
@@ -82,6 +81,10 @@ def test_schedule_fires_and_the_served_study_completes(prefect_server, stack, ti
     finally:
         proc.terminate()
         proc.wait(30)
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
+            # the nightly deployment served here carries a schedule due in seconds: later tests (the
+            # Prefect UI's) serve the real one on this server, and must not find this one beside it
+            client.delete_deployment(client.read_deployment_by_name("entcal-study/nightly").id)
     client = MlflowClient(stack.mlflow_uri)
     exp = client.get_experiment_by_name("entcal/scheduled")
     assert any(r.info.run_name == run.name for r in client.search_runs([exp.experiment_id]))  # both UIs agree

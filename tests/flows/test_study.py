@@ -120,7 +120,7 @@ def test_prefect_artifacts_summarise_the_run(first_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from entcal.flows.stages import artifact_key
+    from entcal.flows.publish import artifact_key
 
     result, _ = first_run
     with get_client(sync_client=True) as client:

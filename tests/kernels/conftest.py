@@ -20,6 +20,7 @@ for p in (str(HERE.parents[1]), str(HERE)):  # repo root (kernels.*) and kernel_
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     os.environ["TRITON_INTERPRET"] = "1"
-    for name in ("entcal.kernels.stats", "entcal.kernels.truncation", "entcal.kernels.fused_head"):
+    for name in ("entcal.kernels.stats", "entcal.kernels.truncation", "entcal.kernels.fused_head",
+                 "entcal.kernels.sampling_triton"):
         if name in sys.modules:
             importlib.reload(sys.modules[name])

@@ -44,7 +44,20 @@ def _cases():
     yield fused_head._fused_kernel, fused_f32, dict(MODE=1, HAS_T=True, IEEE=True, **dot), 8
 
 
-def compile_all(arch: int = 90) -> int:
+def _sampling_cases():
+    """kernels.sampling_triton's Gumbel-max kernel as gumbel_argmax_triton launches it (float32 logits from the
+    sampler; bfloat16 too)."""
+    from entcal.kernels import sampling_triton
+    from entcal.kernels.sampling import SALT
+
+    for z in ("*fp32", "*bf16"):
+        sig = {"Z": z, "stride_n": "i32", "stride_v": "i32", "V": "i32", "WORDS": "*i32", "step": "i32",
+               "OUT": "*i64"}
+        yield (sampling_triton._gumbel_argmax_kernel, sig,
+               dict(SALT0=SALT[0], SALT1=SALT[1], BLOCK=sampling_triton.BLOCK), 4)
+
+
+def compile_all(arch: int = 90, cases=_cases) -> int:
     """Compile every case for sm_<arch>; print one line each; return the number compiled."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -52,7 +65,7 @@ def compile_all(arch: int = 90) -> int:
 
     target = GPUTarget("cuda", arch, 32)
     done = 0
-    for kernel, sig, constexprs, warps in _cases():
+    for kernel, sig, constexprs, warps in cases():
         signature = dict(sig, **{k: "constexpr" for k in constexprs})
         src = ASTSource(kernel, signature, constexprs=constexprs)
         ck = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": 3})
@@ -62,21 +75,31 @@ def compile_all(arch: int = 90) -> int:
     return done
 
 
-def test_kernels_compile_for_sm90():
+def _compile_in_subprocess(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0 and ("ptxas" in out and "not found" in out.lower()
                                  or "No module named 'triton.backends.nvidia'" in out):
         pytest.skip("Triton's NVIDIA backend / ptxas is not installed")
     assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_kernels_compile_for_sm90():
+    out = _compile_in_subprocess()
     assert "compiled 15 kernels" in out, out[-4000:]
+
+
+def test_sampling_kernel_compiles_for_sm90():
+    out = _compile_in_subprocess("--sampling")
+    assert "compiled 2 kernels" in out, out[-4000:]
 
 
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)
     sys.path.insert(0, str(ROOT))
-    print(f"compiled {compile_all()} kernels")
+    print(f"compiled {compile_all(cases=_sampling_cases if '--sampling' in sys.argv else _cases)} kernels")

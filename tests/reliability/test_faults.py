@@ -1,7 +1,9 @@
-"""Faults mid-run: a study killed with SIGKILL, a corrupted cached result, the S3 server gone for
-30 s, a dead MLflow server. Each either ends with the same tables as an undisturbed run or fails
-loudly; nothing is lost or wrong in silence. Runs the real CLI in a subprocess against the test
-stack (real rclone S3, MLflow and Prefect servers); nothing is mocked."""
+"""Faults mid-run: a study killed with SIGKILL, a corrupted cached result, the S3 server gone mid-run,
+a dead MLflow server. Each either ends with the same tables as an undisturbed run or fails loudly;
+nothing is lost or wrong in silence. Runs the real CLI in a subprocess against the test stack (real
+rclone S3, MLflow and Prefect servers); nothing is mocked. Faults strike at a named point, not after a
+guessed time: the CLI runs under FAULTY_CLI, which kills the study (SIGKILL) or the S3 server right
+after a named stage is done."""
 import io
 import json
 import os
@@ -21,13 +23,14 @@ import pytest
 import yaml
 
 from entcal.storage import parts, s3
-from tests.conftest import run_cli, s3_keys, start_cli, tiny_config, wait_for_s3
+from tests.conftest import run_cli, s3_keys, start_python, tiny_config, wait_for_s3
+
+pytestmark = pytest.mark.services  # entcal or a server in a subprocess: not in make test-fast
 
 REPO = Path(__file__).resolve().parents[2]
 DECODINGS = [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}]
-# enough work that the 2nd and 3rd decodings are still to come when the 1st is logged
-STUDY = dict(name="faults", decodings=DECODINGS, num_examples=8, prompt_tokens=8, max_new_tokens=96,
-             min_reference_tokens=96, horizon=96, batch_size=8)
+STUDY = dict(name="faults", decodings=DECODINGS, num_examples=8, prompt_tokens=8, max_new_tokens=16,
+             min_reference_tokens=16, horizon=16, batch_size=8)
 TAG = "tiny/python-docs"
 CHILDREN = [f"tiny__python-docs__{k}" for k in ("t1", "t0.9", "t0.8")]
 
@@ -42,14 +45,46 @@ def _bucket(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-# ------------------------------------------------------------------ a CLI we can kill mid-run
+# ------------------------------------------------------------------ a CLI with a fault at a named point
+FAULTY_CLI = r"""
+import os, signal, sys
+from entcal.flows import executor
+
+note = executor.Executor._note  # every stage ends here, its result stored: "<stage> <label>", ran or cached
+
+
+def note_then_fault(self, what, state):
+    note(self, what, state)
+    if what != os.environ.get("FAULT_AFTER"):
+        return
+    fault = os.environ["FAULT"]
+    if fault == "s3-down":  # the S3 server's process group: the test brings it back
+        os.killpg(int(os.environ["FAULT_S3_PID"]), signal.SIGKILL)
+        open(os.environ["FAULT_MARK"], "w").close()
+    else:  # "kill" (SIGKILL) or "term" (SIGTERM) this study
+        os.kill(os.getpid(), signal.SIGKILL if fault == "kill" else signal.SIGTERM)
+
+
+executor.Executor._note = note_then_fault
+from entcal.flows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def fault(kind: str, *, after: str) -> dict[str, str]:
+    """The environment that makes FAULTY_CLI strike (``kind``: kill | term | s3-down) right after the stage
+    ``after`` (``generate tiny/python-docs/t1``) is done."""
+    return {"FAULT": kind, "FAULT_AFTER": after}
+
+
 class Cli:
-    """`python -m entcal.flows.cli ARGS` in its own process group; stderr read line by line."""
+    """`entcal ARGS` under FAULTY_CLI (a fault where ``env`` says, else none) in its own process group;
+    stderr read line by line."""
 
     def __init__(self, *args: str, env: dict, stdout: Path):
         self.out = open(stdout, "w")
-        self.proc = start_cli(*args, env=env, stdout=self.out, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+        self.proc = start_python("-c", FAULTY_CLI, *args, env=env, stdout=self.out, stderr=subprocess.PIPE,
+                                 text=True, start_new_session=True)
         self.lines: list[str] = []
         self._q: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -74,8 +109,11 @@ class Cli:
         pytest.fail(f"{needle!r} never logged (exit {self.proc.poll()}):\n" + "".join(self.lines)[-4000:])
 
     def kill(self) -> int:
-        if self.proc.poll() is None:
+        """SIGKILL the CLI's whole process group (a CLI that died alone leaves its children holding its pipes)."""
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         rc = self.proc.wait(60)
         self.out.close()
         return rc
@@ -178,11 +216,9 @@ def baseline(tmp_path_factory, tiny_model_dir, stack, prefect_server):
 def test_kill_during_generation_then_rerun_matches_uninterrupted(baseline, stack, tmp_path):
     env = {"ENTCAL_BUCKET": _bucket("crash")}
     out = tmp_path / "B"
-    cli = Cli("run", "--config", baseline["config"], "--out", str(out), env=env, stdout=tmp_path / "crash.out")
-    try:
-        cli.wait_for(f"generate {TAG}/t1: ran")
-    finally:
-        rc = cli.kill()
+    cli = Cli("run", "--config", baseline["config"], "--out", str(out), stdout=tmp_path / "crash.out",
+              env={**env, **fault("kill", after=f"generate {TAG}/t1")})
+    rc = cli.finish()
     assert rc == -signal.SIGKILL, f"the study was not killed mid-run (exit {rc}):\n{cli.stderr[-3000:]}"
     # killed while generating t0.9: only what finished is cached, nothing in --out looks finished
     assert set(cached_stages(replace(stack, bucket=env["ENTCAL_BUCKET"]))) & MAIN_STAGES == {"prepare", "generate t1"}
@@ -218,14 +254,12 @@ def test_kill_mid_generation_resumes_at_the_first_unfinished_shard(stack, tiny_m
     env = {"ENTCAL_BUCKET": _bucket("shardkill")}
     settings = replace(stack, bucket=env["ENTCAL_BUCKET"])
     out = tmp_path / "B"
-    cli = Cli("run", "--config", cfg, "--out", str(out), env=env, stdout=tmp_path / "kill.out")
-    try:
-        cli.wait_for(f"{SHARD_LABELS[1]}: ran")
-    finally:
-        rc = cli.kill()
+    cli = Cli("run", "--config", cfg, "--out", str(out), stdout=tmp_path / "kill.out",
+              env={**env, **fault("kill", after=SHARD_LABELS[1])})
+    rc = cli.finish()
     assert rc == -signal.SIGKILL, f"the study was not killed mid-generation (exit {rc}):\n{cli.stderr[-3000:]}"
     before = _part_mtimes(settings)
-    assert 2 <= len(before) <= 3, before  # shards 0 and 1 finished; shard 2 may have landed as it died
+    assert len(before) == 2, before  # shards 0 and 1 finished; it died before shard 2 began
     assert not out.exists() or not [p.name for p in out.iterdir() if p.name.startswith("tiny__")]
 
     proc = run_cli("run", "--config", cfg, "--out", str(out), env=env)
@@ -352,7 +386,10 @@ def _restart_rclone(root: Path, state: dict) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
 
 
-def test_s3_outage_of_30s_mid_run_is_retried_through(tmp_path, tiny_model_dir, stack, prefect_server):
+OUTAGE_S = 8  # S3 down this long: longer than boto3's first retries' backoff, shorter than all of them
+
+
+def test_s3_outage_mid_run_is_retried_through(tmp_path, tiny_model_dir, stack, prefect_server):
     from entcal.storage.settings import Settings
     from entcal.storage.stack import Stack
 
@@ -364,14 +401,17 @@ def test_s3_outage_of_30s_mid_run_is_retried_through(tmp_path, tiny_model_dir, s
     env = {"ENTCAL_S3_ENDPOINT_URL": st["s3"], "AWS_ACCESS_KEY_ID": st["access_key"],
            "AWS_SECRET_ACCESS_KEY": st["secret_key"], "ENTCAL_BUCKET": st["bucket"],
            "MLFLOW_TRACKING_URI": stack.mlflow_uri}
-    cfg = _write(tmp_path, tiny_config(tiny_model_dir, **{**STUDY, "name": "s3-outage", "max_new_tokens": 48,
-                                                          "min_reference_tokens": 48, "horizon": 48}))
-    restarted = None
-    cli = Cli("run", "--config", cfg, "--out", str(tmp_path / "out"), env=env, stdout=tmp_path / "cli.out")
+    cfg = _write(tmp_path, tiny_config(tiny_model_dir, **{**STUDY, "name": "s3-outage"}))
+    restarted, mark = None, tmp_path / "s3-down"
+    cli = Cli("run", "--config", cfg, "--out", str(tmp_path / "out"), stdout=tmp_path / "cli.out",
+              env={**env, **fault("s3-down", after=f"generate {TAG}/t1"), "FAULT_S3_PID": str(st["pids"]["s3"]),
+                   "FAULT_MARK": str(mark)})
     try:
-        cli.wait_for(f"generate {TAG}/t1: ran")
-        os.killpg(st["pids"]["s3"], signal.SIGKILL)
-        time.sleep(30)
+        deadline = time.monotonic() + 300
+        while not mark.exists():  # S3 is down from the end of the first generation on: the next stage's
+            assert cli.proc.poll() is None and time.monotonic() < deadline, cli.stderr[-3000:]  # cache lookup
+            time.sleep(0.2)                                                                   # meets it at once
+        time.sleep(OUTAGE_S)
         assert cli.proc.poll() is None, "the study gave up while S3 was down:\n" + cli.stderr[-3000:]
         restarted = _restart_rclone(root, st)
         rc = cli.finish()
@@ -443,31 +483,52 @@ class Relay:
             sock.close()
 
 
-def _child_payload():
-    prompts = pl.DataFrame({"example_id": ["e0", "e1"], "prompt_ids": [[1, 2], [3, 4]]})
-    summary = {k: 0.5 for k in ("entce", "entropy", "logloss", "entce_ci_low", "entce_ci_high", "logloss_untruncated",
-                                "truncated_share", "sampled_surprisal", "n_examples", "eos_share")}
-    curves = pl.DataFrame({"entropy_mean": [1.0, 2.0], "logloss_mean": [2.0, 3.0]})
-    return dict(params={"dataset": "d", "decoding": "t1"}, summary=summary, curves=curves,
-                tables={"prompts": prompts, "generations": prompts}, prompts_digest="0" * 16)
+def _publish_one_pair(uri: str, relay: "Relay", die_at: int | None) -> str:
+    """Publish a study with one model, dataset and decoding through flows.publish.Publisher to the MLflow at
+    ``uri``; the relay counts (and, at ``die_at``, dies on) the requests from the child run's start on.
+    Returns the child run's id."""
+    from entcal.storage.settings import Settings
+    from entcal.tasks import metrics
+    from entcal.tasks.config import StudyConfig
+    from entcal.tasks.contracts import GENERATIONS_SCHEMA, PROMPTS_SCHEMA, REFERENCE_SCHEMA, SummaryKnobs
+    from entcal.flows.publish import Publisher
+
+    cfg = StudyConfig.model_validate({"name": "dead-mlflow", "num_examples": 2, "max_new_tokens": 2,
+                                      "min_reference_tokens": 2, "bootstrap": 10})
+    model, dataset, decoding = cfg.models[0], cfg.datasets[0], cfg.decodings[0]
+    ids = ["e0", "e1"]
+    prompts = pl.DataFrame({"example_id": ids, "dataset": ["python-docs"] * 2, "prompt_ids": [[1, 2], [3]],
+                            "reference_ids": [[4, 5], [6, 7]], "prompt_text": ["a", "b"], "reference_text": ["c", "d"]},
+                           schema=PROMPTS_SCHEMA)
+    gens = pl.DataFrame({"example_id": ids, "sample": [0, 0], "decoding": ["t1"] * 2, "token_ids": [[1, 2]] * 2,
+                         "step_entropy": [[1.0, 2.0]] * 2, "step_logprob": [[-1.0, -2.0]] * 2,
+                         "finish_reason": ["length"] * 2, "text": ["x", "y"], "tokens": [["x", ""]] * 2},
+                        schema=GENERATIONS_SCHEMA)
+    ref = pl.DataFrame({"example_id": ids, "decoding": ["t1"] * 2, "step_logloss": [[1.5, 1.5]] * 2,
+                        "step_logloss_untruncated": [[1.5, 1.5]] * 2, "step_entropy": [[1.0, 1.0]] * 2,
+                        "step_truncated": [[False, False]] * 2}, schema=REFERENCE_SCHEMA)
+    pair = metrics.pair_result(model.label, dataset.label, decoding, prompts, gens, ref, SummaryKnobs(2, 10, 0.95, 0))
+    publisher = Publisher(cfg, Settings(Path(os.environ["ENTCAL_STATE_DIR"]), mlflow_uri=uri), None, links={},
+                          run_name=f"dead-mlflow-{uuid.uuid4().hex[:6]}")
+    with publisher.study() as study:
+        relay.requests, relay.die_at = 0, die_at or 10**9  # count from here: the requests the child run makes
+        with study.pair(model, dataset, prompts) as children:
+            children.publish(pair)
+        return children.ids[decoding.key]
 
 
 @pytest.mark.parametrize("die_at", [1, 3, 7], ids=["before-the-child-run", "while-logging-metrics",
                                                     "while-uploading-tables"])
 def test_publish_to_an_mlflow_server_that_died_raises(stack, monkeypatch, die_at):
-    from entcal.storage.tracking import Tracker, TrackingError
-    from entcal.tasks import publish
+    from entcal.storage.tracking import TrackingError
 
     relay = Relay(stack.mlflow_uri, die_at=10**9)
+    # MLflow's client retries a refused connection for minutes by default; one retry is enough here
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     try:
-        tracker = Tracker(relay.uri, experiment="entcal/dead-mlflow")
-        parent = tracker.start("dead-mlflow")
-        relay.requests, relay.die_at = 0, die_at  # count from here: the requests log_child makes
-        # MLflow's client retries a refused connection for minutes by default; one retry is enough here
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
         with pytest.raises(TrackingError) as err:  # one line for the CLI, never a silent loss
-            publish.log_child(tracker, parent, f"dead-{die_at}", **_child_payload())
+            _publish_one_pair(relay.uri, relay, die_at)
         assert relay.dead.is_set()
         assert relay.uri.removeprefix("http://") in str(err.value), str(err.value)[:2000]
     finally:
@@ -478,17 +539,11 @@ def test_relay_passes_a_whole_child_run_when_it_does_not_die(stack):
     """The relay itself is transparent: the same publish succeeds through it (and counts its requests)."""
     from mlflow.tracking import MlflowClient
 
-    from entcal.storage.tracking import Tracker
-    from entcal.tasks import publish
-
     relay = Relay(stack.mlflow_uri, die_at=10**9)
     try:
-        tracker = Tracker(relay.uri, experiment="entcal/dead-mlflow")
-        parent = tracker.start("alive-mlflow")
-        relay.requests = 0
-        run_id = publish.log_child(tracker, parent, "alive", **_child_payload())
+        run_id = _publish_one_pair(relay.uri, relay, None)
         assert relay.requests > 7
     finally:
         relay.die()
     run = MlflowClient(stack.mlflow_uri).get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.metrics["entce"] == 0.5
+    assert run.info.status == "FINISHED" and run.data.metrics["entce"] == pytest.approx(0.0)

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.services  # entcal or a server in a subprocess: not in make test-fast
 
 TAKEN_BEFORE = ("flows", "tasks", "kernels", "storage")  # the names entcal's folders once installed as
 HF_KERNELS = Path(sys.prefix) / "hf-kernels"  # Hugging Face's `kernels`, installed there by `make setup`

@@ -11,11 +11,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import psutil
 
 from entcal.storage.stack import Stack, ensure
 from tests.conftest import run_cli, start_cli, start_python, tiny_config
-from tests.reliability.test_faults import STUDY, TAG, Cli, _bucket, _write
+from tests.reliability.test_faults import STUDY, TAG, Cli, _bucket, _write, fault
+
+pytestmark = pytest.mark.services  # entcal or a server in a subprocess: not in make test-fast
 
 HOLD = """import sys, time
 from pathlib import Path
@@ -122,10 +125,10 @@ def _flow_run_state(api_url: str, owner_pid: int) -> str:
 def test_sigterm_ends_the_study_killed_and_its_flow_run_crashed(stack, prefect_server, tiny_model_dir, tmp_path):
     """SIGTERM is an orderly exit: exit 143, MLflow parent KILLED, flow run Crashed, in seconds."""
     cfg = _write(tmp_path, tiny_config(tiny_model_dir, **{**STUDY, "name": "sigterm"}))
-    cli = Cli("run", "--config", cfg, env={"ENTCAL_BUCKET": _bucket("sigterm")}, stdout=tmp_path / "cli.out")
+    cli = Cli("run", "--config", cfg, env={"ENTCAL_BUCKET": _bucket("sigterm"), **fault("term", after=f"prepare {TAG}")},
+              stdout=tmp_path / "cli.out")
     try:
-        cli.wait_for(f"prepare {TAG}:")
-        os.kill(cli.proc.pid, signal.SIGTERM)
+        cli.wait_for(f"prepare {TAG}: ran")
         t0 = time.monotonic()
         rc = cli.finish(timeout=120)
     finally:
@@ -177,11 +180,10 @@ def test_kill9_mid_run_then_rerun_ends_the_orphans_and_leaves_no_server(tiny_mod
            "ENTCAL_MLFLOW_START_TIMEOUT_S": "600", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
     # (MLflow takes 30 s to start on 2 idle cores, Prefect 10 s; far more on a busy machine)
     cfg = _write(tmp_path, tiny_config(tiny_model_dir, **{**STUDY, "name": "kill9"}))
-    cli = Cli("run", "--config", cfg, env=env, stdout=tmp_path / "killed.out")
+    # SIGKILL to the entcal process only, after its first stage: its servers live in their own sessions
+    cli = Cli("run", "--config", cfg, env={**env, **fault("kill", after=f"prepare {TAG}")}, stdout=tmp_path / "killed.out")
     try:
-        cli.wait_for(f"prepare {TAG}:", timeout=900)
-        os.kill(cli.proc.pid, signal.SIGKILL)  # the entcal process only: its servers live in their own sessions
-        assert cli.proc.wait(60) == -signal.SIGKILL
+        assert cli.proc.wait(900) == -signal.SIGKILL, cli.stderr[-4000:]
         killed = cli.proc.pid
         st = Stack(root).state()
         servers = dict(st["pids"])

@@ -422,7 +422,9 @@ def test_compose_static_worker_dockerfile_installs_the_repo(compose):
     shipped = {d.name for d in ROOT.iterdir() if d.is_dir() and not d.name.startswith(".")
                and d.name not in NOT_SHIPPED and any(d.glob("*.py"))}
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    shipped |= set(pyproject.get("tool", {}).get("setuptools", {}).get("packages", []))
+    setuptools = pyproject.get("tool", {}).get("setuptools", {})
+    folders = setuptools.get("package-dir", {})  # entcal.flows -> flows: the folders the packages install from
+    shipped |= {folders.get(p, p) for p in setuptools.get("packages", [])}
     shipped |= {"pyproject.toml"} | set(re.findall(r"(?:-c|--constraint)[ =](\S+)", text))
     assert shipped - set(copied) == set(), "what `pip install .` needs and the image leaves out"
 

@@ -8,6 +8,8 @@ from entcal.storage.settings import Settings
 from entcal.storage.stack import Stack
 from tests.conftest import run_cli, s3_keys
 
+pytestmark = pytest.mark.services  # entcal or a server in a subprocess: not in make test-fast
+
 
 def test_status_reports_urls_not_secrets(stack):
     st = Stack().status()

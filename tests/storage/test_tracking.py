@@ -1,5 +1,5 @@
-"""storage.tracking and the MLflow side of tasks.publish against the real MLflow server of the stack:
-what a user sees in the MLflow UI (experiment kind, standard tags, system metrics, dataset lineage,
+"""storage.tracking and the MLflow side of flows.publish / tasks.describe against the real MLflow server of
+the stack: what a user sees in the MLflow UI (experiment kind, standard tags, system metrics, dataset lineage,
 tables and figures), read back through MlflowClient."""
 import getpass
 import json
@@ -13,8 +13,10 @@ from types import SimpleNamespace
 import polars as pl
 from mlflow.tracking import MlflowClient
 
-from entcal.tasks import figures, publish
+from entcal.flows import publish
+from entcal.tasks import describe, figures
 from entcal.tasks.config import StudyConfig
+from entcal.tasks.contracts import frame_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,9 +32,9 @@ def test_display_names_put_the_difference_first_and_keep_the_out_dir_contract():
     cfg = StudyConfig.model_validate({"name": "demo-quick", "models": [{"name": "smollm2-135m"}],
                                       "decodings": [{"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.9}]})
     m, ds = cfg.models[0], cfg.datasets[0]
-    names = [publish.display_name(m, ds, d) for d in cfg.decodings]
+    names = [describe.display_name(m, ds, d) for d in cfg.decodings]
     assert names == ["t1 · python-docs · smollm2-135m", "t1-p0.9 · python-docs · smollm2-135m"]
-    assert [publish.child_name(m, ds, d) for d in cfg.decodings] == ["smollm2-135m__python-docs__t1",
+    assert [describe.child_name(m, ds, d) for d in cfg.decodings] == ["smollm2-135m__python-docs__t1",
                                                                      "smollm2-135m__python-docs__t1-p0.9"]
 
 
@@ -41,14 +43,14 @@ def test_study_params_are_scalar_and_two_launches_differ_in_their_descriptions()
                                     "min_reference_tokens": 16,
                                     "decodings": [{"temperature": 1.0}, {"temperature": 0.7}]})
     b = a.model_copy(update={"num_examples": 8})
-    params = publish.flat_params(a)
+    params = describe.flat_params(a)
     assert params["decodings"] == "t1,t0.7" and params["models"] == "smollm2-135m" and params["calibration"] == "off"
     assert not [k for k, v in params.items() if str(v).startswith(("[", "{"))]  # no JSON blobs
-    assert publish.changed_settings(params, publish.flat_params(b)) == ["num_examples 4 → 8"]
+    assert describe.changed_settings(params, describe.flat_params(b)) == ["num_examples 4 → 8"]
 
     previous = SimpleNamespace(info=SimpleNamespace(run_name="demo-quick-20261201-120000"),  # an mlflow Run's shape
                                data=SimpleNamespace(params={k: str(v) for k, v in params.items()}))
-    da, db = publish.study_description(a), publish.study_description(b, previous=previous)
+    da, db = describe.study_description(a), describe.study_description(b, previous=previous)
     assert a.digest() in da and b.digest() in db and da != db
     assert "changed since the previous launch demo-quick-20261201-120000: num_examples 4 → 8" in db
 
@@ -56,9 +58,9 @@ def test_study_params_are_scalar_and_two_launches_differ_in_their_descriptions()
 def test_headline_metrics_name_the_dataset_and_decoding_and_keep_full_precision():
     rows = [{"model": "m", "dataset": "python-docs", "decoding": "t1", "entce": 0.123456789},
             {"model": "m", "dataset": "python-docs", "decoding": "t0.7", "entce": -1.5}]
-    assert publish.headline_metrics(rows, several_models=False) == {"entce_python-docs_t1": 0.123456789,
+    assert describe.headline_metrics(rows, several_models=False) == {"entce_python-docs_t1": 0.123456789,
                                                                     "entce_python-docs_t0.7": -1.5}
-    assert set(publish.headline_metrics(rows, several_models=True)) == {"entce_m_python-docs_t1",
+    assert set(describe.headline_metrics(rows, several_models=True)) == {"entce_m_python-docs_t1",
                                                                         "entce_m_python-docs_t0.7"}
 
 
@@ -108,7 +110,7 @@ def test_system_metrics_are_sampled_until_the_run_finishes(stack):
     deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline:  # some CPU work to sample
         sum(i * i for i in range(20000))
-    tracker.finish(run_id)
+    tracker.end(run_id)
     assert run_id not in _MONITORS
     client = MlflowClient(stack.mlflow_uri)
     run = client.get_run(run_id)
@@ -116,7 +118,7 @@ def test_system_metrics_are_sampled_until_the_run_finishes(stack):
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     n = len(client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
     assert n >= 1
-    time.sleep(1.2)  # stopped: no samples after finish
+    time.sleep(1.2)  # stopped: no samples after the run ended
     assert len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) == n
 
 
@@ -127,8 +129,9 @@ def test_prompts_are_a_dataset_input_whose_source_is_their_s3_copy(stack):
 
     prompts = pl.DataFrame({"example_id": ["e0", "e1"], "dataset": ["d", "d"], "prompt_ids": [[1, 2], [3]],
                             "reference_ids": [[4], [5, 6]]})
-    digest = uuid.uuid4().hex[:16]
-    uri = publish.upload_prompts(stack, prompts, digest)
+    prompts = prompts.with_columns(pl.lit(uuid.uuid4().hex).alias("dataset"))  # new content: a new object
+    digest = frame_digest(prompts)[:16]
+    uri = publish.upload_prompts(stack, prompts)
     assert uri == f"s3://{stack.bucket}/prompts/{digest}.parquet"
     assert pl.read_parquet(io.BytesIO(s3.get_bytes(stack, f"prompts/{digest}.parquet"))).equals(prompts)
     tracker = _tracker(stack)

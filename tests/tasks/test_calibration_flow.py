@@ -1,4 +1,5 @@
-"""flows/calibration.py: ε sensitivity beside every setting, and which split each number comes from."""
+"""flows/calibration.py: ε sensitivity beside every setting, and which split each number comes from
+(tasks/report.py and tasks/describe.py show them)."""
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import torch
 
 from entcal.flows import calibration
 from entcal.flows.executor import Executor
-from entcal.tasks import fronts
+from entcal.tasks import describe, fronts, report
 from entcal.tasks.config import DecodingSpec, StudyConfig
-from entcal.tasks.contracts import CalibrationResult
+from entcal.tasks.contracts import EPS_COLUMNS, CalibrationResult
 from entcal.tasks.metrics import logloss_at_epsilon
 
 
@@ -33,16 +34,15 @@ def _decoding(row: dict) -> DecodingSpec:
 
 @pytest.fixture(scope="module")
 def calibrated(tiny_spec, tiny_lm, stack, prefect_harness, tmp_path_factory):
-    """The calibration subflow on a real executor (cached stages on the test stack's S3)."""
+    """The calibration on a real executor (cached stages on the test stack's S3)."""
     cfg = StudyConfig.model_validate({
         "models": [tiny_spec.model_dump()], "num_examples": 6, "prompt_tokens": 8, "max_new_tokens": 10,
         "min_reference_tokens": 10, "horizon": 10, "batch_size": 6, "bootstrap": 30, "epsilon": 1e-4,
         "calibration": {"tau_bracket": [0.3, 3.0], "tau_rounds": 3, "top_k": [2, 8, 60], "top_p": [0.3, 0.9],
                         "min_p": [], "top_nsigma": [], "lookahead": False, "future_entropy": False}})
     prompts = _prompts(tiny_lm)
-    out_dir = tmp_path_factory.mktemp("cal")
     with Executor(cfg, stack, logging.getLogger("test")) as ex:
-        result = calibration.calibrate(cfg, tiny_spec, prompts, ex, str(out_dir), "tiny__d")
+        result = calibration.calibrate(ex, tiny_spec, prompts)
         _, evaluate = calibration.split(prompts, cfg.calibration.fit_fraction)
         refs = {row["decoding"]: ex.score(tiny_spec, evaluate, [_decoding(row)]) for row in result.sweep}
     return cfg, result, refs
@@ -66,14 +66,14 @@ def test_every_setting_reports_logloss_at_other_epsilons(calibrated):
             assert row["logloss_eps_x10"] < row["logloss"] < row["logloss_eps_div10"]
     assert moved >= 2
     for t in result.truncation:
-        assert set(calibration.EPS_COLUMNS) <= set(t)
+        assert set(EPS_COLUMNS) <= set(t)
         # the interpolation weight is truncation_front's: re-interpolating L̄ gives its zero_logloss
         assert calibration._eps_lerp(result.sweep, t["method"], t["param"], "logloss") == pytest.approx(t["logloss"])
 
 
 def test_markdown_and_metrics_say_the_split_and_the_epsilon_columns(calibrated):
     cfg, result, _ = calibrated
-    md = calibration.calibration_markdown(result)
+    md = report.calibration_markdown(result)
     ev = f"evaluation split, {result.eval_examples} prompts"
     assert result.eval_examples == 3 and result.fit_examples == 3
     assert f"root search on the {ev}" in md and f"EntCE-zeroing settings ({ev})" in md
@@ -84,6 +84,7 @@ def test_markdown_and_metrics_say_the_split_and_the_epsilon_columns(calibrated):
     sweep_lines = [line for line in md.splitlines() if line.startswith("| top_k | ")]
     assert len(sweep_lines) >= 3 and all(line.count("|") == 9 for line in sweep_lines)
     assert "![Pareto front of EntCE against L̄, evaluation split, 3 prompts](pareto__tiny__d.png)" in md
+    assert result.label == "tiny__d"
 
 
 def test_metrics_name_the_zeroing_epsilon_columns():
@@ -92,12 +93,13 @@ def test_metrics_name_the_zeroing_epsilon_columns():
         logloss_at_tau_1=3.1, truncation=[{"method": "top_k", "param": 12.5, "entce": 0.0, "logloss": 3.4,
                                           "logloss_untruncated": 3.2, "truncated_share": 0.02,
                                           "logloss_eps_x10": 3.2, "logloss_eps_div10": 3.6}],
-        sweep=[], pareto_front=[], pareto_figure="pareto__m__d.png", fit_examples=5, eval_examples=7, epsilon=1e-4)
-    m = calibration.calibration_metrics(result)
+        sweep=[], pareto_front=[], fit_examples=5, eval_examples=7, epsilon=1e-4)
+    assert result.pareto_figure == "pareto__m__d.png"
+    m = describe.calibration_metrics(result)
     assert m["top_k_zeroing_logloss_eps_x10"] == 3.2 and m["top_k_zeroing_logloss_eps_div10"] == 3.6
     assert m["top_k_zeroing_truncated_share"] == 0.02 and m["top_k_zeroing_logloss_untruncated"] == 3.2
     assert "tau_star_ci_high" not in m
-    md = calibration.calibration_markdown(result)
+    md = report.calibration_markdown(result)
     assert "τ* = 0.900" in md and "root search on the evaluation split, 7 prompts" in md
     assert "| top_k | 12.500 | 3.400 | 0.020 | 3.200 | 3.200 | 3.600 |" in md
 

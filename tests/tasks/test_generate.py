@@ -1,12 +1,9 @@
-import math
-
 import polars as pl
 import pytest
 import torch
 
 from entcal.tasks.config import DecodingSpec
-from entcal.tasks.generate import generate_table, sample_tokens
-from entcal.tasks.score import score_table
+from tests.tasks.helpers import gen, scored, with_model
 
 DECODINGS = [DecodingSpec(), DecodingSpec(temperature=0.7), DecodingSpec(top_k=20),
              DecodingSpec(top_p=0.8), DecodingSpec(temperature=1.3, min_p=0.05)]
@@ -38,9 +35,8 @@ def _early_eos(lm, prompts, dec) -> tuple[int, ...]:
 
 
 def _gen(lm, prompts, dec, **kw):
-    args = dict(max_new_tokens=20, samples_per_prompt=2, seed=3, batch_size=4, eos_ids=(), pad_id=0)
-    args.update(kw)
-    return generate_table(lm.model, prompts, dec, **args)
+    """tasks.generate.generate: 20 steps, 2 samples per prompt, seed 3, 4 rows per batch, no EOS ids unless given."""
+    return gen(lm, prompts, dec, **{**dict(max_new_tokens=20, samples_per_prompt=2, seed=3, batch_size=4), **kw})
 
 
 def test_schema_and_reproducible_under_seed(tiny_lm, prompts):
@@ -54,7 +50,7 @@ def test_schema_and_reproducible_under_seed(tiny_lm, prompts):
 
 
 def test_shards_concatenate_to_the_unsharded_table(tiny_lm, prompts):
-    from entcal.tasks.generate import shards
+    from entcal.flows.executor import shards
 
     whole = _gen(tiny_lm, prompts, DECODINGS[1])
     parts = shards(prompts, 4)
@@ -70,7 +66,7 @@ def test_recorded_entropy_equals_teacher_forced_rescore(tiny_lm, prompts, dec):
     gens = _gen(tiny_lm, prompts, dec, samples_per_prompt=1)
     as_ref = prompts.join(gens.select("example_id", pl.col("token_ids").alias("gen")), on="example_id")
     as_ref = as_ref.with_columns(reference_ids=pl.col("gen")).drop("gen")
-    ref = score_table(tiny_lm.model, as_ref, [dec], max_tokens=100, epsilon=1e-4, batch_size=3)
+    ref = scored(tiny_lm, as_ref, [dec], max_tokens=100, epsilon=1e-4, batch_size=3)
     joined = gens.join(ref, on="example_id")
     for row in joined.iter_rows(named=True):
         torch.testing.assert_close(torch.tensor(row["step_entropy"]), torch.tensor(row["step_entropy_right"]),
@@ -109,7 +105,7 @@ def test_compiled_decode_step_samples_what_eager_samples(tiny_lm, prompts):
     eos = _early_eos(tiny_lm, prompts, dec)
     eager = _gen(tiny_lm, prompts, dec, eos_ids=eos)
     assert 0 < (eager["finish_reason"] == "eos").sum() < eager.height
-    assert_same_samples(_gen(tiny_lm, prompts, dec, eos_ids=eos, compiled=True), eager, atol=1e-4)
+    assert_same_samples(_gen(with_model(tiny_lm, compiled=True), prompts, dec, eos_ids=eos), eager, atol=1e-4)
 
 
 def test_unknown_kv_cache_kind_is_refused(tiny_lm, prompts):
@@ -123,16 +119,6 @@ def test_top_k_one_is_greedy_with_zero_entropy(tiny_lm, prompts):
     assert all(abs(lp) < 1e-6 for lps in g["step_logprob"] for lp in lps)
 
 
-def test_inverse_cdf_never_draws_a_truncated_token():
-    z = torch.tensor([[-math.inf, 0.0, -math.inf, 1.0, -math.inf]] * 4)
-    u = torch.tensor([0.0, 0.2689, 0.5, 0.999999])
-    tok = sample_tokens(z, u)
-    assert set(tok.tolist()) <= {1, 3} and tok[0] == 1 and tok[-1] == 3
-    # frequencies follow the distribution
-    many = sample_tokens(z[:1].expand(20000, -1), torch.rand(20000, generator=torch.Generator().manual_seed(0)))
-    assert abs((many == 3).float().mean().item() - 1 / (1 + math.exp(-1))) < 0.01
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (none on this machine)")
 def test_cuda_graph_decode_steps_sample_what_eager_cuda_samples(tiny_model_dir, prompts):
@@ -140,24 +126,11 @@ def test_cuda_graph_decode_steps_sample_what_eager_cuda_samples(tiny_model_dir, 
     from entcal.tasks.models import load_model
 
     lm = load_model(ModelSpec(path=str(tiny_model_dir), name="tiny", device="cuda", dtype="float32"))
-    eos = _early_eos(lm, prompts, DECODINGS[0])
-    eager = _gen(lm, prompts, DECODINGS[0], eos_ids=eos)
-    assert_same_samples(_gen(lm, prompts, DECODINGS[0], eos_ids=eos, compiled=True), eager, atol=1e-4)
-
-
-def test_inverse_cdf_draws_a_token_of_probability_1e9_late_in_a_large_vocabulary():
-    """A float32 CDF near 1 moves in steps of 6e-8: tokens of q ~ 1e-9 there added nothing to it and
-    were never drawn. Each is drawn when the uniform falls inside its interval of q (exact, float64)."""
-    v = 151_936
-    tiny = [v - 5000, v - 40, v - 1]
-    z = torch.zeros(v)  # equal logits elsewhere: q's intervals do not depend on exp's rounding
-    z[tiny] = math.log(1e-9 * (v - len(tiny)) / (1 - 1e-9 * len(tiny)))
-    cdf = torch.cumsum(torch.softmax(z.double(), 0), 0)
-    lo, hi = cdf[[j - 1 for j in tiny]], cdf[tiny]
-    assert ((hi - lo - 1e-9).abs() < 1e-12).all() and (lo > 0.95).all()  # q = 1e-9 where the CDF is near 1
-    u = torch.stack([lo + 0.1e-9, (lo + hi) / 2, hi - 0.1e-9], 1).flatten()
-    drawn = sample_tokens(z.expand(u.numel(), -1), u)
-    assert drawn.tolist() == [j for j in tiny for _ in range(3)]
+    assert lm.compiled  # compile: auto is on for CUDA
+    eager = with_model(lm, compiled=False)
+    eos = _early_eos(eager, prompts, DECODINGS[0])
+    want = _gen(eager, prompts, DECODINGS[0], eos_ids=eos)
+    assert_same_samples(_gen(lm, prompts, DECODINGS[0], eos_ids=eos), want, atol=1e-4)
 
 
 @pytest.mark.parametrize("dec", DECODINGS[:2], ids=lambda d: d.key)
@@ -167,12 +140,12 @@ def test_bf16_model_samples_from_the_logits_score_uses(tiny_lm, prompts, dec):
     to float32 rounding; sampling from bf16 logits differed by ~1e-2 nats here."""
     import copy
 
-    bf16 = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
+    bf16 = with_model(tiny_lm, copy.deepcopy(tiny_lm.model).to(torch.bfloat16))
     # one batch in both: the same rows share the bf16 forward, so only the head's rounding could differ
-    gens = generate_table(bf16, prompts, dec, max_new_tokens=20, seed=3, batch_size=prompts.height)
+    gens = gen(bf16, prompts, dec, max_new_tokens=20, seed=3, batch_size=prompts.height)
     as_ref = prompts.join(gens.select("example_id", pl.col("token_ids").alias("gen")), on="example_id")
     as_ref = as_ref.with_columns(reference_ids=pl.col("gen")).drop("gen")
-    ref = score_table(bf16, as_ref, [dec], max_tokens=100, epsilon=1e-4, batch_size=prompts.height)
+    ref = scored(bf16, as_ref, [dec], max_tokens=100, epsilon=1e-4, batch_size=prompts.height)
     joined = gens.join(ref, on="example_id")
     torch.testing.assert_close(torch.tensor(joined["step_entropy"].explode().to_list()),
                                torch.tensor(joined["step_entropy_right"].explode().to_list()), atol=1e-5, rtol=0)
@@ -180,12 +153,51 @@ def test_bf16_model_samples_from_the_logits_score_uses(tiny_lm, prompts, dec):
                                -torch.tensor(joined["step_logloss"].explode().to_list()), atol=1e-5, rtol=0)
 
 
-def test_text_columns_decode_the_tokens_and_are_null_without_a_tokenizer(tiny_lm, prompts):
+def test_text_columns_decode_the_tokens(tiny_lm, prompts):
+    """text and tokens come from the model's tokenizer (always: a LoadedModel carries one); the model's own
+    EOS ids end rows and stay in tokens, not in text."""
     tok = tiny_lm.tokenizer
-    plain = _gen(tiny_lm, prompts, DECODINGS[0])
-    named = _gen(tiny_lm, prompts, DECODINGS[0], tokenizer=tok)
-    assert plain.schema == named.schema and plain["text"].is_null().all() and plain["tokens"].is_null().all()
-    assert named.drop("text", "tokens").equals(plain.drop("text", "tokens"))  # decoding changes no sample
+    eos = _early_eos(tiny_lm, prompts, DECODINGS[0])
+    named = _gen(with_model(tiny_lm, eos_ids=eos), prompts, DECODINGS[0], eos_ids=None)  # None: the model's ids
+    assert (named["finish_reason"] == "eos").any()
+    assert named["text"].null_count() == 0 and named["tokens"].null_count() == 0
+    assert named.drop("text", "tokens").equals(_gen(tiny_lm, prompts, DECODINGS[0], eos_ids=eos).drop("text", "tokens"))
     for ids, text, tokens in named.select("token_ids", "text", "tokens").iter_rows():
         assert text == tok.decode(ids, skip_special_tokens=True)
         assert len(tokens) == len(ids) and "".join(tokens) == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_nan_logits_name_the_example_and_the_step(tiny_lm, prompts):
+    """NaN logits in one row at one step (not the first, not in the first row of its batch) raise
+    NonFiniteLogits naming that row's example and that step; the other rows' logits are finite."""
+    import copy
+
+    from entcal.storage.errors import UserError
+    from entcal.tasks.generate import NonFiniteLogits
+
+    model = copy.deepcopy(tiny_lm.model)
+    target, bad_step = prompts.row(4, named=True), 3
+    seen = {"row": None, "calls": 0}
+
+    def find_row(_module, args, kwargs):  # the prefill: which batch row holds the target prompt (left padded)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:
+            p = list(target["prompt_ids"])
+            seen["row"] = next(i for i, r in enumerate(ids.tolist()) if r[len(r) - len(p):] == p)
+
+    def poison(_module, _args, out):  # final norm of forward k: the hidden states of step k's logits
+        k, seen["calls"] = seen["calls"], seen["calls"] + 1
+        if k == bad_step:
+            out = out.clone()
+            out[seen["row"]] = float("nan")
+        return out
+
+    model.model.register_forward_pre_hook(find_row, with_kwargs=True)
+    model.model.norm.register_forward_hook(poison)
+    nan_lm = with_model(tiny_lm, model)
+    with pytest.raises(NonFiniteLogits) as err:
+        _gen(nan_lm, prompts, DECODINGS[0], samples_per_prompt=1, batch_size=prompts.height)
+    assert seen["row"] not in (None, 0)  # a row other than the batch's first
+    assert isinstance(err.value, UserError)
+    assert str(err.value).startswith(f"NaN or +inf in the model's logits for example {target['example_id']} "
+                                     f"at generation step {bad_step} ")

@@ -113,21 +113,21 @@ def test_device_map_auto_on_cpu_stays_on_the_cpu(spread_lm, tiny_lm):
     assert spread_lm.params == tiny_lm.params and spread_lm.eos_ids == tiny_lm.eos_ids
 
 
-def test_device_map_auto_generates_and_scores_what_the_plain_load_does(tiny_spec, tiny_model_dir, tiny_lm,
-                                                                       spread_lm):
+def test_device_map_auto_generates_and_scores_what_the_plain_load_does(tiny_lm, spread_lm):
+    from entcal.tasks.contracts import GenerationKnobs, ScoringKnobs
     from entcal.tasks.generate import generate
     from entcal.tasks.score import score
 
-    spread = ModelSpec(path=str(tiny_model_dir), name="tiny", device_map="auto")
+    assert (spread_lm.pad_id, spread_lm.compiled) == (tiny_lm.pad_id, tiny_lm.compiled) == (0, False)
     prompts = random_prompts(tiny_lm, 4, 10, 14, seed=3)
     decodings = [DecodingSpec(), DecodingSpec(temperature=0.8, top_p=0.9)]
+    knobs = GenerationKnobs(max_new_tokens=12, samples_per_prompt=2, seed=5, batch_size=3)
     for dec in decodings:
-        kw = dict(max_new_tokens=12, samples_per_prompt=2, seed=5, batch_size=3)
-        plain, spread_gen = generate(tiny_spec, prompts, dec, **kw), generate(spread, prompts, dec, **kw)
+        plain, spread_gen = generate(tiny_lm, prompts, dec, knobs), generate(spread_lm, prompts, dec, knobs)
         assert plain.height == 8 and plain["step_entropy"].list.len().min() > 0
         assert_frame_equal(spread_gen, plain, check_exact=True)
-    kw = dict(max_tokens=12, epsilon=1e-4, batch_size=3)
-    plain_ref, spread_ref = score(tiny_spec, prompts, decodings, **kw), score(spread, prompts, decodings, **kw)
+    knobs = ScoringKnobs(max_tokens=12, epsilon=1e-4, batch_size=3)
+    plain_ref, spread_ref = score(tiny_lm, prompts, decodings, knobs), score(spread_lm, prompts, decodings, knobs)
     assert plain_ref.height == 8
     assert_frame_equal(spread_ref, plain_ref, check_exact=True)
 

@@ -11,16 +11,18 @@ from entcal.tasks.atoms import (
     position_atoms, reweighted_generate, reweighted_logits, tail_entries,
 )
 from entcal.tasks.config import DecodingSpec
-from entcal.tasks.contracts import REFERENCE_SCHEMA, Recalibration
+from entcal.tasks.contracts import REFERENCE_SCHEMA, Recalibration, RecalibrationKnobs, ScoringKnobs
 from entcal.tasks.figures import plot_pareto
 from entcal.tasks.fronts import tau_star, truncation_front
-from entcal.tasks.generate import generate_table
+from entcal.tasks.generate import generate
 from entcal.tasks.metrics import entce_summary
 from entcal.tasks.recalibrate import (
     FUTURE_BOUNDS, LOOKAHEAD_BOUNDS, BeforeTables, FutureEntropyRegressor, fit_future_regressor,
     future_entropy_calibration, future_entropy_targets, lookahead_calibration,
 )
-from entcal.tasks.score import score_table
+from entcal.tasks.score import score
+from tests.tasks.helpers import gen as generate_base
+from tests.tasks.helpers import generation_knobs, scored, summary_knobs, with_model
 
 N_NEW = 12
 
@@ -199,9 +201,10 @@ def _check_against_explicit(atoms, m, logp, phi, alpha, gamma, y, eos=()):
     assert ent[m] == pytest.approx(float(-(lq.exp() * lq).sum()), abs=1e-4)
 
 
-def test_teacher_forced_candidates_equal_naive_and_alpha0_is_base(sharp_model, prompts):
+def test_teacher_forced_candidates_equal_naive_and_alpha0_is_base(tiny_lm, sharp_model, prompts):
     model, dec = sharp_model, DecodingSpec(temperature=0.9)
-    atoms = _features(model, prompts.head(3), dec, top_k=5, max_tokens=N_NEW, batch_size=2, chunk=7)
+    lm = with_model(tiny_lm, model)
+    atoms = _features(lm, prompts.head(3), dec, top_k=5, max_tokens=N_NEW, batch_size=2, chunk=7)
     ctx, ref = prompts["prompt_ids"].to_list(), prompts["reference_ids"].to_list()
     # mid-sequence prefixes: the padding mask must hide the cache beyond each candidate's context
     for m in (0, 7, N_NEW + 4, 3 * N_NEW - 1):
@@ -214,7 +217,7 @@ def test_teacher_forced_candidates_equal_naive_and_alpha0_is_base(sharp_model, p
             logp = torch.log_softmax(model(input_ids=torch.tensor([prefix])).logits[0, -1].float() / 0.9, -1)
         _check_against_explicit(atoms, m, logp, naive, 1.3, 0.0, ref[ex][step])
     # α = 0: q̃ is the base distribution: log loss and entropy of the teacher-forced scorer
-    base = score_table(model, prompts.head(3), [dec], max_tokens=N_NEW, epsilon=1e-4)
+    base = scored(lm, prompts.head(3), [dec], max_tokens=N_NEW, epsilon=1e-4)
     loss, ent = atoms.loss_entropy(0.0)
     np.testing.assert_allclose(loss, np.concatenate(base["step_logloss"].to_list()), atol=1e-4)
     np.testing.assert_allclose(ent, np.concatenate(base["step_entropy"].to_list()), atol=1e-4)
@@ -233,16 +236,16 @@ def _same_samples(a, b):
 
 def test_lookahead_generate_alpha0_reproduces_sampler(tiny_lm, prompts):
     dec, kw = DecodingSpec(temperature=1.1), dict(max_new_tokens=N_NEW, samples_per_prompt=2, seed=5, batch_size=3)
-    base = generate_table(tiny_lm.model, prompts.head(4), dec, **kw)
-    la = _generate(tiny_lm.model, prompts.head(4), dec, alpha=0.0, top_k=6, **kw)
+    base = generate_base(tiny_lm, prompts.head(4), dec, **kw)
+    la = _generate(tiny_lm, prompts.head(4), dec, alpha=0.0, top_k=6, **kw)
     assert la.schema == base.schema and la.height == base.height
     _same_samples(la, base)
     # EOS compaction (KV cache rows dropped mid-batch) keeps the candidate pass aligned with its rows
     eos = base["token_ids"][0][3]
-    stopped = _generate(tiny_lm.model, prompts.head(4), dec, alpha=0.0, top_k=6, eos_ids=(eos,), **kw)
+    stopped = _generate(tiny_lm, prompts.head(4), dec, alpha=0.0, top_k=6, eos_ids=(eos,), **kw)
     assert (stopped["finish_reason"] == "eos").any() and (stopped["finish_reason"] == "length").any()
-    _same_samples(stopped, generate_table(tiny_lm.model, prompts.head(4), dec, eos_ids=(eos,), **kw))
-    moved = _generate(tiny_lm.model, prompts.head(4), dec, alpha=3.0, top_k=6, **kw)
+    _same_samples(stopped, generate_base(tiny_lm, prompts.head(4), dec, eos_ids=(eos,), **kw))
+    moved = _generate(tiny_lm, prompts.head(4), dec, alpha=3.0, top_k=6, **kw)
     assert moved["token_ids"].to_list() != base["token_ids"].to_list()
 
 
@@ -272,40 +275,46 @@ def _phi_gamma(dec, reg=None):
     return (entropy_phi(dec.temperature), 0.0) if reg is None else (reg.phi, 1.0)
 
 
-def _features(model, prompts, dec=None, reg=None, **kw) -> HumanAtoms:
-    """The human text's atoms under lookahead (no ``reg``) or future entropy (regressor ``reg``)."""
+def _features(lm, prompts, dec=None, reg=None, *, eos_ids=(), batch_size=8, **kw) -> HumanAtoms:
+    """The human text's atoms under lookahead (no ``reg``) or future entropy (regressor ``reg``); ``eos_ids``
+    (none by default) replace the model's."""
     dec = dec or DecodingSpec()
-    return human_atoms(model, prompts, dec, *_phi_gamma(dec, reg), **kw)
+    return human_atoms(with_model(lm, eos_ids=tuple(eos_ids)), prompts, dec, *_phi_gamma(dec, reg),
+                       batch_size=batch_size, **kw)
 
 
-def _generate(model, prompts, dec=None, reg=None, *, alpha, buckets=(), **kw) -> pl.DataFrame:
-    """Generations sampled from lookahead's (no ``reg``) or future entropy's q̃ at ``alpha``."""
+def _generate(lm, prompts, dec=None, reg=None, *, alpha, buckets=(), top_k, eos_ids=(), chunk=None,
+              **knobs) -> pl.DataFrame:
+    """Generations sampled from lookahead's (no ``reg``) or future entropy's q̃ at ``alpha``; ``knobs``:
+    helpers.generation_knobs'; ``eos_ids`` (none by default) replace the model's."""
     dec = dec or DecodingSpec()
-    return reweighted_generate(model, prompts, dec, *_phi_gamma(dec, reg), alpha, buckets,
-                               key=f"{dec.key}-{'look' if reg is None else 'fut'}", **kw)
+    return reweighted_generate(with_model(lm, eos_ids=tuple(eos_ids)), prompts, dec, *_phi_gamma(dec, reg), alpha,
+                               buckets, key=f"{dec.key}-{'look' if reg is None else 'fut'}", top_k=top_k,
+                               knobs=generation_knobs(**knobs), chunk=chunk)
 
 
-def _method(name, model, reg_scale=0.5):
+def _method(name, lm, reg_scale=0.5):
     """(generate, features) of one method with its regressor bound."""
-    reg = None if name == "lookahead" else _regressor(model.config.hidden_size, scale=reg_scale, bias=3.0)
+    reg = None if name == "lookahead" else _regressor(lm.model.config.hidden_size, scale=reg_scale, bias=3.0)
     return (lambda m, p, d, **kw: _generate(m, p, d, reg, **kw), lambda m, p, d, **kw: _features(m, p, d, reg, **kw))
 
 
 @pytest.mark.parametrize("method", ["lookahead", "future"])
-def test_generation_matches_teacher_forced_rescore_with_eos(sharp_model, prompts, method):
+def test_generation_matches_teacher_forced_rescore_with_eos(tiny_lm, sharp_model, prompts, method):
     """α ≠ 0: H(q̃_t) and log q̃(token) recorded while sampling (left padding, KV cache, per-step candidate
     pass, φ(EOS) = 0) equal the teacher-forced scorer run on the generated tokens (right padding, masked
     prefixes, the tail as exact entries)."""
-    dec, (gen, feat) = DecodingSpec(temperature=0.9), _method(method, sharp_model)
+    sharp = with_model(tiny_lm, sharp_model)
+    dec, (gen, feat) = DecodingSpec(temperature=0.9), _method(method, sharp)
     kw = dict(top_k=5, max_new_tokens=N_NEW, seed=7, batch_size=3)
-    free = gen(sharp_model, prompts.head(5), dec, alpha=1.5, **kw)
+    free = gen(sharp, prompts.head(5), dec, alpha=1.5, **kw)
     common = pl.Series(np.concatenate(free["token_ids"].to_list())).value_counts(sort=True)
     eos = tuple(int(t) for t in common[:, 0].head(2))  # frequent tokens: some rows stop at them
-    gens = gen(sharp_model, prompts.head(5), dec, alpha=1.5, eos_ids=eos, **kw)
+    gens = gen(sharp, prompts.head(5), dec, alpha=1.5, eos_ids=eos, **kw)
     assert (gens["finish_reason"] == "eos").any()
     as_ref = prompts.head(5).drop("reference_ids").join(
         gens.select("example_id", pl.col("token_ids").alias("reference_ids")), on="example_id")
-    loss, ent = feat(sharp_model, as_ref, dec, top_k=5, max_tokens=N_NEW, batch_size=2, eos_ids=eos).loss_entropy(1.5)
+    loss, ent = feat(sharp, as_ref, dec, top_k=5, max_tokens=N_NEW, batch_size=2, eos_ids=eos).loss_entropy(1.5)
     np.testing.assert_allclose(ent, np.concatenate(gens["step_entropy"].to_list()), atol=1e-4)
     np.testing.assert_allclose(-loss, np.concatenate(gens["step_logprob"].to_list()), atol=1e-4)
 
@@ -329,12 +338,13 @@ def flat_model(tiny_lm):
 def test_constant_future_entropy_is_temperature_in_generation(tiny_lm, flat_model, prompts, which):
     """f̂ constant: q̃ ∝ p̂^{1+α} for every token, i.e. temperature τ/(1+α): the same tokens, entropies and
     log-probs as tasks.generate's sampler at that temperature (a lumped tail atom would move the tail)."""
-    model = tiny_lm.model if which == "tiny" else flat_model
+    lm = tiny_lm if which == "tiny" else with_model(tiny_lm, flat_model)
+    model = lm.model
     reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
     kw = dict(max_new_tokens=N_NEW, seed=3, batch_size=4)
     for alpha in ALPHAS:
-        q = _generate(model, prompts.head(4), DecodingSpec(temperature=1.2), reg, alpha=alpha, top_k=6, **kw)
-        t = generate_table(model, prompts.head(4), DecodingSpec(temperature=1.2 / (1 + alpha)), **kw)
+        q = _generate(lm, prompts.head(4), DecodingSpec(temperature=1.2), reg, alpha=alpha, top_k=6, **kw)
+        t = generate_base(lm, prompts.head(4), DecodingSpec(temperature=1.2 / (1 + alpha)), **kw)
         _same_samples(q, t)
         if which == "flat":
             np.testing.assert_allclose(np.concatenate(q["step_entropy"].to_list()), math.log(model.config.vocab_size),
@@ -344,12 +354,12 @@ def test_constant_future_entropy_is_temperature_in_generation(tiny_lm, flat_mode
 @pytest.mark.parametrize("which", ["tiny", "flat"])
 def test_constant_future_entropy_is_temperature_in_fitting(tiny_lm, flat_model, prompts, which):
     """The same in fitting: HumanAtoms' log loss and entropy at α equal the teacher-forced scorer at τ/(1+α)."""
-    model = tiny_lm.model if which == "tiny" else flat_model
-    reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
-    atoms = _features(model, prompts.head(3), DecodingSpec(temperature=1.2), reg, top_k=6, max_tokens=N_NEW)
+    lm = tiny_lm if which == "tiny" else with_model(tiny_lm, flat_model)
+    reg = _regressor(lm.model.config.hidden_size, scale=0.0, bias=4.0)
+    atoms = _features(lm, prompts.head(3), DecodingSpec(temperature=1.2), reg, top_k=6, max_tokens=N_NEW)
     for alpha in ALPHAS:
-        ref = score_table(model, prompts.head(3), [DecodingSpec(temperature=1.2 / (1 + alpha))], max_tokens=N_NEW,
-                          epsilon=1e-4)
+        ref = scored(lm, prompts.head(3), [DecodingSpec(temperature=1.2 / (1 + alpha))], max_tokens=N_NEW,
+                     epsilon=1e-4)
         loss, ent = atoms.loss_entropy(alpha)
         np.testing.assert_allclose(loss, np.concatenate(ref["step_logloss"].to_list()), atol=1e-4)
         np.testing.assert_allclose(ent, np.concatenate(ref["step_entropy"].to_list()), atol=1e-4)
@@ -413,15 +423,15 @@ def test_eos_candidates_get_phi_zero(tiny_lm, prompts):
     """φ(EOS) = 0: a candidate that is an EOS id has lookahead feature 0 (H(next | EOS) := 0) and future
     feature log p̂ (f̂(EOS) := 0); the other candidates keep theirs; the same rule in generation's logits."""
     model = tiny_lm.model
-    base = _features(model, prompts.head(2), top_k=6, max_tokens=N_NEW)
+    base = _features(tiny_lm, prompts.head(2), top_k=6, max_tokens=N_NEW)
     eos = int(base.candidates[5, 2])  # a candidate at position 5 (rank 3)
-    atoms = _features(model, prompts.head(2), top_k=6, max_tokens=N_NEW, eos_ids=(eos,))
+    atoms = _features(tiny_lm, prompts.head(2), top_k=6, max_tokens=N_NEW, eos_ids=(eos,))
     is_eos = atoms.candidates == eos
     assert is_eos[5, 2] and (atoms.u[:, :6][is_eos] == 0).all()
     assert (atoms.u[:, :6][~is_eos] < 0).all()  # entropies > 0 elsewhere
     np.testing.assert_allclose(atoms.u[:, :6][~is_eos], base.u[:, :6][~is_eos])
     reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
-    fut = _features(model, prompts.head(2), reg=reg, top_k=6, max_tokens=N_NEW, eos_ids=(eos,))
+    fut = _features(tiny_lm, prompts.head(2), reg=reg, top_k=6, max_tokens=N_NEW, eos_ids=(eos,))
     lp = fut.logP[:, :6]
     np.testing.assert_allclose(fut.u[:, :6], np.where(fut.candidates == eos, lp, lp - 4.0), atol=1e-6)
     # an EOS id outside the top-k is its own atom with φ = 0
@@ -448,9 +458,9 @@ def test_eos_phi_zero_in_generation(tiny_lm, prompts, method):
     eos = tuple(sorted({int(lp.topk(2).indices[1]) for lp in logps}))  # a candidate in every row
     reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
     if method == "lookahead":
-        gens = _generate(model, one, alpha=alpha, top_k=k, max_new_tokens=1, eos_ids=eos, seed=4)
+        gens = _generate(tiny_lm, one, alpha=alpha, top_k=k, max_new_tokens=1, eos_ids=eos, seed=4)
     else:
-        gens = _generate(model, one, reg=reg, alpha=alpha, top_k=k, max_new_tokens=1, eos_ids=eos, seed=4)
+        gens = _generate(tiny_lm, one, reg=reg, alpha=alpha, top_k=k, max_new_tokens=1, eos_ids=eos, seed=4)
     for c, lp, row in zip(ctx, logps, gens.iter_rows(named=True)):
         cand = lp.topk(k).indices
         phi = [_naive_entropy(model, c + [int(w)]) for w in cand] if method == "lookahead" else [4.0] * k
@@ -465,7 +475,7 @@ def test_future_entropy_target_is_the_sum_of_later_steps():
 
 
 def test_fit_alpha_never_worse_than_zero_and_buckets(tiny_lm, prompts):
-    atoms = _features(tiny_lm.model, prompts, top_k=8, max_tokens=N_NEW)
+    atoms = _features(tiny_lm, prompts, top_k=8, max_tokens=N_NEW)
     fit = fit_alpha(atoms, bounds=LOOKAHEAD_BOUNDS)
     assert fit["logloss"] <= fit["logloss_alpha0"] + 1e-12
     grid = [atoms.loss_entropy(a)[0].mean() for a in np.linspace(-1, 4, 51)]
@@ -498,10 +508,23 @@ def test_uninformative_feature_gets_alpha_zero():
     assert fit["alpha"] == 0.0 and fit["logloss"] == fit["logloss_alpha0"]
 
 
+def _recalibration_knobs(*, batch_size: int) -> RecalibrationKnobs:
+    """6 candidates, N_NEW steps, 1 sample per prompt, seed 0, 50 bootstrap resamples."""
+    return RecalibrationKnobs(candidates=6, generation=generation_knobs(max_new_tokens=N_NEW, batch_size=batch_size),
+                              summary=summary_knobs(horizon=N_NEW, bootstrap=50))
+
+
 def test_lookahead_calibration_end_to_end(tiny_lm, prompts):
-    model, train, evals, dec = tiny_lm.model, prompts.head(4), prompts.tail(4), DecodingSpec()
-    kw = dict(top_k=6, max_new_tokens=N_NEW, batch_size=4, bootstrap=50)
-    out = lookahead_calibration(model, train, evals, **kw)
+    """α fitted on the fit split's human text; "before" is the pipeline's cached tables of the evaluation split
+    (tasks.generate and tasks.score at the base decoding; rows of other examples and decodings are ignored),
+    "after" is q̃ at the fitted α: sampled by reweighted_generate, the human text scored by the atoms."""
+    lm, train, evals, dec = tiny_lm, prompts.head(4), prompts.tail(4), DecodingSpec()
+    knobs = _recalibration_knobs(batch_size=4)
+    scoring = ScoringKnobs(max_tokens=N_NEW, epsilon=1e-4, batch_size=4)
+    gens0, other = generate(lm, evals, dec, knobs.generation), generate(lm, train, dec, knobs.generation)
+    ref, ref_t08 = score(lm, evals, [dec], scoring), score(lm, evals, [DecodingSpec(temperature=0.8)], scoring)
+    before = BeforeTables(None, pl.concat([other, gens0]), pl.concat([ref_t08, ref]))
+    out = lookahead_calibration(lm, train, evals, before, knobs)
     assert isinstance(out, Recalibration) and out.alpha != 0  # q̃ ≠ p̂: "after" below is not "before"
     for v in (out.alpha, out.entce_before, out.entce_after, out.logloss_before, out.logloss_after):
         assert np.all(np.isfinite(v))
@@ -509,36 +532,32 @@ def test_lookahead_calibration_end_to_end(tiny_lm, prompts):
     json.dumps(out.extra)  # JSON-able
     # held out: guaranteed only where α was fitted; here the eval split agrees to within noise
     assert out.logloss_after <= out.logloss_before + 1e-4
-    # before = the base sampler on the eval split, scored like tasks.score
-    ref = score_table(model, evals, [dec], max_tokens=N_NEW, epsilon=1e-4)
+    # before = the cached tables' rows of the evaluation split at the base decoding
+    want = entce_summary(gens0, ref, knobs.summary)
+    assert (out.entce_before, out.logloss_before, out.extra["entropy_before"]) == (want.entce, want.logloss,
+                                                                                   want.entropy)
+    assert out.extra["entce_ci_before"] == [want.entce_ci_low, want.entce_ci_high]
     assert out.logloss_before == pytest.approx(float(np.concatenate(ref["step_logloss"].to_list()).mean()), abs=1e-4)
-    # after = q̃ at the fitted α: sampled by reweighted_generate, the human text scored by the atoms
+    # after = q̃ at the fitted α
     phi = entropy_phi(dec.temperature)
-    gens1 = reweighted_generate(model, evals, dec, phi, 0.0, out.alpha, top_k=6, key="q", max_new_tokens=N_NEW,
-                                batch_size=4)
-    ref1 = human_atoms(model, evals, dec, phi, 0.0, top_k=6, max_tokens=N_NEW, batch_size=4).table(out.alpha, key="q")
-    after = entce_summary(gens1, ref1, horizon=N_NEW, bootstrap=50)
+    gens1 = reweighted_generate(lm, evals, dec, phi, 0.0, out.alpha, top_k=6, key="q", knobs=knobs.generation)
+    ref1 = human_atoms(lm, evals, dec, phi, 0.0, top_k=6, max_tokens=N_NEW, batch_size=4).table(out.alpha, key="q")
+    after = entce_summary(gens1, ref1, knobs.summary)
     assert (out.entce_after, out.logloss_after, out.extra["entropy_after"]) == (after.entce, after.logloss,
                                                                                 after.entropy)
     assert out.extra["entce_ci_after"] == [after.entce_ci_low, after.entce_ci_high]
-    # the pipeline's cached "before" tables; rows of other examples and decodings are ignored
-    gens0 = generate_table(model, evals, dec, max_new_tokens=N_NEW)
-    other = generate_table(model, train, dec, max_new_tokens=N_NEW)
-    ref_t08 = score_table(model, evals, [DecodingSpec(temperature=0.8)], max_tokens=N_NEW, epsilon=1e-4)
-    before = BeforeTables(None, pl.concat([other, gens0]), pl.concat([ref_t08, ref]))
-    cached = lookahead_calibration(model, train, evals, before=before, **kw)
-    want = entce_summary(gens0, ref, horizon=N_NEW, bootstrap=50)
-    assert (cached.entce_before, cached.logloss_before) == (want.entce, want.logloss)
-    assert (cached.alpha, cached.entce_after, cached.logloss_after) == (out.alpha, out.entce_after, out.logloss_after)
+    # "before" tables without the split's decoding, or without its examples, are refused
     with pytest.raises(ValueError, match="eval_reference: no rows of decoding t1"):
-        lookahead_calibration(model, train, evals, before=BeforeTables(None, gens0, ref_t08), **kw)
+        lookahead_calibration(lm, train, evals, BeforeTables(None, gens0, ref_t08), knobs)
+    with pytest.raises(ValueError, match="eval_generations: no rows of decoding t1 for the split's examples"):
+        lookahead_calibration(lm, train, evals, BeforeTables(None, other, ref), knobs)
 
 
 def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
-    model, dec = tiny_lm.model, DecodingSpec()
+    lm, model, dec = tiny_lm, tiny_lm.model, DecodingSpec()
     train, evals = prompts.head(5), prompts.tail(3)
-    gens = generate_table(model, train, dec, max_new_tokens=N_NEW, samples_per_prompt=2, seed=1)
-    reg = fit_future_regressor(model, train, gens, horizon=N_NEW)
+    gens = generate_base(lm, train, dec, max_new_tokens=N_NEW, samples_per_prompt=2, seed=1)  # no EOS: full length
+    reg = fit_future_regressor(lm, train, gens, horizon=N_NEW)
     assert reg.n == 10 * (N_NEW - 1) and reg.r2 > 0
     # the same fit written out: feature = final hidden state at generated token s (unpadded forward),
     # target = total entropy of steps s+1 … end (a sum, Cao et al.'s F_{t+1})
@@ -556,8 +575,8 @@ def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
     w = torch.linalg.solve(gram, xz.T @ (y - y.mean()) / len(x))
     torch.testing.assert_close(reg.weight.double(), w, atol=1e-3, rtol=1e-3)
     assert reg.bias == pytest.approx(float(y.mean()), abs=1e-6)
-    atoms = _features(model, evals, dec, reg, top_k=6, max_tokens=N_NEW)
-    base = score_table(model, evals, [dec], max_tokens=N_NEW, epsilon=1e-4)
+    atoms = _features(lm, evals, dec, reg, top_k=6, max_tokens=N_NEW)
+    base = scored(lm, evals, [dec], max_tokens=N_NEW, epsilon=1e-4)
     np.testing.assert_allclose(atoms.loss_entropy(0.0)[0], np.concatenate(base["step_logloss"].to_list()), atol=1e-4)
     ctx, ref = evals["prompt_ids"].to_list(), evals["reference_ids"].to_list()
     for m in (3, N_NEW + 9):  # the regressor on the hidden state after each candidate, and q̃ at α ≠ 0
@@ -571,19 +590,18 @@ def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
         np.testing.assert_allclose(atoms.u[m, :6], (logp[atoms.candidates[m]].double() - f_hat).numpy(), atol=1e-4)
         _check_against_explicit(atoms, m, logp, f_hat, 0.7, 1.0, ref[ex][step])
     kw = dict(max_new_tokens=N_NEW, seed=2, batch_size=2)
-    _same_samples(_generate(model, evals, dec, reg, alpha=0.0, top_k=6, **kw),
-                  generate_table(model, evals, dec, **kw))
+    _same_samples(_generate(lm, evals, dec, reg, alpha=0.0, top_k=6, **kw), generate_base(lm, evals, dec, **kw))
     fit = fit_alpha(atoms, bounds=FUTURE_BOUNDS, buckets=[6])
     assert fit["logloss"] <= fit["logloss_alpha0"] + 1e-12
-    out = future_entropy_calibration(model, train, evals, top_k=6, max_new_tokens=N_NEW, buckets=[6], bootstrap=50)
-    assert out.extra["regressor_n"] == 5 * (N_NEW - 1) and out.extra["alpha_buckets"] == [6]
+    # the calibration on the pipeline's cached tables: f̂ is fitted on the given generations of the fit split
+    # (2 samples each), "before" is the evaluation split's generations and reference
+    gens_eval = generate_base(lm, evals, dec, max_new_tokens=N_NEW, eos_ids=None)  # the model's EOS ids, as a study
+    knobs = _recalibration_knobs(batch_size=8)
+    out = future_entropy_calibration(lm, train, evals, BeforeTables(gens, gens_eval, base), knobs, buckets=[6])
+    assert (out.extra["regressor_n"], out.extra["regressor_r2"]) == (reg.n, reg.r2) == (10 * (N_NEW - 1), reg.r2)
+    assert out.extra["alpha_buckets"] == [6]
     assert out.extra["fit_logloss"] <= out.extra["fit_logloss_alpha0"] + 1e-12 and len(out.alpha) == 2
     assert out.logloss_after <= out.logloss_before  # held out: not a theorem, true on this split
     assert np.isfinite([out.entce_before, out.entce_after, out.logloss_after]).all()
-    # the pipeline's cached tables: f̂ is fitted on the given generations of the fit split (2 samples each)
-    gens_eval = generate_table(model, evals, dec, max_new_tokens=N_NEW)
-    cached = future_entropy_calibration(model, train, evals, before=BeforeTables(gens, gens_eval, base), top_k=6,
-                                        max_new_tokens=N_NEW, buckets=[6], bootstrap=50)
-    assert (cached.extra["regressor_n"], cached.extra["regressor_r2"]) == (reg.n, reg.r2)
-    want = entce_summary(gens_eval, base, horizon=N_NEW, bootstrap=50)
-    assert (cached.entce_before, cached.logloss_before) == (want.entce, want.logloss)
+    want = entce_summary(gens_eval, base, knobs.summary)
+    assert (out.entce_before, out.logloss_before) == (want.entce, want.logloss)

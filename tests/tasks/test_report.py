@@ -8,11 +8,11 @@ import polars as pl
 import pytest
 
 from entcal.tasks import report
-from entcal.tasks.metrics import entce_summary, step_curves
 from entcal.tasks.config import DatasetSpec, DecodingSpec
 from entcal.tasks.datasets import build_prompts, documents
-from entcal.tasks.generate import generate_table, token_strings
-from entcal.tasks.score import score_table
+from entcal.tasks.generate import token_strings
+from entcal.tasks.metrics import step_curves
+from tests.tasks.helpers import gen, scored, summarize
 
 HORIZON = 12
 
@@ -63,15 +63,15 @@ def tables(tiny_lm):
                                num_examples=5, prompt_tokens=10, min_reference_tokens=HORIZON,
                                max_reference_tokens=HORIZON)
     dec = DecodingSpec()
-    gens = generate_table(tiny_lm.model, prompts, dec, max_new_tokens=HORIZON, samples_per_prompt=1, seed=0,
-                          batch_size=4, eos_ids=tiny_lm.eos_ids, pad_id=0, tokenizer=tiny_lm.tokenizer)
-    ref = score_table(tiny_lm.model, prompts, [dec], max_tokens=HORIZON, epsilon=1e-6, batch_size=4)
+    gens = gen(tiny_lm, prompts, dec, max_new_tokens=HORIZON, samples_per_prompt=1, seed=0, batch_size=4,
+               eos_ids=None)  # the model's own EOS ids
+    ref = scored(tiny_lm, prompts, [dec], max_tokens=HORIZON, epsilon=1e-6, batch_size=4)
     return prompts, gens, ref
 
 
 def _write(out, tables, extra="", excerpts=None):
     prompts, gens, ref = tables
-    s = entce_summary(gens, ref, horizon=HORIZON, bootstrap=20)
+    s = summarize(gens, ref, horizon=HORIZON, bootstrap=20)
     summary = pl.DataFrame([{"model": "tiny", "dataset": "python-docs", "decoding": "t1", "temperature": 1.0,
                              "truncated": False, **{k: getattr(s, k) for k in report.METRIC_COLUMNS}}])
     curves = [{"model": "tiny", "dataset": "python-docs", "decoding": "t1",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from entcal.tasks import figures, scaling
+from entcal.tasks import figures, scaling, theory
 
 PLANTED_SLOPE = -0.2
 THEORY_ALPHAS = (1.2, 1.5, 2.0, 3.0)
@@ -133,54 +133,66 @@ def test_fit_scaling_needs_two_distinct_models():
         scaling.fit_scaling([1e9, 2e9], [0.1])
 
 
-def test_study_scaling_sections_use_per_example_sums(tmp_path):
-    from entcal.flows.study import scaling_sections
-    from entcal.tasks.config import StudyConfig
+def test_family_fits_and_their_report_sections_use_per_example_sums(tmp_path):
+    """scaling.family_fits (the study's scaling stage) fits each family of >= 2 models per dataset at τ = 1,
+    untruncated, its CI resampling the per-example sums; report.scaling_section writes the fit and its figure."""
+    from entcal.tasks.report import scaling_section
 
-    sizes = {"m1": 1e8, "m2": 4e8, "m3": 1.6e9}
-    cfg = StudyConfig.model_validate({
-        "models": [{"path": f"/nonexistent/{m}", "name": m, "family": "fam", "params": n} for m, n in sizes.items()],
-        "datasets": [{"name": "python-docs"}], "bootstrap": 300, "ci_level": 0.9})
+    sizes = {"m1": 1e8, "m2": 4e8, "m3": 1.6e9, "solo": 1e9}
     entce = {m: 0.4 * (n / 1e8) ** -0.2 for m, n in sizes.items()}
-    rows = [{"model": m, "dataset": "python-docs", "temperature": t, "truncated": False, "entce": e * t}
-            for m, e in entce.items() for t in (1.0, 1.5)]
+    rows = [{"model": m, "dataset": "python-docs", "temperature": t, "truncated": tr, "entce": e * t + tr}
+            for m, e in entce.items() for t, tr in ((1.0, False), (1.5, False), (1.0, True))]
     sums = {(m, "python-docs"): _examples(e, noise=0.3, seed=k) for k, (m, e) in enumerate(entce.items())}
-    (three,), (png,) = scaling_sections(cfg, rows, tmp_path, sums, sizes)
-    assert "slope -0.200 over 3 models, 90% CI [" in three and "300 resamples" in three
-    assert png == str(tmp_path / "scaling__fam__python-docs.png") and Path(png).stat().st_size > 1000
-    two = cfg.model_copy(update={"models": cfg.models[:2]})
-    (text,), _ = scaling_sections(two, [r for r in rows if r["model"] != "m3"], tmp_path, sums, sizes)
-    assert "no CI: 2 models; a slope through 2 points has no residual to resample" in text
+    families = {"fam": ["m1", "m2", "m3"], "alone": ["solo"]}  # a family of one model has no slope: no fit
+    (three,) = scaling.family_fits(families, ["python-docs"], rows, sizes, sums, n_boot=300, ci_level=0.9, seed=0)
+    assert (three.family, three.dataset, three.error) == ("fam", "python-docs", None)
+    assert three.points == [(sizes[m], entce[m], m) for m in ("m1", "m2", "m3")]  # τ = 1, untruncated rows only
+    png = figures.plot_scaling([x for x, _, _ in three.points], [e for _, e, _ in three.points], three.fit,
+                               str(tmp_path / "scaling__fam__python-docs.png"))
+    text = scaling_section(three, Path(png).name)
+    assert text.startswith("## Scaling: fam on python-docs\n")
+    assert "slope -0.200 over 3 models, 90% CI [" in text and "300 resamples" in text
+    assert "![scaling](scaling__fam__python-docs.png)" in text and Path(png).stat().st_size > 1000
+    (two,) = scaling.family_fits({"fam": ["m1", "m2"]}, ["python-docs"], rows, sizes, sums, n_boot=300,
+                                 ci_level=0.9, seed=0)
+    assert "no CI: 2 models; a slope through 2 points has no residual to resample" in scaling_section(two, "x.png")
+    # a model's sums missing: a fit without a CI; a dataset without rows: no fit, and the section says why
+    no_sums = {k: v for k, v in sums.items() if k[0] != "m2"}
+    fits = scaling.family_fits({"fam": ["m1", "m2", "m3"]}, ["python-docs", "other"], rows, sizes, no_sums,
+                               n_boot=300, ci_level=0.9, seed=0)
+    assert [(f.dataset, f.fit is None) for f in fits] == [("python-docs", False), ("other", True)]
+    assert fits[0].fit.slope_ci_low is None and fits[0].fit.slope == pytest.approx(three.fit.slope)
+    assert scaling_section(fits[1], None) == f"## Scaling: fam on other\n\nNo fit: {fits[1].error}\n"
 
 
 # --------------------------------------------------------------------------- theory
 
 def test_zeta_matches_known_values():
-    assert scaling.zeta(2.0) == pytest.approx(math.pi ** 2 / 6, rel=1e-12)
-    assert scaling.zeta(4.0) == pytest.approx(math.pi ** 4 / 90, rel=1e-12)
+    assert theory.zeta(2.0) == pytest.approx(math.pi ** 2 / 6, rel=1e-12)
+    assert theory.zeta(4.0) == pytest.approx(math.pi ** 4 / 90, rel=1e-12)
 
 
 def test_theory_exponent_alpha_2_within_005():
-    rows = scaling.theory_results((1.5, 2.0, 3.0))
+    rows = theory.theory_results((1.5, 2.0, 3.0))
     row = next(r for r in rows if r["alpha"] == 2.0)
     assert row["predicted_exponent"] == pytest.approx(-0.5)
     assert abs(row["fitted_exponent"] - row["predicted_exponent"]) < 0.05
 
 
 def test_theory_exponents_track_one_over_alpha_minus_one():
-    for row in scaling.theory_results(THEORY_ALPHAS, horizon=1):
+    for row in theory.theory_results(THEORY_ALPHAS, horizon=1):
         # horizon 1: EntCE = gap·q, so the fitted exponent is the derailing exponent.
         assert abs(row["fitted_exponent"] - (1 / row["alpha"] - 1)) < 0.02, row
     # A longer horizon saturates EntCE at the gap (q·T ≳ 1) and flattens the exponent toward 0.
-    short = scaling.theory_results((1.2,), horizon=1)[0]["fitted_exponent"]
-    long = scaling.theory_results((1.2,), horizon=1000)[0]["fitted_exponent"]
+    short = theory.theory_results((1.2,), horizon=1)[0]["fitted_exponent"]
+    long = theory.theory_results((1.2,), horizon=1000)[0]["fitted_exponent"]
     assert short < long < 0
 
 
 def test_unbounded_vocab_agrees_with_large_finite_vocab():
     ms = np.array([1.0, 30.0, 1e3, 1e4])
-    unbounded = scaling.expected_derail_probability(3.0, ms)
-    finite = scaling.expected_derail_probability(3.0, ms, vocab=200_000)
+    unbounded = theory.expected_derail_probability(3.0, ms)
+    finite = theory.expected_derail_probability(3.0, ms, vocab=200_000)
     np.testing.assert_allclose(unbounded, finite, rtol=1e-6)
     assert unbounded[0] == pytest.approx(1.0)  # one token seen: it is a singleton
 
@@ -188,24 +200,24 @@ def test_unbounded_vocab_agrees_with_large_finite_vocab():
 def test_unbounded_tail_is_independent_of_the_exact_head(monkeypatch):
     # The analytic tail replaces types beyond the exact head; moving the head must not move q.
     ms = np.array([2.0, 1e3, 1e5, 1e7])
-    small_head = scaling.expected_derail_probability(1.2, ms)
-    monkeypatch.setattr(scaling, "_MIN_HEAD", 1 << 21)
-    big_head = scaling.expected_derail_probability(1.2, ms)
+    small_head = theory.expected_derail_probability(1.2, ms)
+    monkeypatch.setattr(theory, "_MIN_HEAD", 1 << 21)
+    big_head = theory.expected_derail_probability(1.2, ms)
     np.testing.assert_allclose(small_head, big_head, rtol=1e-7)
 
 
 def test_finite_vocab_cutoff_steepens_the_curve():
     ms = np.logspace(3, 6, 7)
-    unbounded = scaling.fit_exponent(ms, scaling.expected_derail_probability(1.2, ms))
-    finite = scaling.fit_exponent(ms, scaling.expected_derail_probability(1.2, ms, vocab=100_000))
+    unbounded = scaling.fit_exponent(ms, theory.expected_derail_probability(1.2, ms))
+    finite = scaling.fit_exponent(ms, theory.expected_derail_probability(1.2, ms, vocab=100_000))
     assert finite < unbounded - 0.02
 
 
 @pytest.mark.parametrize("alpha,m", [(1.5, 5_000), (2.0, 20_000)])
 def test_sampled_derail_probability_matches_expectation(alpha, m):
     vocab = 50_000
-    expected = float(scaling.expected_derail_probability(alpha, m, vocab=vocab))
-    sampled = np.mean([scaling.derail_probability(alpha, m, vocab=vocab, seed=s) for s in range(8)])
+    expected = float(theory.expected_derail_probability(alpha, m, vocab=vocab))
+    sampled = np.mean([theory.derail_probability(alpha, m, vocab=vocab, seed=s) for s in range(8)])
     assert sampled == pytest.approx(expected, rel=0.05)
 
 
@@ -214,16 +226,16 @@ def test_expected_entce_matches_monte_carlo_derailing():
     q, horizon, gap = 0.03, 50, 1.7
     first = rng.geometric(q, size=400_000)  # step of the first derailment, 1-based
     extra = gap * np.clip(horizon - first + 1, 0, None) / horizon
-    closed = float(scaling.expected_entce(q, horizon=horizon, derail_entropy_gap_nats=gap))
+    closed = float(theory.expected_entce(q, horizon=horizon, derail_entropy_gap_nats=gap))
     assert closed == pytest.approx(extra.mean(), rel=0.01)
-    tiny = float(scaling.expected_entce(1e-9, horizon=horizon))
+    tiny = float(theory.expected_entce(1e-9, horizon=horizon))
     assert tiny == pytest.approx(1e-9 * (horizon + 1) / 2, rel=1e-4)
 
 
 def test_simulate_theory_sampled_method_tracks_exact():
     ms = [2_000, 8_000, 32_000]
-    exact = scaling.simulate_theory(2.0, ms, vocab=50_000, horizon=1)
-    sampled = scaling.simulate_theory(2.0, ms, vocab=50_000, horizon=1, method="sampled", seed=0)
+    exact = theory.simulate_theory(2.0, ms, vocab=50_000, horizon=1)
+    sampled = theory.simulate_theory(2.0, ms, vocab=50_000, horizon=1, method="sampled", seed=0)
     assert abs(sampled.fitted_exponent - exact.fitted_exponent) < 0.1
 
 
@@ -237,41 +249,41 @@ def test_fit_exponent_rejects_non_positive():
 
 def _zipf_counts(alpha: float, vocab: int, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.bincount(rng.choice(vocab, size=n, p=scaling.zipf_probs(alpha, vocab)), minlength=vocab)
+    return np.bincount(rng.choice(vocab, size=n, p=theory.zipf_probs(alpha, vocab)), minlength=vocab)
 
 
 def test_corpus_alpha_recovers_zipf_one_from_words():
     rng = np.random.default_rng(0)
-    ids = rng.choice(20_000, size=300_000, p=scaling.zipf_probs(1.0, 20_000))
+    ids = rng.choice(20_000, size=300_000, p=theory.zipf_probs(1.0, 20_000))
     words = [f"w{i}" for i in ids]
-    assert scaling.corpus_alpha(words, top=1000) == pytest.approx(1.0, abs=0.1)
-    assert scaling.corpus_alpha(" ".join(words[:50_000]), top=200) == pytest.approx(1.0, abs=0.1)
+    assert theory.corpus_alpha(words, top=1000) == pytest.approx(1.0, abs=0.1)
+    assert theory.corpus_alpha(" ".join(words[:50_000]), top=200) == pytest.approx(1.0, abs=0.1)
 
 
 def test_corpus_alpha_from_counts_and_mapping():
     counts = _zipf_counts(1.5, 20_000, 500_000, seed=1)
-    assert scaling.corpus_alpha(counts.tolist(), top=300) == pytest.approx(1.5, abs=0.1)
+    assert theory.corpus_alpha(counts.tolist(), top=300) == pytest.approx(1.5, abs=0.1)
     as_map = {f"u{i}": int(c) for i, c in enumerate(counts)}
-    assert scaling.corpus_alpha(as_map, top=300) == scaling.corpus_alpha(counts.tolist(), top=300)
+    assert theory.corpus_alpha(as_map, top=300) == theory.corpus_alpha(counts.tolist(), top=300)
     with pytest.raises(ValueError):
-        scaling.corpus_alpha(["only", "only"])
+        theory.corpus_alpha(["only", "only"])
 
 
 def test_words_lower_case_and_strip_punctuation():
-    assert scaling.words("The cat's hat, the CAT; don't_stop (x2).") == [
+    assert theory.words("The cat's hat, the CAT; don't_stop (x2).") == [
         "the", "cat's", "hat", "the", "cat", "don't", "stop", "x2"]
-    assert "regex " + scaling.WORD_PATTERN in scaling.WORD_UNIT
+    assert "regex " + theory.WORD_PATTERN in theory.WORD_UNIT
 
 
 def test_corpus_alpha_stats_cap_and_warnings():
     rng = np.random.default_rng(3)
-    ids = rng.choice(20_000, size=600_000, p=scaling.zipf_probs(1.0, 20_000))
+    ids = rng.choice(20_000, size=600_000, p=theory.zipf_probs(1.0, 20_000))
     docs = [" ".join(f"W{i}." for i in ids[k : k + 1000]) for k in range(0, ids.size, 1000)]
-    out = scaling.corpus_alpha_stats(docs, max_words=500_500)
+    out = theory.corpus_alpha_stats(docs, max_words=500_500)
     assert out["words"] == 500_500 and out["documents"] == 501 and out["top"] == 5000
     assert out["alpha"] == pytest.approx(1.0, abs=0.1)
     assert out["count_at_top"] >= 5 and out["warning"] is None
-    small = scaling.corpus_alpha_stats(["a a a b b c", "a b d"])
+    small = theory.corpus_alpha_stats(["a a a b b c", "a b d"])
     assert small["top"] == small["distinct"] == 4 and small["count_at_top"] == 1
     assert "only 4 distinct words (< 5000)" in small["warning"] and "occurs only 1 times" in small["warning"]
 
@@ -283,22 +295,22 @@ def test_corpus_alpha_stage_uses_top_5000_lowercased_words_of_the_whole_corpus()
     from entcal.tasks.config import DatasetSpec
 
     spec = DatasetSpec(name="python-stdlib")
-    out = corpus_alpha_task.fn(spec)
-    assert out["top"] == 5000 and out["unit"] == scaling.WORD_UNIT
+    out = corpus_alpha_task.fn(spec, spec.label)
+    assert out["top"] == 5000 and out["unit"] == theory.WORD_UNIT
     assert out["words"] > 500_000 and out["documents"] > 200 and out["count_at_top"] >= 5
     first = [d.text for _, d in zip(range(out["documents"]), datasets.documents(spec))]
-    assert out["alpha"] == pytest.approx(scaling.corpus_alpha_stats(first, max_words=out["words"])["alpha"])
+    assert out["alpha"] == pytest.approx(theory.corpus_alpha_stats(first, max_words=out["words"])["alpha"])
 
 
 def test_corpus_alpha_section_states_unit_counts_and_warning():
     from entcal.tasks.report import corpus_alpha_section
 
-    stats = scaling.corpus_alpha_stats(["a a a b b c", "a b d"])
+    stats = theory.corpus_alpha_stats(["a a a b b c", "a b d"])
     text = corpus_alpha_section({"tiny": stats, "empty": None})
     row = next(line for line in text.splitlines() if line.startswith("| tiny |"))
     assert f"| {stats['alpha']:.3f} | {1 / stats['alpha'] - 1:+.3f} | 4 | 9 | 2 | 1 |" in row
     assert "only 4 distinct words" in row
-    assert f"Unit: {scaling.WORD_UNIT}." in text and "| empty | —" in text
+    assert f"Unit: {theory.WORD_UNIT}." in text and "| empty | —" in text
 
 
 # --------------------------------------------------------------------------- plots
@@ -312,7 +324,7 @@ def test_plots_write_png(tmp_path):
     figures.plot_scaling(params[:2], entce[:2], no_ci, str(tmp_path / "two.png"))
     data = (tmp_path / "two.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-    curves = scaling.theory_curves((1.2, 2.0))
+    curves = theory.theory_curves((1.2, 2.0))
     out2 = tmp_path / "theory.png"
     figures.plot_theory(curves, str(out2))
     for path in (out, out2):

@@ -4,7 +4,7 @@ import polars as pl
 import torch
 
 from entcal.tasks.config import DecodingSpec
-from entcal.tasks.score import score_table
+from tests.tasks.helpers import scored
 from tests.conftest import random_prompts
 
 
@@ -15,7 +15,7 @@ def _prompts(lm, n=3, p=10, r=15):
 def test_logloss_equals_direct_log_softmax(tiny_lm):
     prompts = _prompts(tiny_lm)
     decs = [DecodingSpec(), DecodingSpec(temperature=0.8)]
-    ref = score_table(tiny_lm.model, prompts, decs, max_tokens=12, epsilon=1e-4, batch_size=2)
+    ref = scored(tiny_lm, prompts, decs, max_tokens=12, epsilon=1e-4, batch_size=2)
     for dec in decs:
         for ex, p, r in prompts.select("example_id", "prompt_ids", "reference_ids").iter_rows():
             ids = torch.tensor([p + r[:12]])
@@ -33,7 +33,7 @@ def test_logloss_equals_direct_log_softmax(tiny_lm):
 def test_truncated_decoding_mixes_in_epsilon(tiny_lm):
     prompts = _prompts(tiny_lm)
     eps = 1e-3
-    ref = score_table(tiny_lm.model, prompts, [DecodingSpec(top_k=1)], max_tokens=12, epsilon=eps, batch_size=3)
+    ref = scored(tiny_lm, prompts, [DecodingSpec(top_k=1)], max_tokens=12, epsilon=eps, batch_size=3)
     for row in ref.iter_rows(named=True):
         for loss, full, cut, h in zip(row["step_logloss"], row["step_logloss_untruncated"], row["step_truncated"],
                                       row["step_entropy"]):

