@@ -3,12 +3,16 @@
 Public API (docs/DESIGN.md):
 
     token_stats(logits[N, V], targets[N] | None, *, temperature, top_k, top_p, min_p, top_nsigma,
-                impl="auto") -> TokenStats(entropy[N], logsumexp[N], target_logprob[N])
+                typical_p, eta_cutoff, epsilon_cutoff, impl="auto")
+        -> TokenStats(entropy[N], logsumexp[N], target_logprob[N])
     fused_token_stats(hidden[N, D], weight[V, D], targets[N] | None, *, temperature, impl="auto")
     gumbel_argmax(z[N, V], seed_words[N, 2], step, impl="auto") -> [N] tokens   (kernels.sampling)
 
-All outputs are float32, in nats. ``impl="auto"`` runs Triton on CUDA and the PyTorch
-reference elsewhere; ``impl="triton"`` also runs on CPU under ``TRITON_INTERPRET=1``.
+All outputs are float32, in nats. The decodings apply in transformers' order: temperature, top-k,
+top-p, min-p, typical, ε (epsilon_cutoff), η (eta_cutoff), then top-nσ (kernels.reference,
+docs/KERNELS.md "Decodings"); which tokens are kept is decided in float64. ``impl="auto"`` runs
+Triton on CUDA and the PyTorch reference elsewhere; ``impl="triton"`` also runs on CPU under
+``TRITON_INTERPRET=1``.
 
 The decoding knobs' ranges are one table, `DECODING_RANGES` (kernels.decoding), which
 tasks.config builds its pydantic fields from. Importing this package loads no torch (the config
@@ -62,14 +66,13 @@ def _triton_available() -> bool:
     return True
 
 
-def _check(logits: torch.Tensor, targets, temperature, top_k, top_p, min_p, top_nsigma) -> None:
+def _check(logits: torch.Tensor, targets, **knobs) -> None:
     """ValueError unless logits is [N, V], targets [N] or None, and each knob in DECODING_RANGES."""
     if logits.dim() != 2:
         raise ValueError(f"logits: expected a 2-D tensor [N, V], got shape {tuple(logits.shape)}")
     if targets is not None and targets.shape != logits.shape[:1]:
         raise ValueError(f"targets: expected shape [{logits.shape[0]}], got {tuple(targets.shape)}")
-    check_decoding(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   top_nsigma=top_nsigma)
+    check_decoding(**knobs)
 
 
 def token_stats(
@@ -81,13 +84,18 @@ def token_stats(
     top_p: float = 1.0,
     min_p: float = 0.0,
     top_nsigma: float = 0.0,
+    typical_p: float = 1.0,
+    eta_cutoff: float = 0.0,
+    epsilon_cutoff: float = 0.0,
     impl: str = "auto",
 ) -> TokenStats:
     """Entropy, logsumexp and target log-prob of q = truncate(softmax(logits / temperature))."""
-    _check(logits, targets, temperature, top_k, top_p, min_p, top_nsigma)
-    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, top_nsigma=top_nsigma)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+              epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_nsigma=top_nsigma)
+    _check(logits, targets, **kw)
     if _resolve(impl, logits.device) == "triton":
-        truncated = top_k > 0 or top_p < 1.0 or min_p > 0.0 or top_nsigma > 0.0
+        truncated = (top_k > 0 or top_p < 1.0 or min_p > 0.0 or typical_p < 1.0
+                     or epsilon_cutoff > 0.0 or eta_cutoff > 0.0 or top_nsigma > 0.0)
         if truncated:
             from entcal.kernels.truncation import truncated_token_stats
 

@@ -1,5 +1,8 @@
 """The valid ranges of the decoding knobs: the one table both the kernels and the study config use.
 
+The knobs are listed in the order they apply (transformers' warper order, top-nσ last; see
+kernels.reference and docs/KERNELS.md "Decodings").
+
 `kernels.token_stats` checks its arguments with `check_decoding`; `tasks.config.DecodingSpec` turns
 each entry into pydantic ``Field`` constraints (so the JSON schema of the Prefect UI form carries
 the ranges) and takes its field descriptions from `DECODING_DESCRIPTIONS`. A range is a dict of
@@ -15,6 +18,9 @@ DECODING_RANGES: dict[str, dict[str, float]] = {
     "top_k": {"ge": 0},
     "top_p": {"gt": 0, "le": 1},
     "min_p": {"ge": 0, "lt": 1},
+    "typical_p": {"gt": 0, "le": 1},
+    "epsilon_cutoff": {"ge": 0, "lt": 1},
+    "eta_cutoff": {"ge": 0, "lt": 1},
     "top_nsigma": {"ge": 0},
 }
 
@@ -23,6 +29,11 @@ DECODING_DESCRIPTIONS: dict[str, str] = {
     "top_k": "keep the k most likely tokens (0 = off)",
     "top_p": "nucleus: keep the smallest set whose mass reaches p (1 = off)",
     "min_p": "keep tokens with p ≥ min_p · p_max (0 = off)",
+    "typical_p": "typical: keep the tokens whose −log p is nearest the entropy H, until their "
+                 "mass reaches typical_p (1 = off)",
+    "epsilon_cutoff": "ε-sampling: keep tokens with p ≥ ε, and the most likely one (0 = off)",
+    "eta_cutoff": "η-sampling: keep tokens with p ≥ min(η, √η·e^−H), and the most likely one "
+                  "(0 = off)",
     "top_nsigma": "keep logits ≥ max − n·σ of the row (0 = off)",
 }
 

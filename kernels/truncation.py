@@ -1,30 +1,37 @@
-"""Statistics of a truncated sampling distribution (top-k, top-p, min-p, top-nsigma), no full sort.
+"""Statistics of a truncated sampling distribution without a full sort of the row.
 
 Shapes, dtypes, units: logits [N, V] float32/bf16/fp16 (any strides), targets [N] int or None;
 returns TokenStats of [N] float32 in nats, restricted to the kept set exactly as
-kernels.reference.truncation_mask defines it (z = logits/temperature; top-k keeps ties at the k-th;
-top-p on the top-k result keeps the smallest prefix of a stable descending sort whose mass reaches
-p; min-p keeps z >= max + log(min_p); top-nsigma keeps z >= max - n*std over the finite z).
+kernels.reference.truncation_mask defines it: z = logits/temperature, then top-k, top-p, min-p,
+typical, ε, η (transformers' order, each on the renormalised survivors), then top-nσ.
 
-Passes (all per-element work over V is Triton; torch only touches [N], [N, V/B*k] or [N, C]):
- 1. `row_state` (kernels.stats): max m, s, w and the moments of the finite z.
-    min-p and top-nsigma become one threshold lo = max(m + log(min_p), m - n*std) in z units.
+Passes (per-element work over V is Triton; torch touches [N], [N, V/16], [N, k*16] or [N, C]):
+ 1. `row_state` (kernels.stats): max m, s, w and the moments of the finite z. min-p is the
+    threshold m + log(min_p); top-nσ's σ comes from the moments.
  2. top-k: a Triton pass writes the max of every run of 16 columns; torch.topk over those V/16
     maxima picks k runs, and torch.topk over their k*16 tokens gives the k-th largest z exactly
     (see kth_largest). Short rows (2*k*16 > V) use torch.topk on the row (a radix select).
- 3a. no top-p: one masked pass of `row_state` with lo = max(lo, kth) gives S_K, W_K: done.
- 3b. top-p: a "mass" pass gives, for G thresholds t_g between m and m + log((1-p-slack)/V), the
-    mass and count of the top-k set above t_g. The largest t_g whose mass >= p + slack bounds the
-    kept set from below (every kept token has z >= t_g; slack covers float32 cumsum rounding), so
-    tokens with z >= max(t_g, lo, kth) are compacted (atomics + in-block cumsum) into a buffer of
-    C <= MAX_BUFFER slots (C = exact count from the mass pass). Only that buffer is sorted and
-    cumsummed in torch (stable, index order between ties, as the reference) and the statistics of
-    the kept set are summed from it. Rows whose buffer would exceed MAX_BUFFER, and every row
-    when 1 - p <= 2*slack, fall back to kernels.reference on those rows (full sort, exact).
+ 3. Without top-p and typical (threshold path): every step is a threshold on z. ε: one float64
+    pass (`row_sums64`) gives lse of the survivors, ε keeps z >= min(lse + log ε, m); η: another
+    gives lse and H of ε's survivors, η keeps z >= min(lse + log min(η, √η·e^−H), m); top-nσ:
+    z >= m - n·σ. The float64 thresholds become float32 ones exactly (candidates.ceil_f32). A
+    last masked `row_state` pass gives S_K, W_K.
+ 4. With top-p or typical (buffer path): a float64 "mass" pass gives, for G radii r_g around a
+    centre c, the mass and count of {|z - c| <= r_g} in the set the rule applies to. top-p:
+    c = m (so the band is z >= m - r_g); typical: c = lse - H of min-p's survivors (one more
+    float64 pass gives them), since |−log q − H| = |z − c|. The smallest r_g whose mass is
+    >= (p + SLACK) of the total provably holds the kept set; its tokens (count known) are
+    compacted (atomics + in-block cumsum) into a buffer of C <= MAX_BUFFER slots, and
+    kernels.candidates sorts and cumsums only that buffer, in float64, then applies the later
+    steps there. Rows whose buffer would exceed MAX_BUFFER, and every row when the rule's
+    1 - p <= 2*SLACK, fall back to kernels.reference on those rows (full sort, exact).
 
-Exactness: z, m, the min-p threshold and the k-th value are bitwise the reference's, so min-p and
-top-k keep exactly the same tokens. top-nsigma's std and top-p's probabilities are float32 sums
-in a different order than torch's: a token within ~1e-6 (relative) of those thresholds may differ.
+Exactness: z, m, the min-p threshold and the k-th value are bitwise the reference's. The top-p,
+typical, ε and η decisions are float64 sums of float64 exps of the float32 z, as in the
+reference, in a different order (< 1e-13 apart; SLACK covers that with room to spare), with the
+reference's MASS_TOL on prefix masses: they agree unless a margin is below 1e-10 of the mass.
+top-nσ's σ is a float32 sum in a different order than torch's: a token within ~1e-6 (relative)
+of that threshold may differ.
 """
 from __future__ import annotations
 
@@ -35,13 +42,16 @@ import triton
 import triton.language as tl
 
 from entcal.kernels import reference
-from entcal.kernels.reference import TokenStats
+from entcal.kernels.candidates import Rules, buffer_stats, ceil_f32
+from entcal.kernels.reference import F64, TokenStats
 from entcal.kernels.stats import (_scale, finalize, launch_config, row_state, rows_view,
-                           scale_logits, scale_mode, target_z)
+                                  scale_logits, scale_mode, target_z)
 
-G = 16  # thresholds tried by the mass pass
-MAX_BUFFER = 8192  # per-row candidate slots for top-p before the reference fallback
-SLACK = 2 * MAX_BUFFER * 2.0**-24 + 1e-5  # >= float32 cumsum error over MAX_BUFFER terms
+G = 16  # radii tried by the mass pass
+MAX_BUFFER = 8192  # per-row candidate slots for top-p / typical before the reference fallback
+# float64 sums of <= 151,936 terms err by < V * 2^-53 ~ 2e-11 (relative) at worst: SLACK is far
+# above that (a float32 cumsum needed ~1e-5 here)
+SLACK = 1e-9
 SUB_RUN = 16  # top-k: columns per run whose max is a candidate
 INF = float("inf")
 
@@ -65,46 +75,57 @@ def _submax_kernel(X, stride_n, stride_v, V, NSUB, cols_per_split, scale, OUT,
 
 
 @triton.jit
-def _mass_kernel(X, stride_n, stride_v, V, cols_per_split, scale, M, LO, T, OUT,
-                 MODE: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, split): over z >= LO[row] in its columns, with e = exp(z - M[row]):
-    OUT[row, split, 0:G] = sum of e over z >= T[row, g];  OUT[.., G:2G] = count of z >= T[row, g];
-    OUT[.., 2G] = sum of e (the normaliser of the top-k set)."""
+def _mass_kernel(X, stride_n, stride_v, V, cols_per_split, scale, M, LO, C, R, OUT,
+                 MODE: tl.constexpr, G: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, split): float64 sums over its columns with z >= LO[row], e = exp(z - M[row]):
+    OUT[row, split, 0] = sum of e, [1] = sum of e * (z - M); with BAND, for g < G,
+    [2 + g] = sum of e over |z - C[row]| <= R[row, g] and [2 + G + g] = their count."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
     start = split * cols_per_split
     stop = tl.minimum(start + cols_per_split, V)
-    m = tl.load(M + row)
+    m = tl.load(M + row).to(tl.float64)
     lo = tl.load(LO + row)
     gs = tl.arange(0, G)
-    t = tl.load(T + row * G + gs)
-    mass = tl.zeros([G], dtype=tl.float32)
-    cnt = tl.zeros([G], dtype=tl.float32)
-    total = tl.zeros([], dtype=tl.float32)
+    c = tl.zeros([], dtype=tl.float64)
+    r = tl.zeros([G], dtype=tl.float64)
+    if BAND:
+        c = tl.load(C + row)
+        r = tl.load(R + row * G + gs)
+    total = tl.zeros([], dtype=tl.float64)
+    wsum = tl.zeros([], dtype=tl.float64)
+    mass = tl.zeros([G], dtype=tl.float64)
+    cnt = tl.zeros([G], dtype=tl.float64)
     for off in range(start, stop, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         inb = cols < stop
         x = tl.load(X + row * stride_n + cols * stride_v, mask=inb, other=-float("inf"))
         z = _scale(x.to(tl.float32), scale, MODE)
         keep = inb & (z > -float("inf")) & (z >= lo)
-        e = tl.where(keep, tl.exp(tl.where(keep, z - m, 0.0)), 0.0)
+        z64 = tl.where(keep, z, 0.0).to(tl.float64)
+        d = tl.where(keep, z64 - m, 0.0)
+        e = tl.where(keep, tl.exp(d), 0.0)
         total += tl.sum(e, 0)
-        above = keep[:, None] & (z[:, None] >= t[None, :])
-        mass += tl.sum(tl.where(above, e[:, None], 0.0), 0)
-        cnt += tl.sum(above.to(tl.float32), 0)
-    base = OUT + (row * nsplit + split) * (2 * G + 1)
-    tl.store(base + gs, mass)
-    tl.store(base + G + gs, cnt)
-    tl.store(base + 2 * G, total)
+        wsum += tl.sum(e * d, 0)
+        if BAND:
+            within = keep[:, None] & (tl.abs(z64 - c)[:, None] <= r[None, :])
+            mass += tl.sum(tl.where(within, e[:, None], 0.0), 0)
+            cnt += tl.sum(within.to(tl.float64), 0)
+    base = OUT + (row * nsplit + split) * (2 * G + 2)
+    tl.store(base, total)
+    tl.store(base + 1, wsum)
+    tl.store(base + 2 + gs, mass)
+    tl.store(base + 2 + G + gs, cnt)
 
 
 @triton.jit
-def _compact_kernel(X, stride_n, stride_v, V, cols_per_split, scale, LO, BUF, CNT, C,
-                    MODE: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, split): append the column ids with z >= LO[row] to BUF[row, 0:C].
+def _compact_kernel(X, stride_n, stride_v, V, cols_per_split, scale, LO, C, R, BUF, CNT, CAP,
+                    MODE: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, split): append the column ids with z >= LO[row] (and, with BAND,
+    |z - C[row]| <= R[row] in float64, as _mass_kernel decides it) to BUF[row, 0:CAP].
 
-    CNT[row] (zero-initialised int32) ends as the number of such columns, even past C. Blocks
+    CNT[row] (zero-initialised int32) ends as the number of such columns, even past CAP. Blocks
     reserve slots with an atomic add, so the order between blocks is arbitrary (sorted later).
     """
     row = tl.program_id(0).to(tl.int64)
@@ -112,18 +133,26 @@ def _compact_kernel(X, stride_n, stride_v, V, cols_per_split, scale, LO, BUF, CN
     start = split * cols_per_split
     stop = tl.minimum(start + cols_per_split, V)
     lo = tl.load(LO + row)
+    c = tl.zeros([], dtype=tl.float64)
+    r = tl.zeros([], dtype=tl.float64)
+    if BAND:
+        c = tl.load(C + row)
+        r = tl.load(R + row)
     for off in range(start, stop, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         inb = cols < stop
         x = tl.load(X + row * stride_n + cols * stride_v, mask=inb, other=-float("inf"))
         z = _scale(x.to(tl.float32), scale, MODE)
         sel = inb & (z > -float("inf")) & (z >= lo)
+        if BAND:
+            z64 = tl.where(sel, z, 0.0).to(tl.float64)
+            sel = sel & (tl.abs(z64 - c) <= r)
         flag = sel.to(tl.int32)
         n_sel = tl.sum(flag, 0)
         if n_sel > 0:
             base = tl.atomic_add(CNT + row, n_sel)
             pos = base + tl.cumsum(flag, 0) - 1
-            tl.store(BUF + row * C + pos, cols, mask=sel & (pos < C))
+            tl.store(BUF + row * CAP + pos, cols, mask=sel & (pos < CAP))
 
 
 def kth_largest(logits: torch.Tensor, k: int, temperature: float, block: int | None = None,
@@ -156,67 +185,77 @@ def kth_largest(logits: torch.Tensor, k: int, temperature: float, block: int | N
     return torch.topk(z, k, dim=-1).values[:, -1]
 
 
-def _mass_above(logits, temperature, m, lo_k, thr, block, splits):
-    """(mass [N, G] relative to exp(m), count [N, G], total [N]) of z >= lo_k above each thr."""
+def row_sums64(logits, temperature, m, lo, *, center=None, radii=None, block=None,
+               splits=None):
+    """One float64 pass over z = logits/temperature restricted to z >= lo [N] (float32).
+
+    m [N] float32 (finite) is the shift. Returns (S, W) [N] float64: S = sum exp(z - m),
+    W = sum exp(z - m) * (z - m); with center [N] and radii [N, G] (float64) also
+    (mass [N, G], count [N, G]) of the tokens with |z - center| <= radii[:, g].
+    """
     n, v = logits.shape
+    band = center is not None
     block = None if block is None else min(block, 1024)  # [BLOCK, G] tiles: keep them small
-    cfg = launch_config(n, v, logits.device, block, splits, max_block=1024)
-    out = torch.empty((n, cfg.splits, 2 * G + 1), dtype=torch.float32, device=logits.device)
+    cfg = launch_config(n, v, logits.device, block, splits, max_block=1024 if band else None)
+    out = torch.empty((n, cfg.splits, 2 * G + 2), dtype=F64, device=logits.device)
     mode, scale = scale_mode(temperature, logits.device)
+    c = center.contiguous() if band else out
+    r = radii.contiguous() if band else out
     _mass_kernel[(n, cfg.splits)](
         logits, logits.stride(0), logits.stride(1), v, cfg.cols_per_split, scale,
-        m.contiguous(), lo_k.contiguous(), thr.contiguous(), out,
-        MODE=mode, G=G, BLOCK=cfg.block, num_warps=cfg.num_warps,
+        m.contiguous(), lo.to(torch.float32).contiguous(), c, r, out,
+        MODE=mode, G=G, BAND=band, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )
     out = out.sum(1)
-    return out[:, :G], out[:, G:2 * G], out[:, 2 * G]
+    if not band:
+        return out[:, 0], out[:, 1]
+    return out[:, 0], out[:, 1], out[:, 2:2 + G], out[:, 2 + G:]
 
 
 def compact(logits: torch.Tensor, temperature: float, lo: torch.Tensor, capacity: int,
-            block: int | None = None, splits: int | None = None):
-    """(ids [N, capacity] int32 padded with -1, count [N] int32) of the columns with z >= lo."""
+            block: int | None = None, splits: int | None = None, *, center=None, radius=None):
+    """(ids [N, capacity] int32 padded with -1, count [N] int32) of the columns with z >= lo
+    (and |z - center| <= radius, float64 [N] each, when given)."""
     n, v = logits.shape
     cfg = launch_config(n, v, logits.device, block, splits)
     buf = torch.full((n, capacity), -1, dtype=torch.int32, device=logits.device)
     cnt = torch.zeros(n, dtype=torch.int32, device=logits.device)
     mode, scale = scale_mode(temperature, logits.device)
+    band = center is not None
+    c = center.contiguous() if band else cnt
+    r = radius.contiguous() if band else cnt
     _compact_kernel[(n, cfg.splits)](
         logits, logits.stride(0), logits.stride(1), v, cfg.cols_per_split, scale,
-        lo.contiguous(), buf, cnt, capacity, MODE=mode, BLOCK=cfg.block, num_warps=cfg.num_warps,
+        lo.to(torch.float32).contiguous(), c, r, buf, cnt, capacity, MODE=mode, BAND=band,
+        BLOCK=cfg.block, num_warps=cfg.num_warps,
     )
     return buf, cnt
 
 
-def _top_p_from_buffer(logits, rows, targets, temperature, ids, m, total, top_p, lo):
-    """TokenStats of the rows `rows` [R] of logits, whose kept sets lie in their candidate
-    buffers ids [R, C] (-1 = empty). m, total, lo are [R]: the row max, the sum of exp(z - m)
-    over the top-k set (the top-p normaliser) and the min-p / top-nsigma / top-k lower bound.
-    """
-    v = logits.shape[1]
-    ids = torch.where(ids < 0, torch.full_like(ids, v), ids).long()
-    ids = torch.sort(ids, dim=-1).values  # column order, so a stable sort breaks ties by index
-    valid = ids < v
-    z = scale_logits(logits[rows[:, None], ids.clamp_max(v - 1)], temperature)
-    z = torch.where(valid, z, torch.full_like(z, -INF))
-    zs, order = torch.sort(z, dim=-1, descending=True, stable=True)
-    ids = ids.gather(1, order)
-    probs = (zs - m[:, None]).exp() / total[:, None]
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    keep = mass_before < top_p
-    keep[:, 0] = True
-    keep &= (zs > -INF) & (zs >= lo[:, None])
-    d = torch.where(keep, zs - m[:, None], torch.zeros_like(zs))
-    below = keep & (d < 0)
-    e = torch.where(below, d.exp(), torch.zeros_like(zs))
-    c_k, r_k, w_k = (keep & (d == 0)).sum(1).float(), e.sum(1), (e * d).sum(1)
-    if targets is None:
-        return finalize(m, c_k, r_k, w_k, None)
-    t = targets.to(device=ids.device, dtype=torch.long)[rows]
-    hit = ((ids == t[:, None]) & keep).any(1)
-    zt = scale_logits(logits[rows, t], temperature)
-    st = finalize(m, c_k, r_k, w_k, zt)
-    lp = torch.where(hit, st.target_logprob, torch.full_like(zt, -INF))
-    return TokenStats(st.entropy, st.logsumexp, lp)
+def _threshold_path(logits, targets, temperature, st, rules: Rules, block, splits):
+    """Kept set = {z >= L}: ε and η thresholds from float64 sums, then top-nσ; one last pass.
+    st: the row's RowState (its max m survives every step here)."""
+    m = st.m
+    alive = m > -INF  # rows with no finite z keep their -inf bound (NaN entropy, as the reference)
+    m_use = torch.where(alive, m, torch.zeros_like(m))
+    m64 = m_use.to(F64)
+    lo = rules.min_lo
+    if rules.epsilon > 0.0:
+        s, _ = row_sums64(logits, temperature, m_use, lo, block=block, splits=splits)
+        t = m64 + s.log() + math.log(rules.epsilon)  # q >= ε  <=>  z >= lse + log ε
+        lo = torch.where(alive, torch.maximum(lo, ceil_f32(torch.minimum(t, m64))), lo)  # max kept
+    if rules.eta > 0.0:
+        s, w = row_sums64(logits, temperature, m_use, lo, block=block, splits=splits)
+        ent = s.log() - w / s
+        thr = torch.clamp(math.sqrt(rules.eta) * torch.exp(-ent), max=rules.eta)
+        t = m64 + s.log() + thr.log()
+        lo = torch.where(alive, torch.maximum(lo, ceil_f32(torch.minimum(t, m64))), lo)
+    if rules.top_nsigma > 0.0:
+        lo = torch.maximum(lo, m - rules.top_nsigma * rules.std)
+    if bool((lo > -INF).any()):  # else nothing is truncated: the first pass is the answer
+        st = row_state(logits, temperature, lo=lo, block=block, splits=splits)
+    zt = None if targets is None else target_z(logits, targets, temperature)
+    return finalize(m, st.c, st.r, st.w, zt, lo)
 
 
 def truncated_token_stats(
@@ -227,6 +266,9 @@ def truncated_token_stats(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
+    typical_p: float = 1.0,
+    epsilon_cutoff: float = 0.0,
+    eta_cutoff: float = 0.0,
     top_nsigma: float = 0.0,
     block: int | None = None,
     splits: int | None = None,
@@ -238,7 +280,7 @@ def truncated_token_stats(
     `block`, `splits` and `max_buffer` (<= MAX_BUFFER) override the launch / buffer size (tests).
     """
     logits = rows_view(logits)
-    max_buffer = min(int(max_buffer), MAX_BUFFER)  # SLACK covers cumsums of MAX_BUFFER terms
+    max_buffer = min(int(max_buffer), MAX_BUFFER)
     n, v = logits.shape
     dev = logits.device
     st = row_state(logits, temperature, moments=top_nsigma > 0, block=block, splits=splits)
@@ -246,57 +288,68 @@ def truncated_token_stats(
     lo = torch.full_like(m, -INF)
     if min_p > 0.0:
         lo = torch.maximum(lo, m + math.log(min_p))
+    std = None
     if top_nsigma > 0.0:
         std = (st.m2 / st.count.clamp_min(1)).sqrt()
-        lo = torch.maximum(lo, m - top_nsigma * std)
-    kth = None
+    lo_k = torch.full_like(m, -INF)
     if top_k and top_k < v:
-        kth = kth_largest(logits, top_k, temperature)
-    lo_all = lo if kth is None else torch.maximum(lo, kth)
+        lo_k = kth_largest(logits, top_k, temperature)
+    rules = Rules(torch.maximum(lo, lo_k), typical_p, epsilon_cutoff, eta_cutoff, top_nsigma, std)
+    if top_p >= 1.0 and typical_p >= 1.0:
+        return _threshold_path(logits, targets, temperature, st, rules, block, splits)
 
-    if top_p >= 1.0:
-        if kth is not None or min_p > 0.0 or top_nsigma > 0.0:  # else nothing is truncated
-            st = row_state(logits, temperature, lo=lo_all, block=block, splits=splits)
-        zt = None if targets is None else target_z(logits, targets, temperature)
-        return finalize(m, st.c, st.r, st.w, zt, lo_all)
-
-    # top-p: lower thresholds t_g from m down to the provable bound m + log((1 - p - slack) / V)
+    # buffer path: the first of top-p / typical is decided on a candidate band |z - c| <= r_g
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     ent, lp = torch.empty_like(lse), torch.empty_like(lse)
     fallback = torch.ones(n, dtype=torch.bool, device=dev)
-    tail = 1.0 - top_p - SLACK
+    p = top_p if top_p < 1.0 else typical_p
+    tail = 1.0 - p - SLACK
     if tail > SLACK and n > 0:
         m_use = torch.where(m > -INF, m, torch.zeros_like(m))
-        span = math.log(v / tail)  # > 0
-        frac = torch.arange(1, G + 1, dtype=torch.float32, device=dev) / G
-        thr = m_use[:, None] - span * frac[None, :]
-        lo_k = torch.full_like(m, -INF) if kth is None else kth
-        mass, count, total = _mass_above(logits, temperature, m_use, lo_k, thr, block, splits)
-        ok = mass >= (top_p + SLACK) * total[:, None]  # monotone in g: first True is the largest t
+        m64 = m_use.to(F64)
+        frac = torch.arange(1, G + 1, dtype=F64, device=dev) / G
+        kw = dict(block=block, splits=splits)
+        typical = None
+        if top_p < 1.0:  # top-p on the top-k set: band z >= m - r (every token within the set)
+            center, set_lo = m64, lo_k
+            span = torch.full_like(m64, math.log(v / tail))  # the mass below m - span is < tail
+        else:  # typical on min-p's survivors: centre lse - H; beyond span the mass is < tail
+            s3, w3 = row_sums64(logits, temperature, m_use, rules.min_lo, **kw)
+            h3 = s3.log() - w3 / s3
+            typical = (m64 + s3.log(), h3)
+            center, set_lo = typical[0] - h3, rules.min_lo
+            span = torch.maximum(m64 - center, math.log(v / tail) - h3)
+        radii = span[:, None] * frac[None, :]
+        total, _, mass, count = row_sums64(logits, temperature, m_use, set_lo, center=center,
+                                           radii=radii, **kw)
+        ok = mass >= (p + SLACK) * total[:, None]  # monotone in g: first True is the smallest r
         has = ok.any(1)
         g = torch.where(has, ok.int().argmax(1), torch.full_like(m, G - 1, dtype=torch.long))
         need = count.gather(1, g[:, None])[:, 0]
-        fallback = ~has | (need > max_buffer) | (m == -INF)
+        fallback = ~has | (need > max_buffer) | (m == -INF) | ~torch.isfinite(center)
         rows = (~fallback).nonzero()[:, 0]
         if rows.numel():
-            lo_c = torch.maximum(lo_all, thr.gather(1, g[:, None])[:, 0])
-            lo_c = torch.where(fallback, torch.full_like(lo_c, INF), lo_c)  # no slots for those
+            lo_c = torch.where(fallback, torch.full_like(m, INF), rules.min_lo)  # none for those
             cap = triton.next_power_of_2(max(int(need[rows].max().item()), 1))
-            ids, cnt = compact(logits, temperature, lo_c, cap, block, splits)
+            ids, cnt = compact(logits, temperature, lo_c, cap, block, splits, center=center,
+                               radius=radii.gather(1, g[:, None])[:, 0])
             ids, cnt = ids[rows], cnt[rows]
-            over = cnt > cap  # cannot happen (same z as the mass pass); stay exact regardless
-            r = _top_p_from_buffer(logits, rows, targets, temperature, ids, m_use[rows],
-                                   total[rows], top_p, lo_all[rows])
+            over = cnt > cap  # cannot happen (same z and test as the mass pass); stay exact anyway
+            r, redo = buffer_stats(
+                logits, rows, targets, temperature, ids, m_use[rows], rules,
+                top_p=top_p if top_p < 1.0 else None, total=total[rows],
+                typical=None if typical is None else (typical[0][rows], typical[1][rows]))
             ent[rows], lse[rows], lp[rows] = r.entropy, r.logsumexp, r.target_logprob
-            fallback[rows[over]] = True
+            fallback[rows[over | redo]] = True
     if bool(fallback.any()):
         rows = fallback.nonzero()[:, 0]
         r = reference.token_stats(
             logits[rows], None if targets is None else targets[rows], temperature=temperature,
-            top_k=top_k, top_p=top_p, min_p=min_p, top_nsigma=top_nsigma,
+            top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+            epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_nsigma=top_nsigma,
         )
         ent[rows], lse[rows], lp[rows] = r.entropy, r.logsumexp, r.target_logprob
     return TokenStats(ent, lse, lp)
 
 
-__all__ = ["truncated_token_stats", "kth_largest", "compact", "MAX_BUFFER", "SLACK"]
+__all__ = ["truncated_token_stats", "kth_largest", "compact", "row_sums64", "MAX_BUFFER", "SLACK"]

@@ -150,7 +150,8 @@ def _decoding_field(name: str, default: float):
 
 
 class DecodingSpec(_Closed):
-    """The sampling distribution: temperature, then top-k, top-p, min-p, top-nσ (transformers' order).
+    """The sampling distribution: temperature, then top-k, top-p, min-p, typical, ε, η (transformers'
+    order), then top-nσ.
 
     The ranges are ``Field`` constraints, so they are part of the JSON schema the Prefect UI builds its
     form from and a deployment run with an out-of-range value is refused when it is created."""
@@ -162,17 +163,23 @@ class DecodingSpec(_Closed):
     top_p: float = _decoding_field("top_p", 1.0)
     min_p: float = _decoding_field("min_p", 0.0)
     top_nsigma: float = _decoding_field("top_nsigma", 0.0)
+    typical_p: float = _decoding_field("typical_p", 1.0)
+    epsilon_cutoff: float = _decoding_field("epsilon_cutoff", 0.0)
+    eta_cutoff: float = _decoding_field("eta_cutoff", 0.0)
 
     @property
     def truncated(self) -> bool:
-        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0 or self.top_nsigma > 0
+        return (self.top_k > 0 or self.top_p < 1 or self.min_p > 0 or self.top_nsigma > 0
+                or self.typical_p < 1 or self.epsilon_cutoff > 0 or self.eta_cutoff > 0)
 
     @property
     def key(self) -> str:
-        """Canonical short name, e.g. ``t0.9`` or ``t1-p0.95``: the `decoding` column of tables."""
+        """Canonical short name, e.g. ``t0.9``, ``t1-p0.95`` or ``t1-typ0.9-eps0.0003``: the `decoding`
+        column of tables."""
         parts = [f"t{self.temperature:g}"]
         for flag, value, off in (("k", self.top_k, 0), ("p", self.top_p, 1.0), ("minp", self.min_p, 0.0),
-                                 ("nsigma", self.top_nsigma, 0.0)):
+                                 ("nsigma", self.top_nsigma, 0.0), ("typ", self.typical_p, 1.0),
+                                 ("eps", self.epsilon_cutoff, 0.0), ("eta", self.eta_cutoff, 0.0)):
             if value != off:
                 parts.append(f"{flag}{value:g}")
         return "-".join(parts)
@@ -202,6 +209,9 @@ class CalibrationSpec(_Closed):
     top_p: _sweep("top_p", off=1.0) = [0.95, 0.98]
     min_p: _sweep("min_p", off=0.0) = [0.01, 0.05]
     top_nsigma: _sweep("top_nsigma", off=0.0) = [1.5, 3.0]
+    typical_p: _sweep("typical_p", off=1.0) = [0.9, 0.95]
+    eta_cutoff: _sweep("eta_cutoff", off=0.0) = [3e-4, 2e-3]
+    epsilon_cutoff: _sweep("epsilon_cutoff", off=0.0) = [3e-4, 1e-3]
     lookahead: bool = True
     future_entropy: bool = True
     candidates: int = Field(8, ge=2, description="top-k candidates whose lookahead features are computed")
@@ -217,6 +227,11 @@ class CalibrationSpec(_Closed):
             raise ValueError(f"tau_tol {self.tau_tol:g} is not narrower than tau_bracket [{lo:g}, {hi:g}]: the search "
                              "would stop before its first step; lower tau_tol or widen the bracket")
         return self
+
+
+# decoding knobs vLLM's sampler does not have: (field, what it is, its "off" value)
+_NOT_IN_VLLM = (("typical_p", "typical sampling", 1.0), ("epsilon_cutoff", "ε-sampling", 0.0),
+                ("eta_cutoff", "η-sampling", 0.0))
 
 
 class StudyConfig(_Closed):
@@ -296,6 +311,10 @@ class StudyConfig(_Closed):
                 if d.top_nsigma > 0:
                     raise ValueError(f"decodings.{i}: top_nsigma is not a vLLM sampling parameter, and model "
                                      f"{m.label} has engine: vllm; use engine: entcal for top-nσ")
+                for knob, what, off in _NOT_IN_VLLM:
+                    if getattr(d, knob) != off:
+                        raise ValueError(f"decodings.{i}: {knob} is not a vLLM sampling parameter, and model "
+                                         f"{m.label} has engine: vllm; use engine: entcal for {what}")
                 if d.min_p > 0 and d.top_p < 1:  # (with top_k the two orders keep the same tokens)
                     raise ValueError(f"decodings.{i}: vLLM applies min_p before top_p, entcal after it "
                                      f"(transformers' order), and model {m.label} has engine: vllm; drop one "
@@ -312,6 +331,10 @@ class StudyConfig(_Closed):
             if c and c.top_nsigma:
                 raise ValueError(f"calibration.top_nsigma: top-nσ is not a vLLM sampling parameter, and model "
                                  f"{m.label} has engine: vllm; set calibration.top_nsigma: [] or engine: entcal")
+            for knob, what, _ in _NOT_IN_VLLM:
+                if c and getattr(c, knob):
+                    raise ValueError(f"calibration.{knob}: {what} is not a vLLM sampling parameter, and model "
+                                     f"{m.label} has engine: vllm; set calibration.{knob}: [] or engine: entcal")
         return self
 
     def digest(self) -> str:

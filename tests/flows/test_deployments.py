@@ -62,12 +62,15 @@ def test_every_decoding_field_is_described_and_ranged_in_the_form():
 
     for dep in deployments():
         props = dep._parameter_openapi_schema.model_dump()["definitions"]["DecodingSpec"]["properties"]
-        assert set(props) == {"temperature", "top_k", "top_p", "min_p", "top_nsigma"}
+        assert set(props) == {"temperature", "top_k", "top_p", "min_p", "top_nsigma", "typical_p", "epsilon_cutoff",
+                              "eta_cutoff"}
         for name, prop in props.items():
             assert prop.get("description"), name
             assert {"minimum", "exclusiveMinimum"} & set(prop), name  # a lower bound reaches the form
         assert props["temperature"]["exclusiveMinimum"] == 0 and props["top_p"]["maximum"] == 1
         assert props["min_p"]["exclusiveMaximum"] == 1
+        assert props["typical_p"]["maximum"] == 1 and props["eta_cutoff"]["exclusiveMaximum"] == 1
+        assert props["epsilon_cutoff"]["exclusiveMaximum"] == 1
 
 
 def test_ui_settings_name_the_real_api_url(prefect_server):

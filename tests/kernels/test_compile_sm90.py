@@ -35,10 +35,11 @@ def _cases():
             yield stats._stats_kernel, sig, dict(MODE=mode, HAS_LO=has_lo, MOMENTS=moments,
                                                  BLOCK=4096), 8
     yield truncation._submax_kernel, submax, dict(MODE=1, R=16, BLOCK=4096), 8
-    yield (truncation._mass_kernel, dict(ROW, M="*fp32", LO="*fp32", T="*fp32", OUT="*fp32"),
-           dict(MODE=1, G=16, BLOCK=1024), 4)
-    yield (truncation._compact_kernel,
-           dict(ROW, LO="*fp32", BUF="*i32", CNT="*i32", C="i32"), dict(MODE=1, BLOCK=4096), 8)
+    mass = dict(ROW, M="*fp32", LO="*fp32", C="*fp64", R="*fp64", OUT="*fp64")
+    compact = dict(ROW, LO="*fp32", C="*fp64", R="*fp64", BUF="*i32", CNT="*i32", CAP="i32")
+    for band, block, warps in ((True, 1024, 4), (False, 4096, 8)):  # float64 sums, radii or not
+        yield truncation._mass_kernel, mass, dict(MODE=1, G=16, BAND=band, BLOCK=block), warps
+        yield truncation._compact_kernel, compact, dict(MODE=1, BAND=band, BLOCK=4096), 8
     yield fused_head._fused_kernel, FUSED, dict(MODE=0, HAS_T=True, IEEE=False, **dot), 8
     yield fused_head._fused_kernel, FUSED, dict(MODE=1, HAS_T=False, IEEE=False, **dot), 8
     yield fused_head._fused_kernel, fused_f32, dict(MODE=1, HAS_T=True, IEEE=True, **dot), 8
@@ -91,7 +92,7 @@ def _compile_in_subprocess(*args: str) -> str:
 
 def test_kernels_compile_for_sm90():
     out = _compile_in_subprocess()
-    assert "compiled 15 kernels" in out, out[-4000:]
+    assert "compiled 17 kernels" in out, out[-4000:]
 
 
 def test_sampling_kernel_compiles_for_sm90():

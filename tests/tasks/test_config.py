@@ -51,6 +51,40 @@ def test_decoding_key_is_canonical():
     assert DecodingSpec(temperature=0.9).key == "t0.9"
     assert DecodingSpec(top_k=50, min_p=0.05).key == "t1-k50-minp0.05"
     assert ModelSpec(gguf="/m/x.gguf").label == "x"
+    assert DecodingSpec(typical_p=0.9).key == "t1-typ0.9"
+    assert DecodingSpec(eta_cutoff=9e-4).key == "t1-eta0.0009"
+    assert DecodingSpec(epsilon_cutoff=3e-4).key == "t1-eps0.0003"
+    assert DecodingSpec(temperature=0.8, top_p=0.95, typical_p=0.95, epsilon_cutoff=1e-3,
+                        eta_cutoff=2e-3).key == "t0.8-p0.95-typ0.95-eps0.001-eta0.002"
+
+
+@pytest.mark.parametrize("knob, value", [("typical_p", 0.9), ("epsilon_cutoff", 3e-4), ("eta_cutoff", 2e-3)])
+def test_typical_eta_epsilon_truncate_and_default_off(knob, value):
+    assert not DecodingSpec().truncated
+    assert DecodingSpec(**{knob: value}).truncated
+    assert DecodingSpec(**{knob: value}).kernel_kwargs()[knob] == value
+
+
+@pytest.mark.parametrize("knob, value, what", [("typical_p", 0.9, "typical sampling"),
+                                               ("epsilon_cutoff", 3e-4, "ε-sampling"),
+                                               ("eta_cutoff", 2e-3, "η-sampling")])
+def test_vllm_has_no_typical_eta_epsilon_one_line_errors(knob, value, what):
+    model = {"name": "smollm2-135m", "engine": "vllm"}
+    with pytest.raises(ConfigError) as err:
+        parse_config({"models": [model], "decodings": [{knob: value}]})
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"decodings.0: {knob} is not a vLLM sampling parameter" in msg and "engine: vllm" in msg
+    assert f"use engine: entcal for {what}" in msg
+    off = {k: [] for k in ("top_nsigma", "typical_p", "eta_cutoff", "epsilon_cutoff") if k != knob}
+    calibration = {"lookahead": False, "future_entropy": False, **off, knob: [value]}
+    with pytest.raises(ConfigError) as err:
+        parse_config({"models": [model], "calibration": calibration})
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"calibration.{knob}: {what} is not a vLLM sampling parameter" in msg and "engine: vllm" in msg
+    assert f"set calibration.{knob}: []" in msg
+    parse_config({"models": [model], "calibration": {**calibration, knob: []}})  # all off: fine
 
 
 @pytest.mark.parametrize("over, names", [
@@ -78,6 +112,11 @@ def test_decoding_ranges_are_in_the_json_schema_the_form_is_built_from():
     assert props["top_p"]["exclusiveMinimum"] == 0 and props["top_p"]["maximum"] == 1
     assert props["min_p"]["minimum"] == 0 and props["min_p"]["exclusiveMaximum"] == 1
     assert props["top_k"]["minimum"] == 0 and props["top_nsigma"]["minimum"] == 0
+    assert props["typical_p"]["exclusiveMinimum"] == 0 and props["typical_p"]["maximum"] == 1
+    for knob in ("eta_cutoff", "epsilon_cutoff"):
+        assert props[knob]["minimum"] == 0 and props[knob]["exclusiveMaximum"] == 1
+    assert (props["typical_p"]["default"], props["eta_cutoff"]["default"], props["epsilon_cutoff"]["default"]) \
+        == (1.0, 0.0, 0.0)
     assert all(p.get("description") for p in props.values())
 
 
@@ -93,7 +132,8 @@ def test_decoding_fields_are_the_kernels_ranges_and_descriptions():
 
 @pytest.mark.parametrize("name, value", [
     ("temperature", 0), ("temperature", -1), ("temperature", 101), ("top_k", -1), ("top_p", 0),
-    ("top_p", 1.5), ("min_p", -0.1), ("min_p", 1.0), ("top_nsigma", -0.5),
+    ("top_p", 1.5), ("min_p", -0.1), ("min_p", 1.0), ("top_nsigma", -0.5), ("typical_p", 0), ("typical_p", 1.01),
+    ("eta_cutoff", -1e-4), ("eta_cutoff", 1.0), ("epsilon_cutoff", -1e-4), ("epsilon_cutoff", 1),
 ])
 def test_config_and_kernels_refuse_a_decoding_out_of_range_in_the_same_words(name, value):
     with pytest.raises(ValueError) as kernel_err:
@@ -106,7 +146,8 @@ def test_config_and_kernels_refuse_a_decoding_out_of_range_in_the_same_words(nam
 
 
 def test_decoding_range_ends_that_are_allowed_pass_both_checks():
-    edges = dict(temperature=100, top_k=0, top_p=1, min_p=0, top_nsigma=0)
+    edges = dict(temperature=100, top_k=0, top_p=1, min_p=0, top_nsigma=0, typical_p=1, epsilon_cutoff=0,
+                 eta_cutoff=0)
     check_decoding(**edges)
     assert DecodingSpec(**edges).model_dump() == edges
     with pytest.raises(ValueError, match="top_nsigma must be >= 0, got nan"):
