@@ -38,7 +38,7 @@ from entcal.storage.settings import state_dir
 from entcal.tasks.config import ConfigError, DecodingSpec, ModelSpec
 from entcal.tasks.contracts import GENERATIONS_SCHEMA
 from entcal.tasks.generate import row_seed, token_strings
-from entcal.tasks.models import load_model, max_positions, pad_id, pick_device, source_of
+from entcal.tasks.models import load_model, max_positions, pad_id, pick_device, pinned, source_of
 from entcal.tasks.score import q_stats, teacher_forced
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ def generate_table(spec: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpe
                    progress: Callable[[int, int], None] | None = None) -> tuple[pl.DataFrame, dict]:
     """The generations table for one decoding, sampled by vLLM and re-scored by entcal, and the two
     engines' agreement (``agreement``). ``progress(done_rows, total_rows)`` after each chunk of rows."""
+    spec = pinned(spec)  # a hub model's commit, resolved once: vLLM and the re-scoring copy load the same weights
     lm = load_model(spec)  # the re-scoring copy (and the tokenizer and EOS ids the entcal engine uses)
     jobs = [(ex, s, p) for ex, p in zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list())
             for s in range(samples_per_prompt)]
