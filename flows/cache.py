@@ -9,8 +9,9 @@ A stage's key is the hash of
     to a Triton kernel re-keys everything that scores with it. Code is hashed as its syntax tree
     without docstrings: a comment or a docstring re-keys nothing. A package that is only the parent
     of an imported module counts with its module-level imports (what importing it runs),
-  - and every parameter by content (a DataFrame by its bytes, a spec or record by its fields),
-    except those that only name the run (NAME_ONLY).
+  - and every parameter by content (a DataFrame by its bytes, a spec or record by its fields; a model
+    or dataset spec also by the identity of what it reads: tasks.models.identity, tasks.datasets.identity,
+    so new weights or texts under the same path re-key), except those that only name the run (NAME_ONLY).
 Never a model object or a run id: a re-run from any process or machine pointed at the same
 result storage reuses the result.
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import polars as pl
 
+from entcal.tasks import datasets, models
+from entcal.tasks.config import DatasetSpec, ModelSpec
 from entcal.tasks.contracts import frame_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +42,10 @@ def _canonical(value) -> str:
         return json.dumps(value)
     if isinstance(value, pl.DataFrame):
         return "frame:" + frame_digest(value)
+    if isinstance(value, ModelSpec):  # what it reads, by identity: a new checkpoint in place re-keys
+        return value.model_dump_json() + "@" + models.identity(value)
+    if isinstance(value, DatasetSpec):
+        return value.model_dump_json() + "@" + datasets.identity(value)
     if hasattr(value, "model_dump_json"):
         return value.model_dump_json()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -19,6 +19,9 @@ from entcal.storage.errors import UserError
 BUILTIN_MODELS = ("smollm2-135m",)
 BUILTIN_DATASETS = ("python-docs", "python-stdlib")
 PRESETS = ("wikitext-103", "writingprompts", "codecontests")
+FINGERPRINT = Field(  # ModelSpec's and DatasetSpec's: how identity() names local files (tasks/identity.py)
+    "stat", description="local files' identity in cache keys (docs/DESIGN.md 'Inputs by identity'): stat = each "
+    "file's path under the root, size and mtime (cheap; a touch re-keys); content = sha256 of its bytes")
 
 
 class ConfigError(UserError, ValueError):
@@ -58,6 +61,7 @@ class ModelSpec(_Closed):
     gpu_memory_utilization: float = Field(
         0.5, gt=0, le=0.95, description="engine: vllm, on CUDA: vLLM's share of each GPU's memory (weights and KV "
         "cache); the rest holds the copy that re-scores its generations")
+    fingerprint: Literal["stat", "content"] = FINGERPRINT
 
     @property
     def spread(self) -> bool:
@@ -120,6 +124,7 @@ class DatasetSpec(_Closed):
     prompt_format: Literal["auto", "raw", "qa", "chat"] = Field(
         "auto", description="raw text, 'Q: …\\nA: ' for base models, or the model's chat template"
     )
+    fingerprint: Literal["stat", "content"] = FINGERPRINT
 
     @model_validator(mode="after")
     def _one_source(self) -> "DatasetSpec":

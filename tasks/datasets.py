@@ -5,7 +5,8 @@ from ``pydoc_data.topics``; ``python-stdlib``: the standard library's own source
 .txt/.jsonl/.parquet files, Hugging Face datasets by id, and the paper's presets (WikiText-103,
 WritingPrompts, CodeContests) with its filters.
 
-Every document gets a stable id; examples are taken in dataset order after filtering.
+Every document gets a stable id; examples are taken in dataset order after filtering. ``identity(spec)``
+names what ``documents(spec)`` reads (files by stat or content, a hub dataset by commit, docs/DESIGN.md).
 Output schema (tasks/contracts.py, docs/DESIGN.md): example_id str, dataset str, prompt_ids list[i32], reference_ids list[i32],
 prompt_text str (the prompt decoded with the model's tokenizer, special tokens such as chat markup kept:
 what the model conditions on), reference_text str (the human continuation decoded).
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import re
 import sysconfig
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ import polars as pl
 
 from entcal.tasks.config import ConfigError, DatasetSpec, ModelSpec
 from entcal.tasks.contracts import PROMPTS_SCHEMA, PromptKnobs
+from entcal.tasks.identity import digest, fingerprint, hub_commit
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +97,25 @@ def python_docs_documents() -> Iterator[Document]:
             yield Document(f"python-docs/{name}#{k}", chunk)
 
 
+STDLIB_SKIP = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "ensurepip"}
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """(the standard library's folder, its .py files python-stdlib reads, in reading order): every *.py
+    under it outside the STDLIB_SKIP folders (whose trees are not walked)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for top, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in STDLIB_SKIP]
+        found += [Path(top, n) for n in names if n.endswith(".py")]
+    return root, sorted(found)
+
+
 def python_stdlib_documents() -> Iterator[Document]:
     """The standard library's source (human-written code), one document per module file."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "ensurepip"}
-    for path in sorted(root.rglob("*.py")):
+    root, files = stdlib_files()
+    for path in files:
         rel = path.relative_to(root)
-        if skip & set(rel.parts):
-            continue
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -147,6 +162,14 @@ def _frame_documents(df: pl.DataFrame, label: str, text_field: str, source: str,
                            else text)
 
 
+def text_files(folder: Path, label: str) -> list[Path]:
+    """The .txt files a folder dataset reads, in reading order: those directly in ``folder`` (not below)."""
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise ConfigError(f"dataset {label}: directory {folder} has no .txt files")
+    return files
+
+
 def local_documents(spec: DatasetSpec) -> Iterator[Document]:
     """.txt (one document per file; a directory of .txt files is read in sorted order), .jsonl, .parquet."""
     path = Path(spec.path)
@@ -154,10 +177,7 @@ def local_documents(spec: DatasetSpec) -> Iterator[Document]:
     if not path.exists():
         raise ConfigError(f"dataset {label}: {path} does not exist (give a .txt, .jsonl or .parquet path)")
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise ConfigError(f"dataset {label}: directory {path} has no .txt files")
-        for f in files:
+        for f in text_files(path, label):
             yield Document(f"{label}/{f.stem}", read_text_file(f, label))
         return
     suffix = path.suffix.lower()
@@ -245,6 +265,37 @@ def documents(spec: DatasetSpec) -> Iterator[Document]:
     return python_stdlib_documents()
 
 
+# ---------------------------------------------------------------- identity
+def hub_repo(source: str) -> str:
+    """``org/name`` of an ``hf://datasets/org/name/...`` source (a preset's)."""
+    return "/".join(source.removeprefix("hf://datasets/").split("/")[:2])
+
+
+def identity(spec: DatasetSpec) -> str:
+    """What ``documents(spec)`` reads, as a short stable string (docs/DESIGN.md "Inputs by identity"):
+    a local file ``file:<stat|content>:<hex>``, a folder ``txt-dir:<stat|content>:<hex>`` over its .txt files
+    (``spec.fingerprint`` picks); a hub dataset or preset ``hub:datasets/<repo>@<commit>`` (its main branch,
+    what polars reads); ``python-docs:<hex>`` of pydoc's topics (name and text); ``python-stdlib:<Python
+    version>:<stat|content>:<hex>`` over the .py files it reads."""
+    if spec.path:
+        path = Path(spec.path)
+        if not path.exists():
+            raise ConfigError(f"dataset {spec.label}: {path} does not exist (give a .txt, .jsonl or .parquet path)")
+        if path.is_dir():
+            return "txt-dir:" + fingerprint(path, text_files(path, spec.label), spec.fingerprint)
+        return "file:" + fingerprint(path, [path], spec.fingerprint)
+    if spec.preset or spec.hf:
+        repo = hub_repo(PRESET_SOURCES[spec.preset]) if spec.preset else spec.hf
+        commit = hub_commit(repo, None, repo_type="dataset", who=f"dataset {spec.label}", what="name its commit")
+        return f"hub:datasets/{repo}@{commit}"
+    if spec.name == "python-docs":
+        from pydoc_data.topics import topics
+
+        return "python-docs:" + digest(*(f"{name}\0{topics[name]}" for name in sorted(topics)))
+    root, files = stdlib_files()
+    return f"python-stdlib:{platform.python_version()}:" + fingerprint(root, files, spec.fingerprint)
+
+
 # ---------------------------------------------------------------- tokenisation
 def _prefix_ids(tokenizer, doc: Document, fmt: str) -> list[int]:
     """Token ids of what precedes the text: BOS, and the formatted instruction if any."""
@@ -306,8 +357,9 @@ def prepare_prompts(model: ModelSpec, dataset: DatasetSpec, knobs: PromptKnobs) 
     whose reference has at least ``knobs.min_reference_tokens`` tokens after a ``knobs.prompt_tokens`` prompt,
     each fitting the model's context with ``knobs.max_new_tokens`` generated. Raises ConfigError when too
     few examples pass."""
-    from entcal.tasks.models import load_tokenizer, max_positions
+    from entcal.tasks.models import load_tokenizer, max_positions, pinned
 
+    model = pinned(model)  # a hub model's commit, resolved once: tokenizer and config of one commit
     tok = load_tokenizer(model)
     limit = max_positions(model)
     longest = max(0, knobs.max_new_tokens - knobs.max_reference_tokens)

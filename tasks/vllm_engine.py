@@ -38,7 +38,7 @@ from entcal.storage.settings import state_dir
 from entcal.tasks.config import ConfigError, DecodingSpec, ModelSpec
 from entcal.tasks.contracts import GENERATIONS_SCHEMA, GenerationKnobs
 from entcal.tasks.generate import row_seed, token_strings
-from entcal.tasks.models import LoadedModel, load_model, max_positions, pick_device, source_of
+from entcal.tasks.models import LoadedModel, load_model, max_positions, pick_device, pinned, source_of
 from entcal.tasks.score import q_stats, teacher_forced
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ def generate(lm: LoadedModel, spec: ModelSpec, prompts: pl.DataFrame, decoding: 
     """The generations table for one decoding, sampled by vLLM (the engine of ``spec``) and re-scored by
     entcal on ``lm`` (the transformers copy of the same model: its tokenizer and EOS ids too), and the two
     engines' agreement (``agreement``). ``progress(done_rows, total_rows)`` after each chunk of rows."""
+    spec = pinned(spec)  # a hub model's commit, as load_model reads it: vLLM and the re-scoring copy agree
     jobs = [(ex, s, p) for ex, p in zip(prompts["example_id"].to_list(), prompts["prompt_ids"].to_list())
             for s in range(knobs.samples_per_prompt)]
     longest = max((len(p) for _, _, p in jobs), default=1)

