@@ -1,6 +1,7 @@
 """report.html: one self-contained page (figures as data URIs) with excerpts of real generations of the
 tiny model, each token a span shaded by its entropy; generated text is shown as text, never as markup."""
 import base64
+import json
 import re
 from html.parser import HTMLParser
 
@@ -11,8 +12,9 @@ from entcal.tasks import report
 from entcal.tasks.config import DatasetSpec, DecodingSpec
 from entcal.tasks.datasets import build_prompts, documents
 from entcal.tasks.generate import token_strings
-from entcal.tasks.metrics import step_curves
-from tests.tasks.helpers import gen, scored, summarize
+from entcal.tasks.contracts import CalibrationResult, StudyResult
+from entcal.tasks.metrics import pair_result, step_curves
+from tests.tasks.helpers import gen, scored, summary_knobs
 
 HORIZON = 12
 
@@ -69,42 +71,42 @@ def tables(tiny_lm):
     return prompts, gens, ref
 
 
-def _write(out, tables, extra="", excerpts=None):
+CALIBRATION = CalibrationResult(
+    label="tiny__python-docs", tau_star=0.9, tau_star_ci=(0.8, 1.0), tau_converged=True, logloss_at_tau_star=3.2,
+    logloss_at_tau_1=3.1, truncation=[],
+    sweep=[{"method": m, "param": p, "decoding": d, "entce": e, "entce_ci_low": e - 0.1, "entce_ci_high": e + 0.1,
+            "logloss": l, "logloss_untruncated": l, "truncated_share": 0.0, "entropy": l + e,
+            "logloss_eps_x10": l, "logloss_eps_div10": l}
+           for m, p, d, e, l in (("temperature", 1.0, "t1", 0.2, 3.1), ("temperature", 0.8, "t0.8", -0.1, 3.3))],
+    pareto_front=[], fit_examples=2, eval_examples=3, epsilon=1e-4)
+
+
+def _write(out, tables, calibrations=(), excerpts=None):
+    """The study's report of the tiny model's one pair (and ``calibrations``) through report.write_report."""
     prompts, gens, ref = tables
-    s = summarize(gens, ref, horizon=HORIZON, bootstrap=20)
-    summary = pl.DataFrame([{"model": "tiny", "dataset": "python-docs", "decoding": "t1", "temperature": 1.0,
-                             "truncated": False, **{k: getattr(s, k) for k in report.METRIC_COLUMNS}}])
-    curves = [{"model": "tiny", "dataset": "python-docs", "decoding": "t1",
-               "curves": step_curves(gens, ref, horizon=HORIZON)}]
+    pair = pair_result("tiny", "python-docs", DecodingSpec(), prompts, gens, ref, summary_knobs(horizon=HORIZON, bootstrap=20))
+    result = StudyResult(pairs=[pair], calibrations=list(calibrations), scaling=[], corpus_alpha={}, cached=[], ran=[])
     if excerpts is None:
         excerpts = report.pick_excerpts(prompts, {"t1": gens}, ref, model="tiny", horizon=HORIZON)
-    return report.write_report(out, "tiny", summary, curves, horizon=HORIZON, smoothing=0.5,
-                               run_url="http://127.0.0.1:5000/#/experiments/1/runs/abc", extra=extra,
-                               excerpts=excerpts)
+    return report.write_report(out, "tiny", [pair.row()], result, horizon=HORIZON, smoothing=0.5,
+                               run_url="http://127.0.0.1:5000/#/experiments/1/runs/abc", excerpts=excerpts)
 
 
 def test_html_is_self_contained_with_the_figures_embedded(tables, tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(1, 1))
-    fig.savefig(tmp_path / "pareto__tiny.png")
-    plt.close(fig)
-    extra = "## Calibration\n\nτ* = 0.9\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![pareto](pareto__tiny.png)\n"
-    files = _write(tmp_path, tables, extra=extra)
+    files = _write(tmp_path, tables, calibrations=[CALIBRATION])
     text = files["html"].read_text()
     page = Page(text)
     assert len(page.srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in page.srcs)
     embedded = {base64.b64decode(s.split(",", 1)[1]) for s in page.srcs}
-    assert (tmp_path / "pareto__tiny.png").read_bytes() in embedded
+    assert (tmp_path / "pareto__tiny__python-docs.png").read_bytes() in embedded
     assert (tmp_path / "error_accumulation.png").read_bytes() in embedded
     # nothing points at a file beside the page
     assert not re.findall(r'(?:src|href)="(?!data:|https?://)', text)
-    assert "<h2>Calibration</h2>" in text and "<td>1</td><td>2</td>" in text and "<th>EntCE</th>" in text
-    # report.md stays for --out readers, with its relative figure links
-    assert "![pareto](pareto__tiny.png)" in files["report"].read_text()
+    assert "<h2>Calibration: tiny__python-docs</h2>" in text and "<td>temperature</td><td>0.8</td>" in text
+    assert "<th>EntCE</th>" in text
+    # report.md stays for --out readers, with its relative figure links; calibration.json beside it
+    assert "(pareto__tiny__python-docs.png)" in files["report"].read_text()
+    assert json.loads(files["calibration.json"].read_text())["tau_star"] == 0.9
 
 
 def test_three_excerpts_with_one_span_per_token_carrying_its_entropy(tables, tmp_path):
