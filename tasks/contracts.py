@@ -94,6 +94,36 @@ class Recalibration:
 
 
 @dataclass(frozen=True)
+class Reweighting:
+    """A calibrated decoding fitted on the fit split (docs/SCIENCE.md §4): a family's rule with the
+    parameters its fit found, at a scalar ``knob`` that the evaluation may move (the search for the knob
+    where EntCE = 0 reuses the τ* root search). JSON-able throughout: it is a cached stage's parameter.
+
+    method: lookahead | future_entropy | tau_schedule | entropy_feedback
+    params: the numbers that define the rule (f̂'s baseline and weights, the schedule's step buckets and
+            temperatures, the target curve); {} for lookahead
+    knob:   the fitted value of the family's one scalar: α (lookahead, future_entropy; α = 0 is the base
+            decoding itself), the schedule's scale (tau_schedule: τ(s)·knob), the target's offset in nats
+            (entropy_feedback: target(s) + knob)
+    fit:    diagnostics of the fit (fit-split L̄ at the knob and at the base decoding, held-out R², ...)"""
+
+    method: str
+    params: dict
+    knob: float
+    fit: dict = field(default_factory=dict)
+
+    KNOBS = {"lookahead": "alpha", "future_entropy": "alpha", "tau_schedule": "scale", "entropy_feedback": "offset"}
+
+    @property
+    def knob_name(self) -> str:
+        return self.KNOBS[self.method]
+
+    def at(self, knob: float) -> "Reweighting":
+        """The same rule at another value of its knob."""
+        return dataclasses.replace(self, knob=float(knob))
+
+
+@dataclass(frozen=True)
 class CalibrationResult:
     """Everything calibration.json holds for one (model, dataset)."""
 

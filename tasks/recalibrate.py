@@ -53,6 +53,7 @@ class BeforeTables:
     train_generations: pl.DataFrame | None
     eval_generations: pl.DataFrame
     eval_reference: pl.DataFrame
+    train_reference: pl.DataFrame | None = None  # REFERENCE_SCHEMA: the fit split's human text at the decoding
 
 
 def _rows_of(table: pl.DataFrame, prompts: pl.DataFrame, decoding: DecodingSpec, name: str) -> pl.DataFrame:
