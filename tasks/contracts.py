@@ -76,6 +76,12 @@ class Summary:
     reference_tokens: int
     n_examples: int
     eos_share: float
+    # the shape of miscalibration (metrics.shape_stats): (1/T)·Σ_t |h̃_t − l̃_t| of the smoothed curves, nats,
+    # and the slope of h_t − l_t, nats per 100 steps, each with its bootstrap CI over examples
+    calib_error_per_step: float = float("nan")
+    calib_error_per_step_ci: tuple[float, float] = (float("nan"), float("nan"))
+    entce_slope: float = float("nan")
+    entce_slope_ci: tuple[float, float] = (float("nan"), float("nan"))
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -225,6 +231,7 @@ class SummaryKnobs:
     bootstrap: int
     ci_level: float
     seed: int
+    smoothing: float = 0.2  # exponential smoothing of the per-step curves (the plots', the shape's)
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,7 @@ class Knobs:
         generation = GenerationKnobs(max_new_tokens=config.max_new_tokens, samples_per_prompt=config.samples_per_prompt,
                                      seed=config.seed, batch_size=config.batch_size)
         summary = SummaryKnobs(horizon=config.horizon, bootstrap=config.bootstrap, ci_level=config.ci_level,
-                               seed=config.seed)
+                               seed=config.seed, smoothing=config.smoothing)
         return cls(
             prompts=PromptKnobs(num_examples=config.num_examples, prompt_tokens=config.prompt_tokens,
                                 min_reference_tokens=config.min_reference_tokens,

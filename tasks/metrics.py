@@ -84,7 +84,113 @@ def entce_summary(generations: pl.DataFrame, reference: pl.DataFrame, knobs: Sum
         reference_tokens=int(ln.sum()),
         n_examples=int(n),
         eos_share=float((generations["finish_reason"] == "eos").mean()),
+        **shape_stats(generations, reference, knobs),
     )
+
+
+# ---------------------------------------------------------------- the shape of miscalibration
+def step_sums(table: pl.DataFrame, col: str, horizon: int, examples: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(sums, counts), float64 [len(examples), horizon]: per example (all its samples) and step t < horizon,
+    the sum of ``col`` and how many values it has (0 where no row of the example reaches step t)."""
+    row = {ex: i for i, ex in enumerate(examples)}
+    sums, counts = np.zeros((len(examples), horizon)), np.zeros((len(examples), horizon))
+    for ex, values in table.select("example_id", pl.col(col).list.head(horizon)).iter_rows():
+        if ex in row and values:
+            v = np.asarray(values, dtype=np.float64)
+            sums[row[ex], : v.size] += v
+            counts[row[ex], : v.size] += 1
+    return sums, counts
+
+
+def _smooth_rows(x: np.ndarray, alpha: float) -> np.ndarray:
+    """smooth() along the last axis of [B, T], every row at once (NaN steps skipped)."""
+    out, s = np.full_like(x, np.nan), np.full(x.shape[0], np.nan)
+    for t in range(x.shape[1]):
+        v = x[:, t]
+        s = np.where(np.isnan(v), s, np.where(np.isnan(s), v, alpha * v + (1 - alpha) * s))
+        out[:, t] = s
+    return out
+
+
+def _shape(sh, nh, sl, nl, idx: np.ndarray, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    """(per-step calibration error, slope per 100 steps) of the curves of the examples ``idx`` [B, n]: [B] each."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        h, l = sh[idx].sum(1) / nh[idx].sum(1), sl[idx].sum(1) / nl[idx].sum(1)  # [B, T], NaN: no example there
+        gap = np.abs(_smooth_rows(h, smoothing) - _smooth_rows(l, smoothing))
+        error = np.nanmean(np.where(np.isnan(h) | np.isnan(l), np.nan, gap), axis=1)
+        d = h - l
+        ok = ~np.isnan(d)
+        t = np.where(ok, np.arange(d.shape[1])[None], 0.0)
+        m = ok.sum(1)
+        tc = t - (t.sum(1) / m)[:, None]
+        dc = np.where(ok, d, 0.0) - (np.where(ok, d, 0.0).sum(1) / m)[:, None]
+        slope = 100 * (np.where(ok, tc * dc, 0.0).sum(1) / np.where(ok, tc * tc, 0.0).sum(1))
+    return error, slope
+
+
+def shape_stats(generations: pl.DataFrame, reference: pl.DataFrame, knobs: SummaryKnobs) -> dict:
+    """The shape of miscalibration over the first ``knobs.horizon`` steps (docs/SCIENCE.md §4): a model too cold
+    early and too hot late can pool to EntCE = 0.
+
+    calib_error_per_step: (1/T)·Σ_t |h̃_t − l̃_t|, nats, with h̃, l̃ the per-step curves (step_curves: means over
+    the examples that reach t) exponentially smoothed at ``knobs.smoothing``, as the plots draw them; over the
+    steps both curves reach. entce_slope: the least-squares slope of h_t − l_t against t, in nats per 100
+    steps (error accumulation makes it positive). Each with a percentile bootstrap CI over examples
+    (``knobs.bootstrap`` resamples at ``knobs.ci_level``, seeded by ``knobs.seed``)."""
+    examples = sorted(set(generations["example_id"].to_list()) & set(reference["example_id"].to_list()))
+    if not examples:
+        raise ValueError("shape_stats: generations and reference share no example_id")
+    sh, nh = step_sums(generations, "step_entropy", knobs.horizon, examples)
+    sl, nl = step_sums(reference, "step_logloss", knobs.horizon, examples)
+    n = len(examples)
+    error, slope = _shape(sh, nh, sl, nl, np.arange(n)[None], knobs.smoothing)
+    idx = np.random.default_rng(knobs.seed).integers(0, n, size=(knobs.bootstrap, n))
+    b_error, b_slope = _shape(sh, nh, sl, nl, idx, knobs.smoothing)
+    q = [(1 - knobs.ci_level) / 2, (1 + knobs.ci_level) / 2]
+
+    def ci(b: np.ndarray) -> tuple[float, float]:
+        b = b[np.isfinite(b)]
+        return tuple(float(x) for x in np.quantile(b, q)) if b.size else (float("nan"), float("nan"))
+    return {"calib_error_per_step": float(error[0]), "calib_error_per_step_ci": ci(b_error),
+            "entce_slope": float(slope[0]), "entce_slope_ci": ci(b_slope)}
+
+
+# ---------------------------------------------------------------- paired comparisons
+def paired_delta(before: tuple[pl.DataFrame, pl.DataFrame], after: tuple[pl.DataFrame, pl.DataFrame],
+                 knobs: SummaryKnobs) -> dict:
+    """after − before, for two decodings of the same prompts (each a (generations, reference) pair), with a
+    paired percentile bootstrap: every resample draws the same examples on both sides, so what the two share
+    (the prompts, and with paired sampling most draws) cancels out of the CI.
+
+    Returns delta_entce, delta_logloss, delta_entropy (nats/token, first ``knobs.horizon`` steps), their CIs
+    (``*_ci``: [low, high] at ``knobs.ci_level``), examples (how many both sides share) and ``detectable``:
+    whether the ΔEntCE CI excludes 0 (else: "no detectable effect")."""
+    sides = []
+    for g, r in (before, after):
+        sums = example_sums(g, r, horizon=knobs.horizon)
+        ids = (per_example(g, "step_entropy", knobs.horizon).join(
+            per_example(r, "step_logloss", knobs.horizon), on="example_id", how="inner")["example_id"].to_list())
+        sides.append(pl.DataFrame({"example_id": ids, **sums}))
+    both = sides[0].join(sides[1], on="example_id", how="inner", suffix="_after")
+    if both.is_empty():
+        raise ValueError("paired_delta: the two sides share no example_id")
+    cols = ("entropy_sum", "entropy_n", "logloss_sum", "logloss_n")
+    b, a = ([both[c + suffix].to_numpy() for c in cols] for suffix in ("", "_after"))
+    n = both.height
+    idx = np.concatenate([np.arange(n)[None], np.random.default_rng(knobs.seed).integers(0, n, (knobs.bootstrap, n))])
+
+    def means(x):  # [1 + B] H̄ and L̄ of each resample (row 0: the examples themselves)
+        return x[0][idx].sum(1) / x[1][idx].sum(1), x[2][idx].sum(1) / x[3][idx].sum(1)
+    (hb, lb), (ha, la) = means(b), means(a)
+    deltas = {"delta_entce": (ha - la) - (hb - lb), "delta_logloss": la - lb, "delta_entropy": ha - hb}
+    q = [(1 - knobs.ci_level) / 2, (1 + knobs.ci_level) / 2]
+    out: dict = {"examples": n, "ci_level": knobs.ci_level}
+    for name, d in deltas.items():
+        out[name] = float(d[0])
+        out[f"{name}_ci"] = [float(x) for x in np.quantile(d[1:], q)]
+    lo, hi = out["delta_entce_ci"]
+    out["detectable"] = bool(lo > 0 or hi < 0)
+    return out
 
 
 def logloss_at_epsilon(reference: pl.DataFrame, *, horizon: int, epsilon: float, new_epsilon: float) -> float:

@@ -117,3 +117,65 @@ def test_example_table_and_pair_result_are_the_summary_per_example():
     row = pair.row()
     assert (row["model"], row["dataset"], row["decoding"], row["temperature"], row["truncated"]) == ("m", "d", "t0.9", 0.9, False)
     assert row["entce"] == pair.summary.entce == pytest.approx(28 / 12 - 17.5 / 11)
+
+
+# ---------------------------------------------------------------- the shape of miscalibration
+def test_a_pooled_entce_of_zero_can_hide_a_per_step_error_and_a_slope():
+    """Too cold early, too hot late: EntCE pools to 0, the per-step error and the slope do not."""
+    from entcal.tasks.metrics import shape_stats
+
+    T = 40
+    h = [[1.0 + 2.0 * t / (T - 1) for t in range(T)]] * 6  # 1 -> 3 nats
+    l = [[2.0] * T] * 6
+    gens, ref = _tables(h, l)
+    knobs = SummaryKnobs(horizon=T, bootstrap=100, ci_level=0.95, seed=0, smoothing=1.0)  # 1.0: no smoothing
+    s = entce_summary(gens, ref, knobs)
+    assert s.entce == pytest.approx(0.0, abs=1e-12)
+    assert s.calib_error_per_step == pytest.approx(sum(abs(1 + 2 * t / (T - 1) - 2) for t in range(T)) / T)
+    assert s.entce_slope == pytest.approx(100 * 2.0 / (T - 1))  # nats per 100 steps
+    calibrated = shape_stats(*_tables(l, l), knobs)
+    assert calibrated["calib_error_per_step"] == 0.0 and calibrated["entce_slope"] == pytest.approx(0.0)
+
+
+def test_shape_is_smoothed_as_the_plots_are_and_has_a_ci():
+    import random
+
+    from entcal.tasks.metrics import shape_stats
+
+    rnd = random.Random(0)
+    h = [[2.0 + rnd.gauss(0, 0.5) for _ in range(30)] for _ in range(12)]
+    l = [[2.0] * 30 for _ in range(12)]
+    gens, ref = _tables(h, l)
+    knobs = SummaryKnobs(horizon=30, bootstrap=300, ci_level=0.9, seed=1, smoothing=0.2)
+    got = shape_stats(gens, ref, knobs)
+    curves = step_curves(gens, ref, horizon=30)
+    hs, ls = smooth(curves["entropy_mean"].to_list(), 0.2), smooth(curves["logloss_mean"].to_list(), 0.2)
+    assert got["calib_error_per_step"] == pytest.approx(sum(abs(a - b) for a, b in zip(hs, ls)) / 30)
+    lo, hi = got["calib_error_per_step_ci"]
+    assert lo < got["calib_error_per_step"] < hi
+    lo, hi = got["entce_slope_ci"]
+    assert lo < got["entce_slope"] < hi
+
+
+def test_paired_delta_cancels_what_both_sides_share():
+    """Two decodings of the same prompts whose examples differ a lot from each other but little between the
+    sides: the paired CI of the difference is far narrower than the two unpaired CIs, and a change inside
+    it is "no detectable effect"."""
+    import random
+
+    from entcal.tasks.metrics import paired_delta
+
+    rnd = random.Random(3)
+    base = [rnd.uniform(1.0, 4.0) for _ in range(30)]  # examples differ by up to 3 nats
+    before = _tables([[b] * 10 for b in base], [[2.0] * 10] * 30)
+    shifted = _tables([[b + 0.05 + rnd.gauss(0, 0.01)] * 10 for b in base], [[2.0] * 10] * 30)
+    same = _tables([[b + rnd.gauss(0, 0.01)] * 10 for b in base], [[2.0] * 10] * 30)
+    knobs = SummaryKnobs(horizon=10, bootstrap=500, ci_level=0.95, seed=0)
+    d = paired_delta(before, shifted, knobs)
+    assert d["delta_entce"] == pytest.approx(0.05, abs=0.01) and d["examples"] == 30
+    lo, hi = d["delta_entce_ci"]
+    assert 0 < lo < 0.05 < hi and hi - lo < 0.02 and d["detectable"]
+    unpaired = entce_summary(*before, knobs)
+    assert unpaired.entce_ci_high - unpaired.entce_ci_low > 10 * (hi - lo)
+    assert d["delta_logloss"] == 0.0 and d["delta_logloss_ci"] == [0.0, 0.0]
+    assert not paired_delta(before, same, knobs)["detectable"]  # no detectable effect
