@@ -25,11 +25,16 @@ import polars as pl
 from entcal.flows.executor import Executor
 from entcal.tasks import fronts, metrics
 from entcal.tasks.config import DecodingSpec, ModelSpec
-from entcal.tasks.contracts import EPS_COLUMNS, CalibrationResult
-from entcal.tasks.recalibrate import BASE, BeforeTables
+from entcal.tasks.contracts import EPS_COLUMNS, CalibrationResult, Recalibration, Reweighting
+from entcal.tasks.recalibrate import BASE, METHODS, BeforeTables
 
-SWEEPS = ("top_k", "top_p", "min_p", "top_nsigma")
-OFF = {"top_p": 1.0, "min_p": 0.0}  # settings that truncate nothing, so the τ = 1 point belongs to the sweep
+SWEEPS = ("top_k", "top_p", "min_p", "top_nsigma", "typical_p", "eta_cutoff", "epsilon_cutoff")
+# settings that truncate nothing, so the τ = 1 point belongs to the sweep (top-k and top-nσ are off at ∞)
+OFF = {"top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "eta_cutoff": 0.0, "epsilon_cutoff": 0.0}
+# each recalibration's bracket for the knob where EntCE = 0 on the evaluation split, and the knob's floor
+ZERO_BRACKETS = {"lookahead": ((0.0, 1.0), -1.0), "future_entropy": ((0.0, 0.5), -0.5),
+                 "tau_schedule": ((0.7, 1.3), 0.0), "entropy_feedback": ((-1.0, 1.0), None)}
+Tables = tuple[pl.DataFrame, pl.DataFrame]  # (generations, reference) of one decoding on one split
 
 
 def split(prompts: pl.DataFrame, fit_fraction: float) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -38,69 +43,125 @@ def split(prompts: pl.DataFrame, fit_fraction: float) -> tuple[pl.DataFrame, pl.
     return prompts.head(n_fit), prompts.tail(prompts.height - n_fit)
 
 
-def calibrate(ex: Executor, model: ModelSpec, prompts: pl.DataFrame) -> CalibrationResult:
-    """τ*, the truncation sweeps and fronts, and the configured recalibrations of one (model, dataset), every
-    generation and score through ``ex``'s cached stages."""
-    config, logger = ex.config, ex.logger
-    spec = config.calibration
-    label = f"{model.label}__{prompts['dataset'][0]}"
-    train, evaluate = split(prompts, spec.fit_fraction)
-    rows: list[dict] = []
-    tables: dict[str, tuple[pl.DataFrame, pl.DataFrame]] = {}  # decoding key -> (generations, reference)
+class Sweep:
+    """The points a calibration evaluates on the evaluation split, each paired against τ = 1 (``base``)."""
 
-    def evaluate_decoding(dec: DecodingSpec, method: str, param: float) -> dict:
-        gens = ex.generate(model, evaluate, [dec])[dec.key]
-        ref = ex.score(model, evaluate, [dec])
-        tables[dec.key] = gens, ref
-        s = metrics.entce_summary(gens, ref, ex.knobs.summary)
-        row = {"method": method, "param": float(param), "decoding": dec.key, **{k: getattr(s, k) for k in (
-            "entce", "entce_ci_low", "entce_ci_high", "logloss", "logloss_untruncated", "truncated_share", "entropy")}}
-        for col, eps in zip(EPS_COLUMNS, (config.epsilon * 10, config.epsilon / 10)):
-            row[col] = (metrics.logloss_at_epsilon(ref, horizon=config.horizon, epsilon=config.epsilon,
+    def __init__(self, ex: Executor, base: Tables):
+        self.ex, self.base, self.rows = ex, base, []
+
+    def record(self, method: str, param: float, tables: Tables, **tags) -> dict:
+        """One point: EntCE, L̄, H̄ and their diagnostics, L̄ re-mixed at ε×10 and ε/10, and after − before
+        against τ = 1 with its paired CI (metrics.paired_delta)."""
+        ex, cfg = self.ex, self.ex.config
+        s = metrics.entce_summary(*tables, ex.knobs.summary)
+        d = metrics.paired_delta(self.base, tables, ex.knobs.summary)
+        row = {"method": method, "param": float(param), "decoding": tables[0]["decoding"][0], **tags,
+               **{k: getattr(s, k) for k in ("entce", "entce_ci_low", "entce_ci_high", "logloss",
+                                             "logloss_untruncated", "truncated_share", "entropy",
+                                             "calib_error_per_step", "entce_slope")},
+               **{k: d[k] for k in ("delta_entce", "delta_entce_ci", "delta_logloss", "delta_logloss_ci",
+                                    "detectable")}}
+        for col, eps in zip(EPS_COLUMNS, (cfg.epsilon * 10, cfg.epsilon / 10)):
+            row[col] = (metrics.logloss_at_epsilon(tables[1], horizon=cfg.horizon, epsilon=cfg.epsilon,
                                                    new_epsilon=eps) if eps < 1 else None)
-        rows.append(row)
-        logger.info("calibration %s=%g: EntCE %+.3f, L̄ %.3f", method, param, s.entce, s.logloss)
+        self.rows.append(row)
+        ex.logger.info("calibration %s=%g: EntCE %+.3f, L̄ %.3f (ΔEntCE %+.3f [%+.3f, %+.3f] against τ = 1)", method,
+                       param, s.entce, s.logloss, d["delta_entce"], *d["delta_entce_ci"])
         return row
 
+
+def calibrate(ex: Executor, model: ModelSpec, prompts: pl.DataFrame) -> CalibrationResult:
+    """τ*, the truncation sweeps and fronts, and the configured recalibrations of one (model, dataset), every
+    generation and score through ``ex``'s cached stages; every point paired against τ = 1."""
+    config, spec = ex.config, ex.config.calibration
+    train, evaluate = split(prompts, spec.fit_fraction)
+
+    def decoding(dec: DecodingSpec) -> Tables:
+        return ex.generate(model, evaluate, [dec])[dec.key], ex.score(model, evaluate, [dec])
+    sweep = Sweep(ex, decoding(BASE))
+    sweep.record("temperature", 1.0, sweep.base)
+
     def entce_at(tau: float) -> tuple[float, float, float]:
-        r = evaluate_decoding(DecodingSpec(temperature=round(tau, 4)), "temperature", round(tau, 4))
+        dec = DecodingSpec(temperature=round(tau, 4))
+        r = sweep.record("temperature", dec.temperature, decoding(dec))
         return r["entce"], r["entce_ci_low"], r["entce_ci_high"]
 
     try:
         tau = fronts.tau_star(entce_at, *spec.tau_bracket, tol=spec.tau_tol, max_rounds=spec.tau_rounds)
     except ValueError as err:  # no sign change in the bracket: say so, keep the rest
-        logger.warning("τ*: %s", err)
+        ex.logger.warning("τ*: %s", err)
         tau = {"tau_star": None, "tau_star_ci": [None, None], "converged": False}
-    if BASE.key not in tables:
-        entce_at(1.0)
     for method in SWEEPS:
         for param in getattr(spec, method):
-            evaluate_decoding(DecodingSpec(**{method: param}), method, param)
-    base = next(r for r in rows if r["decoding"] == BASE.key)
+            sweep.record(method, param, decoding(DecodingSpec(**{method: param})))
+    methods = [m for m in METHODS if getattr(spec, m)]
+    recalibrations = {}
+    if methods:
+        before = BeforeTables(
+            train_generations=ex.generate(model, train, [BASE], samples=spec.regressor_samples)[BASE.key]
+            if "future_entropy" in methods else None, eval_generations=sweep.base[0], eval_reference=sweep.base[1],
+            train_reference=ex.score(model, train, [BASE]))
+        for method in methods:
+            recalibrations[method] = recalibrate(ex, sweep, model, train, evaluate, before, method)
+    rows = sweep.rows
     for method, off in OFF.items():  # top_p = 1 and min_p = 0 ARE the τ = 1 decoding: the sweep's anchor
         if getattr(spec, method):
-            rows.append({**base, "method": method, "param": off, "anchor": True})
+            rows.append({**rows[0], "method": method, "param": off, "anchor": True})
     front = fronts.truncation_front(rows)
-    recalibrations = {}
-    if spec.lookahead or spec.future_entropy:
-        before = BeforeTables(train_generations=ex.generate(model, train, [BASE])[BASE.key] if spec.future_entropy
-                              else None, eval_generations=tables[BASE.key][0], eval_reference=tables[BASE.key][1])
-        for method in ("lookahead", "future_entropy"):
-            if getattr(spec, method):
-                out = recalibrations[method] = ex.recalibrate(method, model, train, evaluate, before)
-                logger.info("%s: α=%s EntCE %+.3f -> %+.3f, L̄ %.3f -> %.3f", method, out.alpha, out.entce_before,
-                            out.entce_after, out.logloss_before, out.logloss_after)
     return CalibrationResult(
-        label=label, tau_star=tau["tau_star"], tau_star_ci=tuple(tau["tau_star_ci"]),
-        tau_converged=tau.get("converged"), logloss_at_tau_star=_at(rows, tau["tau_star"], "logloss"),
-        logloss_at_tau_1=_at(rows, 1.0, "logloss"),
+        label=f"{model.label}__{prompts['dataset'][0]}", tau_star=tau["tau_star"],
+        tau_star_ci=tuple(tau["tau_star_ci"]), tau_converged=tau.get("converged"),
+        logloss_at_tau_star=_at(rows, tau["tau_star"], "logloss"), logloss_at_tau_1=_at(rows, 1.0, "logloss"),
         truncation=[{"method": m, "param": v["zero_param"], "entce": 0.0, "logloss": v["zero_logloss"],
                      "logloss_untruncated": v.get("zero_logloss_untruncated"),
                      "truncated_share": v.get("zero_truncated_share"),
                      **{c: _eps_lerp(rows, m, v["zero_param"], c) for c in EPS_COLUMNS}}
-                    for m, v in front["methods"].items() if v["zero_param"] is not None],
+                    for m, v in front["methods"].items() if m in SWEEPS and v["zero_param"] is not None],
         sweep=rows, pareto_front=front["front"], fit_examples=train.height,
-        eval_examples=evaluate.height, epsilon=config.epsilon, **recalibrations)
+        eval_examples=evaluate.height, epsilon=config.epsilon, recalibrations=recalibrations)
+
+
+def recalibrate(ex: Executor, sweep: Sweep, model: ModelSpec, train: pl.DataFrame, evaluate: pl.DataFrame,
+                before: BeforeTables, method: str) -> Recalibration:
+    """One method: fitted on the fit split, compared with τ = 1 on the evaluation split (paired), then the
+    knob where EntCE = 0 found by the τ* root search and what it costs; every point it evaluates goes on
+    the sweep (the Pareto front)."""
+    fitted = ex.fit(method, model, train, before)
+    after = ex.calibrated(model, evaluate, fitted)
+    sweep.record(method, fitted.knob, after, fitted=True)
+    comparison = metrics.comparison(sweep.base, after, ex.knobs.summary)
+    ex.logger.info("%s: %s %g, EntCE %+.3f -> %+.3f (Δ %+.3f [%+.3f, %+.3f]%s), L̄ %.3f -> %.3f", method,
+                   fitted.knob_name, fitted.knob, comparison["entce_before"], comparison["entce_after"],
+                   comparison["delta_entce"], *comparison["delta_entce_ci"],
+                   "" if comparison["detectable"] else ": no detectable effect", comparison["logloss_before"],
+                   comparison["logloss_after"])
+    zero, note = zero_entce(ex, sweep, model, evaluate, fitted)
+    return Recalibration(method, fitted, comparison, zero, note)
+
+
+def zero_entce(ex: Executor, sweep: Sweep, model: ModelSpec, evaluate: pl.DataFrame,
+               fitted: Reweighting) -> tuple[dict | None, str | None]:
+    """The knob of ``fitted``'s rule where EntCE = 0 on the evaluation split (fronts.tau_star over the method's
+    ZERO_BRACKETS, ``zero_rounds`` rounds) and, evaluated there, its L̄ and ΔL̄ against τ = 1 (paired CI); or
+    (None, why) when no knob in the bracket, widened once, zeroes EntCE."""
+    (lo, hi), floor = ZERO_BRACKETS[fitted.method]
+
+    def at(knob: float) -> dict:
+        knob = round(knob, 4)
+        return sweep.record(fitted.method, knob, ex.calibrated(model, evaluate, fitted.at(knob)))
+
+    def entce_at(knob: float) -> tuple[float, float, float]:
+        r = at(knob)
+        return r["entce"], r["entce_ci_low"], r["entce_ci_high"]
+    try:
+        found = fronts.tau_star(entce_at, lo, hi, tol=(hi - lo) / 50, max_rounds=ex.config.calibration.zero_rounds,
+                                floor=floor)
+    except ValueError as err:
+        ex.logger.warning("%s: no %s zeroes EntCE: %s", fitted.method, fitted.knob_name, err)
+        return None, str(err).replace("tau_star: ", "")
+    r = at(found["tau_star"])
+    return {"knob": r["param"], "entce": r["entce"], "logloss": r["logloss"], "delta_logloss": r["delta_logloss"],
+            "delta_logloss_ci": r["delta_logloss_ci"], "converged": found["converged"]}, None
 
 
 def _eps_lerp(rows: list[dict], method: str, param: float, col: str) -> float | None:

@@ -125,11 +125,15 @@ def print_result(result: dict) -> None:
               f"{fmt(cal['logloss_at_tau_star'])} vs τ=1 {fmt(cal['logloss_at_tau_1'])}")
         for t in cal["truncation"]:
             print(f"  {t['method']:<11} zeroes EntCE at {t['param']:.3f} with L̄ {fmt(t['logloss'])}")
-        for name in ("lookahead", "future_entropy"):
+        for name in ("lookahead", "future_entropy", "tau_schedule", "entropy_feedback"):
             if r := cal.get(name):
-                alpha = " ".join(f"{a:+.3f}" for a in r["alpha"]) if isinstance(r["alpha"], list) else f"{r['alpha']:+.3f}"
-                print(f"  {name:<15} α {alpha}  EntCE {r['entce_before']:+.3f} -> {r['entce_after']:+.3f}  "
-                      f"L̄ {r['logloss_before']:.3f} -> {r['logloss_after']:.3f}")
+                lo, hi = r["delta_entce_ci"]
+                effect = "" if r["detectable"] else "  (no detectable effect)"
+                zero = (f"  EntCE = 0 at {r['knob']} {r['alpha_zero_entce']:g}: ΔL̄ {r['delta_logloss_at_zero_entce']:+.3f}"
+                        if r.get("alpha_zero_entce") is not None else "")
+                print(f"  {name:<16} {r['knob']} {r['alpha']:g}  EntCE {r['entce_before']:+.3f} -> {r['entce_after']:+.3f}"
+                      f" (Δ {r['delta_entce']:+.3f} [{lo:+.3f}, {hi:+.3f}]){effect}  L̄ {r['logloss_before']:.3f} -> "
+                      f"{r['logloss_after']:.3f}{zero}")
     if result["cached"]:
         print(f"Served from cache: {len(result['cached'])} stages; ran: {len(result['ran'])}")
 

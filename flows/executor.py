@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 from urllib.parse import urlparse
 
 import polars as pl
 
 from entcal.flows.results import result_storage
-from entcal.flows.stages import (STAGES, corpus_alpha_task, generate_task, model_params_task, prepare_task,
-                                 recalibrate_task, score_task)
+from entcal.flows.stages import (STAGES, calibrated_task, corpus_alpha_task, fit_task, generate_task,
+                                 model_params_task, prepare_task, score_task)
 from entcal.storage import locks, parts
 from entcal.storage.errors import UserError
 from entcal.storage.settings import Settings
 from entcal.tasks import metrics, models, vllm_engine
 from entcal.tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
-from entcal.tasks.contracts import Knobs, PairResult, Recalibration
+from entcal.tasks.contracts import Knobs, PairResult, Reweighting
 from entcal.tasks.recalibrate import BeforeTables
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -93,12 +94,14 @@ class Executor:
         label = f"{model.label}/{dataset.label}"
         return self._one(prepare_task, label, dict(model=model, dataset=dataset, knobs=self.knobs.prompts))
 
-    def generate(self, model: ModelSpec, prompts: pl.DataFrame,
-                 decodings: list[DecodingSpec]) -> dict[str, pl.DataFrame]:
-        """{decoding key: generations table}, each the concatenation of its shards' parts, in prompt order."""
+    def generate(self, model: ModelSpec, prompts: pl.DataFrame, decodings: list[DecodingSpec], *,
+                 samples: int | None = None) -> dict[str, pl.DataFrame]:
+        """{decoding key: generations table}, each the concatenation of its shards' parts, in prompt order;
+        ``samples`` per prompt (default: the study's samples_per_prompt)."""
         pieces = shards(prompts, self.config.shard_size)
-        where = f"{model.label}/{_dataset(prompts)}"
-        calls = [dict(model=model, prompts=piece, decoding=d, knobs=self.knobs.generation,
+        knobs = self.knobs.generation if samples is None else replace(self.knobs.generation, samples_per_prompt=samples)
+        where = f"{model.label}/{_dataset(prompts)}" + ("" if samples is None else f"/x{samples}")
+        calls = [dict(model=model, prompts=piece, decoding=d, knobs=knobs,
                       label=f"{where}/{d.key}" + (f"/shard{i}" if len(pieces) > 1 else ""))
                  for d in decodings for i, piece in enumerate(pieces)]
         done = [self._part(call, state) for call, state in zip(calls, self._run(generate_task, calls))]
@@ -117,11 +120,17 @@ class Executor:
         return self._one(score_task, label, dict(model=model, prompts=prompts, decodings=decodings,
                                                  knobs=self.knobs.scoring))
 
-    def recalibrate(self, method: str, model: ModelSpec, train: pl.DataFrame, evaluate: pl.DataFrame,
-                    before: BeforeTables) -> Recalibration:
-        label = f"{model.label}/{_dataset(train)}/{method}"
-        return self._one(recalibrate_task, label, dict(method=method, model=model, train=train, evaluate=evaluate,
-                                                       before=before, knobs=self.knobs.recalibration))
+    def fit(self, method: str, model: ModelSpec, train: pl.DataFrame, before: BeforeTables) -> Reweighting:
+        """One calibration method fitted on the fit split (tasks.recalibrate.fit)."""
+        return self._one(fit_task, f"{model.label}/{_dataset(train)}/{method}", dict(
+            method=method, model=model, train=train, before=before, knobs=self.knobs.recalibration))
+
+    def calibrated(self, model: ModelSpec, prompts: pl.DataFrame,
+                   reweighting: Reweighting) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(generations, reference) of ``prompts`` under a calibrated decoding (tasks.recalibrate.tables_at)."""
+        label = f"{model.label}/{_dataset(prompts)}/{reweighting.method}@{reweighting.knob:g}"
+        return self._one(calibrated_task, label, dict(model=model, prompts=prompts, reweighting=reweighting,
+                                                       knobs=self.knobs.recalibration))
 
     def measure(self, model: ModelSpec, dataset: DatasetSpec, decoding: DecodingSpec, prompts: pl.DataFrame,
                 generations: pl.DataFrame, reference: pl.DataFrame) -> PairResult:

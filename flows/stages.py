@@ -26,7 +26,7 @@ from entcal.storage.parts import PartRecord
 from entcal.flows.publish import artifact_key
 from entcal.tasks import datasets, generate, models, recalibrate, score, theory, vllm_engine
 from entcal.tasks.config import DatasetSpec, DecodingSpec, ModelSpec
-from entcal.tasks.contracts import GenerationKnobs, PromptKnobs, Recalibration, RecalibrationKnobs, ScoringKnobs
+from entcal.tasks.contracts import GenerationKnobs, PromptKnobs, RecalibrationKnobs, Reweighting, ScoringKnobs
 from entcal.tasks.models import load_model
 
 
@@ -44,7 +44,8 @@ STAGES: dict[str, Stage] = {
     "prepare": Stage.of(datasets),
     "generate": Stage.of(generate, vllm_engine, gpu=True),
     "score": Stage.of(score, gpu=True),
-    "recalibrate": Stage.of(recalibrate, gpu=True),
+    "fit": Stage.of(recalibrate, gpu=True),
+    "calibrated": Stage.of(recalibrate, gpu=True),
     "model-params": Stage.of(models, gpu=True),
     "corpus-alpha": Stage.of(datasets, theory),
 }
@@ -117,16 +118,18 @@ def score_task(model: ModelSpec, prompts: pl.DataFrame, decodings: list[Decoding
     return score.score(load_model(model), prompts, decodings, knobs, progress=_progress(f"score {label}: examples"))
 
 
-RECALIBRATIONS = {"lookahead": recalibrate.lookahead_calibration,
-                  "future_entropy": recalibrate.future_entropy_calibration}
+@task(name="fit", **CACHED, task_run_name="fit {label}")
+def fit_task(method: str, model: ModelSpec, train: pl.DataFrame, before: recalibrate.BeforeTables,
+             knobs: RecalibrationKnobs, label: str) -> Reweighting:
+    """Fit one calibration method (tasks.recalibrate.METHODS) on the fit split ``train``."""
+    return recalibrate.fit(method, load_model(model), train, before, knobs)
 
 
-@task(name="recalibrate", **CACHED, task_run_name="recalibrate {label}")
-def recalibrate_task(method: str, model: ModelSpec, train: pl.DataFrame, evaluate: pl.DataFrame,
-                     before: recalibrate.BeforeTables, knobs: RecalibrationKnobs, label: str) -> Recalibration:
-    """Fit one calibration method (lookahead | future_entropy) on ``train``; before/after on ``evaluate``,
-    "before" being the cached stages' τ = 1 tables."""
-    return RECALIBRATIONS[method](load_model(model), train, evaluate, before, knobs)
+@task(name="calibrated", **CACHED, task_run_name="calibrated {label}")
+def calibrated_task(model: ModelSpec, prompts: pl.DataFrame, reweighting: Reweighting, knobs: RecalibrationKnobs,
+                    label: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(generations, reference) of ``prompts`` under a calibrated decoding at its knob."""
+    return recalibrate.tables_at(load_model(model), prompts, reweighting, knobs)
 
 
 @task(name="model-params", **CACHED, task_run_name="model-params {label}")

@@ -217,9 +217,16 @@ class CalibrationSpec(_Closed):
     typical_p: _sweep("typical_p", off=1.0) = [0.9, 0.95]
     eta_cutoff: _sweep("eta_cutoff", off=0.0) = [3e-4, 2e-3]
     epsilon_cutoff: _sweep("epsilon_cutoff", off=0.0) = [3e-4, 1e-3]
-    lookahead: bool = True
-    future_entropy: bool = True
+    lookahead: bool = Field(True, description="Braverman et al.'s lookahead: p̂·exp(−α·H(next | ·, w))")
+    future_entropy: bool = Field(True, description="Cao et al.'s future-entropy scaling: p̂^(1+α)·exp(−α·f̂)")
+    tau_schedule: bool = Field(True, description="a per-step temperature schedule fitted so h_t tracks l_t")
+    entropy_feedback: bool = Field(True, description="each step's temperature set so H(q_t) meets the human "
+                                   "log loss curve (Mirostat-v2 / entropy-based dynamic temperature style)")
     candidates: int = Field(8, ge=2, description="top-k candidates whose lookahead features are computed")
+    regressor_samples: int = Field(4, ge=1, le=64, description="the model's own generations per fit prompt that "
+                                   "future entropy's f̂ is trained on (cheap: the human fit split stays as it is)")
+    zero_rounds: int = Field(4, ge=2, le=12, description="rounds of each method's search for the knob where "
+                             "EntCE = 0 (as τ*'s)")
     fit_fraction: float = Field(0.5, gt=0, lt=1, description="share of prompts used to fit α (the rest evaluates)")
 
     @model_validator(mode="after")
@@ -329,10 +336,12 @@ class StudyConfig(_Closed):
                                      f"min_p of 1e-5 or less, and model {m.label} has engine: vllm; use larger "
                                      "values, or engine: entcal")
             c = self.calibration
-            if c and (c.lookahead or c.future_entropy):
-                raise ValueError(f"calibration: lookahead and future_entropy sample through entcal's own sampler, "
-                                 f"and model {m.label} has engine: vllm; set calibration.lookahead: false and "
-                                 "calibration.future_entropy: false, or engine: entcal")
+            own = [k for k in ("lookahead", "future_entropy", "tau_schedule", "entropy_feedback") if c and getattr(c, k)]
+            if own:
+                raise ValueError(f"calibration: {', '.join(own)} sample{'s' if len(own) == 1 else ''} through entcal's "
+                                 f"own sampler, and model "
+                                 f"{m.label} has engine: vllm; set calibration.{own[0]}: false (and the others), or "
+                                 "engine: entcal")
             if c and c.top_nsigma:
                 raise ValueError(f"calibration.top_nsigma: top-nσ is not a vLLM sampling parameter, and model "
                                  f"{m.label} has engine: vllm; set calibration.top_nsigma: [] or engine: entcal")

@@ -89,14 +89,38 @@ class Summary:
 
 @dataclass(frozen=True)
 class Recalibration:
-    """A calibration method fitted on the fit split; EntCE and L̄ before / after on the evaluation split."""
+    """One calibration method (docs/SCIENCE.md §4): its calibrated decoding fitted on the fit split, compared
+    on the evaluation split with the base decoding (τ = 1), the two sides paired (same prompts, shared draws).
 
-    alpha: float | list[float]
-    entce_before: float
-    entce_after: float
-    logloss_before: float
-    logloss_after: float
-    extra: dict = field(default_factory=dict)  # method diagnostics (CIs, fit L̄, regressor R²), JSON-able
+    fitted: the Reweighting its fit found (knob: α, a schedule's scale or a target's offset)
+    before / after: metrics.comparison's numbers: entce_before/after, logloss_before/after, entropy_before/after,
+        delta_entce, delta_logloss (after − before) with their paired CIs (``*_ci``), detectable (the ΔEntCE CI
+        excludes 0), calib_error_per_step_before/after, entce_slope_before/after
+    zero: the knob where EntCE = 0 on the evaluation split (a root search, as τ*) and what it costs there:
+        knob, entce, logloss, delta_logloss against τ = 1 with its paired CI, converged; None where no knob in
+        its bracket zeroes EntCE (``zero_note`` says why)"""
+
+    method: str
+    fitted: Reweighting
+    comparison: dict
+    zero: dict | None = None
+    zero_note: str | None = None
+
+    def as_dict(self) -> dict:
+        """calibration.json's entry for the method: ``alpha`` (the fitted knob; the schedule or target in
+        ``schedule``), the comparison's numbers, ``alpha_zero_entce`` with ``logloss_at_zero_entce`` and its
+        cost ``delta_logloss_at_zero_entce`` (paired CI), and the fit's diagnostics (held-out R², gradient at
+        0, ...)."""
+        zero = self.zero or {}
+        doc = {"alpha": self.fitted.knob, "knob": self.fitted.knob_name, **self.comparison,
+               "alpha_zero_entce": zero.get("knob"), "logloss_at_zero_entce": zero.get("logloss"),
+               "delta_logloss_at_zero_entce": zero.get("delta_logloss"),
+               "delta_logloss_at_zero_entce_ci": zero.get("delta_logloss_ci"),
+               "zero_entce_converged": zero.get("converged"), "zero_entce_note": self.zero_note,
+               **self.fitted.fit}
+        if self.method in ("tau_schedule", "entropy_feedback"):
+            doc["schedule"] = self.fitted.params
+        return doc
 
 
 @dataclass(frozen=True)
@@ -145,12 +169,11 @@ class CalibrationResult:
     fit_examples: int
     eval_examples: int
     epsilon: float
-    lookahead: Recalibration | None = None
-    future_entropy: Recalibration | None = None
+    recalibrations: dict[str, Recalibration] = field(default_factory=dict)  # method -> its result
 
     SPLITS = {"tau_star": "evaluation", "sweep": "evaluation", "truncation": "evaluation",
-              "pareto_front": "evaluation", "lookahead": "fit α on fit; before/after on evaluation",
-              "future_entropy": "fit α on fit; before/after on evaluation"}
+              "pareto_front": "evaluation", "recalibrations": "fitted on fit; compared (paired) and zeroed on "
+              "evaluation"}
 
     @property
     def pareto_figure(self) -> str:
@@ -158,10 +181,11 @@ class CalibrationResult:
         return f"pareto__{self.label}.png"
 
     def as_dict(self) -> dict:
-        """calibration.json: the fields, ``splits`` (which split each number comes from) and
-        ``figures``; a recalibration that did not run is absent."""
-        doc = {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in (
-            "lookahead", "future_entropy")}
+        """calibration.json: the fields, one entry per recalibration method that ran (lookahead,
+        future_entropy, tau_schedule, entropy_feedback: Recalibration.as_dict), ``splits`` (which split each
+        number comes from) and ``figures``."""
+        doc = {k: v for k, v in dataclasses.asdict(self).items() if k != "recalibrations"}
+        doc.update({m: r.as_dict() for m, r in self.recalibrations.items()})
         return {**doc, "splits": dict(self.SPLITS), "figures": {"pareto": self.pareto_figure}}
 
 

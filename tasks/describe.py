@@ -169,11 +169,15 @@ def calibration_metrics(result: CalibrationResult) -> dict[str, float]:
         m[f"{t['method']}_zeroing_param"] = t["param"]
         for col in SETTING_COLUMNS:
             m[f"{t['method']}_zeroing_{col}"] = t.get(col)
-    for name in ("lookahead", "future_entropy"):
-        r = getattr(result, name)
-        if r is not None:
-            m.update({f"{name}_{k}": getattr(r, k) for k in ("entce_before", "entce_after", "logloss_before",
-                                                               "logloss_after")})
-            if not isinstance(r.alpha, list):
-                m[f"{name}_alpha"] = r.alpha
-    return {k: v for k, v in m.items() if v is not None}
+    for name, r in result.recalibrations.items():
+        doc = r.as_dict()
+        m.update({f"{name}_{k}": doc.get(k) for k in RECALIBRATION_METRICS})
+        m[f"{name}_delta_entce_ci_low"], m[f"{name}_delta_entce_ci_high"] = doc["delta_entce_ci"]
+        m[f"{name}_delta_logloss_ci_low"], m[f"{name}_delta_logloss_ci_high"] = doc["delta_logloss_ci"]
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+RECALIBRATION_METRICS = ("alpha", "entce_before", "entce_after", "logloss_before", "logloss_after", "delta_entce",
+                         "delta_logloss", "alpha_zero_entce", "logloss_at_zero_entce", "delta_logloss_at_zero_entce",
+                         "calib_error_per_step_before", "calib_error_per_step_after", "entce_slope_before",
+                         "entce_slope_after", "heldout_r2", "gradient_at_zero", "entce_fit_split")

@@ -9,20 +9,22 @@ from typing import Callable
 
 # ---------------------------------------------------------------- temperature: τ* with EntCE(τ*) = 0
 def tau_star(entce_at: Callable[[float], tuple[float, float, float]], lo: float = 0.5, hi: float = 1.5, *,
-             tol: float = 0.01, max_rounds: int = 8) -> dict:
+             tol: float = 0.01, max_rounds: int = 8, floor: float | None = 0.0) -> dict:
     """Root of EntCE(τ) in [lo, hi] by modified regula falsi: the Illinois family with Anderson–Björck
     scaling (the end retained twice in a row has its value scaled by 1 − f(x)/f(replaced), or halved as
     in Illinois when that is ≤ 0). Each new point is kept ≥ tol/2 inside the bracket, so the bracket
     closes to ≤ tol instead of creeping from one side; bisection when the estimate leaves the bracket
     or three steps failed to halve it. A bracket without a sign change is widened once, by half its
-    width, toward the end with the smaller |EntCE| (lo is kept > 0); still none: ValueError.
+    width, toward the end with the smaller |EntCE| (lo is kept > ``floor``: 0 for a temperature; None for a
+    knob of any sign, e.g. an entropy target's offset); still none: ValueError. Any scalar knob whose EntCE
+    is monotone in it works the same way (a calibration's α, a schedule's scale).
     τ* is the linear root between the final bracket ends (error ≤ tol once converged; ``converged`` is
     False when max_rounds, widening included, ran out first). CI: sort the evaluated τ; the roots of the
     ci_low(τ) and ci_high(τ) curves by linear interpolation between adjacent evaluated points (the
     crossing nearest τ* when several); tau_star_ci = [the root ≤ τ*, the root > τ*] (for EntCE rising
     in τ: [root of ci_high, root of ci_low]); None on a side with no crossing among the evaluated τ."""
-    if not 0 < lo < hi:
-        raise ValueError(f"tau_star: need 0 < lo < hi, got lo={lo}, hi={hi}")
+    if not lo < hi or (floor is not None and lo <= floor):
+        raise ValueError(f"tau_star: need {'' if floor is None else f'{floor:g} < '}lo < hi, got lo={lo}, hi={hi}")
     rounds: list[dict] = []
 
     def ev(t: float) -> float:
@@ -37,7 +39,7 @@ def tau_star(entce_at: Callable[[float], tuple[float, float, float]], lo: float 
     if fa * fb > 0:
         w = hi - lo
         if abs(fa) <= abs(fb):
-            x = max(lo - w / 2, lo / 2)
+            x = lo - w / 2 if floor is None else max(lo - w / 2, (lo + floor) / 2)
             fx = ev(x)
             if fx * fa <= 0:
                 a, fa, b, fb = x, fx, lo, fa

@@ -30,8 +30,7 @@ import torch
 
 from entcal.tasks.atoms import entropy_phi, fit_alpha, human_atoms, reweighted_generate
 from entcal.tasks.config import DecodingSpec
-from entcal.tasks.contracts import Recalibration, RecalibrationKnobs
-from entcal.tasks.metrics import entce_summary
+from entcal.tasks.contracts import Recalibration, RecalibrationKnobs, Reweighting
 from entcal.tasks.models import LoadedModel
 from entcal.tasks.score import teacher_forced
 
@@ -70,43 +69,70 @@ def _key(decoding: DecodingSpec, tag: str, alpha) -> str:
     return f"{decoding.key}-{tag}" + "_".join(f"{a:g}" for a in np.atleast_1d(alpha))
 
 
-def _before_after(lm: LoadedModel, prompts_eval, decoding, phi, gamma, fit, tag, before: BeforeTables,
-                  knobs: RecalibrationKnobs, *, chunk=None, extra=None) -> Recalibration:
-    """EntCE on ``prompts_eval``: before = p̂ (``before``'s tables), after = q̃ (reweighted_generate, the
-    human text at the fitted α)."""
-    alpha, buckets = fit["alpha"], fit["buckets"]
-    gens0 = _rows_of(before.eval_generations, prompts_eval, decoding, "eval_generations")
-    ref0 = _rows_of(before.eval_reference, prompts_eval, decoding, "eval_reference")
-    if np.all(np.asarray(alpha) == 0):
-        gens1, ref1 = gens0, ref0
-    else:
-        atoms = human_atoms(lm, prompts_eval, decoding, phi, gamma, top_k=knobs.candidates,
-                            max_tokens=knobs.summary.horizon, batch_size=knobs.generation.batch_size, chunk=chunk)
-        gens1 = reweighted_generate(lm, prompts_eval, decoding, phi, gamma, alpha, buckets, top_k=knobs.candidates,
-                                    key=_key(decoding, tag, alpha), knobs=knobs.generation, chunk=chunk)
-        ref1 = atoms.table(alpha, buckets, key=_key(decoding, tag, alpha))
-    s0, s1 = (entce_summary(g, r, knobs.summary) for g, r in ((gens0, ref0), (gens1, ref1)))
-    return Recalibration(
-        alpha=alpha, entce_before=s0.entce, entce_after=s1.entce, logloss_before=s0.logloss,
-        logloss_after=s1.logloss,
-        extra={"alpha_buckets": list(buckets), "entropy_before": s0.entropy, "entropy_after": s1.entropy,
-               "entce_ci_before": [s0.entce_ci_low, s0.entce_ci_high],
-               "entce_ci_after": [s1.entce_ci_low, s1.entce_ci_high],
-               "fit_logloss": fit["logloss"], "fit_logloss_alpha0": fit["logloss_alpha0"], **(extra or {})})
+# ---------------------------------------------------------------- the methods' one door
+METHODS = ("lookahead", "future_entropy", "tau_schedule", "entropy_feedback")
+
+
+def fit(method: str, lm: LoadedModel, train: pl.DataFrame, before: BeforeTables,
+        knobs: RecalibrationKnobs) -> Reweighting:
+    """Fit one calibration method on the fit split ``train`` (its human text; ``before``'s fit-split tables):
+    the calibrated decoding as a Reweighting (tasks.contracts)."""
+    if method == "lookahead":
+        return fit_lookahead(lm, train, knobs)
+    if method == "future_entropy":
+        from entcal.tasks.future import fit_future_entropy
+
+        return fit_future_entropy(lm, train, before, knobs)
+    from entcal.tasks import schedules
+
+    if method == "tau_schedule":
+        return schedules.fit_tau_schedule(lm, train, before, knobs)
+    if method == "entropy_feedback":
+        return schedules.fit_entropy_feedback(lm, train, before, knobs)
+    raise ValueError(f"calibration method: expected one of {METHODS}, got {method!r}")
+
+
+def tables_at(lm: LoadedModel, prompts: pl.DataFrame, rw: Reweighting,
+              knobs: RecalibrationKnobs) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(generations, reference) of ``prompts`` under the calibrated decoding ``rw`` at ``rw.knob``: the model's
+    own generations sampled from it (GENERATIONS_SCHEMA) and the human text scored under the same rule
+    (REFERENCE_SCHEMA), over the first ``knobs.summary.horizon`` steps. At the base decoding's knob (α = 0)
+    the generations are the base decoding's, token for token (the sampler's noise is shared)."""
+    if rw.method == "lookahead":
+        return lookahead_tables(lm, prompts, rw, knobs)
+    if rw.method == "future_entropy":
+        from entcal.tasks.future import future_tables
+
+        return future_tables(lm, prompts, rw, knobs)
+    from entcal.tasks.schedules import schedule_tables
+
+    return schedule_tables(lm, prompts, rw, knobs)
 
 
 # ---------------------------------------------------------------- lookahead (Braverman et al.)
-def lookahead_calibration(lm: LoadedModel, prompts_train, prompts_eval, before: BeforeTables,
-                          knobs: RecalibrationKnobs, *, decoding: DecodingSpec = BASE, bounds=LOOKAHEAD_BOUNDS,
-                          chunk: int | None = None) -> Recalibration:
-    """Fit α of q̃ ∝ p̂·exp(−α·H(next | ·, w)) on ``prompts_train``'s human text; EntCE / L̄ (nats/token,
-    first T steps) before (``before``: the evaluation split's cached tables) and after on ``prompts_eval``.
-    extra: alpha_buckets, entropy_before / after, entce_ci_before / after, fit_logloss, fit_logloss_alpha0."""
-    phi = entropy_phi(decoding.temperature)
-    fit = fit_alpha(human_atoms(lm, prompts_train, decoding, phi, 0.0, top_k=knobs.candidates,
-                                max_tokens=knobs.summary.horizon, batch_size=knobs.generation.batch_size,
-                                chunk=chunk), bounds=bounds)
-    return _before_after(lm, prompts_eval, decoding, phi, 0.0, fit, "look", before, knobs, chunk=chunk)
+def fit_lookahead(lm: LoadedModel, train: pl.DataFrame, knobs: RecalibrationKnobs, *, decoding: DecodingSpec = BASE,
+                  bounds=LOOKAHEAD_BOUNDS, chunk: int | None = None) -> Reweighting:
+    """α of q̃ ∝ p̂·exp(−α·H(next | ·, w)), fitted by minimising the log loss of ``train``'s human text (the first
+    T tokens of each reference): convex in α, α = 0 allowed, so the fit never raises the fit split's L̄.
+    Its feature looks one step ahead only: the α that fits human text moves EntCE little, by construction
+    (the search for EntCE = 0 says what pushing it further costs)."""
+    atoms = human_atoms(lm, train, decoding, entropy_phi(decoding.temperature), 0.0, top_k=knobs.candidates,
+                        max_tokens=knobs.summary.horizon, batch_size=knobs.generation.batch_size, chunk=chunk)
+    found = fit_alpha(atoms, bounds=bounds)
+    return Reweighting("lookahead", {}, float(found["alpha"]),
+                       {"fit_logloss": found["logloss"], "fit_logloss_alpha0": found["logloss_alpha0"],
+                        "fit_tokens": found["tokens"], "bounds": list(bounds)})
+
+
+def lookahead_tables(lm: LoadedModel, prompts: pl.DataFrame, rw: Reweighting, knobs: RecalibrationKnobs, *,
+                     decoding: DecodingSpec = BASE, chunk: int | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """tables_at for lookahead: reweighted_generate at α = rw.knob, and the human text's atoms at that α."""
+    phi, key = entropy_phi(decoding.temperature), _key(decoding, "look", rw.knob)
+    gens = reweighted_generate(lm, prompts, decoding, phi, 0.0, rw.knob, top_k=knobs.candidates, key=key,
+                               knobs=knobs.generation, chunk=chunk)
+    atoms = human_atoms(lm, prompts, decoding, phi, 0.0, top_k=knobs.candidates, max_tokens=knobs.summary.horizon,
+                        batch_size=knobs.generation.batch_size, chunk=chunk)
+    return gens, atoms.table(rw.knob, key=key)
 
 
 # ---------------------------------------------------------------- future entropy (Cao et al., Alg. 1)
@@ -171,25 +197,3 @@ def fit_future_regressor(lm: LoadedModel, prompts: pl.DataFrame, generations: pl
     sse = var_y - float(2 * w @ czy - w @ czz @ w)
     r2 = 1 - sse / var_y if var_y > 0 else 0.0
     return FutureEntropyRegressor(mean.float().cpu(), scale.float().cpu(), w.float().cpu(), float(ym), r2, n)
-
-
-def future_entropy_calibration(lm: LoadedModel, prompts_train, prompts_eval, before: BeforeTables,
-                               knobs: RecalibrationKnobs, *, decoding: DecodingSpec = BASE, buckets=(),
-                               bounds=FUTURE_BOUNDS, ridge: float = 1e-2, chunk: int | None = None) -> Recalibration:
-    """Regressor f̂ on the model's own generations for ``prompts_train`` (``before.train_generations``),
-    α of q̃ ∝ p̂^{1+α}·exp(−α·f̂) (one per step bucket, edges ``buckets``) on their human text; EntCE / L̄
-    (nats/token) before and after on ``prompts_eval`` (as lookahead_calibration). extra: lookahead's, plus
-    regressor_r2, regressor_n."""
-    if before.train_generations is None:
-        raise ValueError("future_entropy_calibration: BeforeTables.train_generations is None; the regressor is "
-                         "fitted on the model's own generations of the fit split")
-    _rows_of(before.eval_generations, prompts_eval, decoding, "eval_generations")  # refuse bad tables before fitting
-    _rows_of(before.eval_reference, prompts_eval, decoding, "eval_reference")
-    gens = _rows_of(before.train_generations, prompts_train, decoding, "train_generations")
-    reg = fit_future_regressor(lm, prompts_train, gens, horizon=knobs.summary.horizon, ridge=ridge,
-                               batch_size=knobs.generation.batch_size)
-    atoms = human_atoms(lm, prompts_train, decoding, reg.phi, 1.0, top_k=knobs.candidates,
-                        max_tokens=knobs.summary.horizon, batch_size=knobs.generation.batch_size, chunk=chunk)
-    fit = fit_alpha(atoms, bounds=bounds, buckets=buckets)
-    return _before_after(lm, prompts_eval, decoding, reg.phi, 1.0, fit, "fut", before, knobs, chunk=chunk,
-                         extra={"regressor_r2": reg.r2, "regressor_n": reg.n})

@@ -19,8 +19,8 @@ from pathlib import Path
 import polars as pl
 
 from entcal.tasks import figures
-from entcal.tasks.contracts import EPS_COLUMNS, CalibrationResult, StudyResult
-from entcal.tasks.scaling import FamilyFit
+from entcal.tasks.contracts import StudyResult
+from entcal.tasks.sections import calibration_markdown, corpus_alpha_section, scaling_section
 
 METRIC_COLUMNS = ("entce", "entce_ci_low", "entce_ci_high", "entropy", "logloss", "logloss_untruncated",
                   "truncated_share", "sampled_surprisal", "n_examples")
@@ -30,26 +30,6 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if v != v else f"{v:.3f}"
     return str(v)
-
-
-def corpus_alpha_section(alphas: dict[str, dict | None]) -> str:
-    """The power-law α of each corpus (docs/SCIENCE.md §3). ``alphas``: dataset label -> the corpus-alpha
-    stage's dict (alpha, top, unit, words, documents, count_at_top, warning) or None (too few words)."""
-    lines = ["## Corpora", "",
-             "α: minus the OLS slope of log count on log rank over the corpus's most frequent words; the "
-             "theory's exponent of EntCE in training tokens is 1/α − 1 (docs/SCIENCE.md §3).", "",
-             "| dataset | α | 1/α − 1 | ranks fitted | words counted | documents | count at last rank | warning |",
-             "|---|---|---|---|---|---|---|---|"]
-    units = set()
-    for d, a in alphas.items():
-        if not a:
-            lines.append(f"| {d} | — (too few distinct words) | — | — | — | — | — | — |")
-            continue
-        units.add(a["unit"])
-        lines.append(f"| {d} | {a['alpha']:.3f} | {1 / a['alpha'] - 1:+.3f} | {a['top']} | {a['words']} | "
-                     f"{a.get('documents', '—')} | {a['count_at_top']} | {a['warning'] or '—'} |")
-    lines += [""] + [f"Unit: {u}." for u in sorted(units)]
-    return "\n".join(lines + [""])
 
 
 def markdown_report(name: str, summary: pl.DataFrame, *, horizon: int, figures: list[str],
@@ -116,54 +96,6 @@ def write_report(out_dir: Path, name: str, rows: list[dict], result: StudyResult
     page.write_text(html_report(name, md_text, out_dir, excerpts or []))
     summary.write_parquet(out_dir / "summary.parquet")
     return {**files, "report": md, "html": page}
-
-
-def scaling_section(f: FamilyFit, figure: str | None) -> str:
-    """The report's section of one family's scaling fit on one dataset (``figure``: its plot's file name)."""
-    head = f"## Scaling: {f.family} on {f.dataset}"
-    if f.fit is None:
-        return f"{head}\n\nNo fit: {f.error}\n"
-    return f"{head}\n\n{f.fit.describe()}\n\n![scaling]({figure})\n"
-
-
-def calibration_markdown(result: CalibrationResult) -> str:
-    def f(v):
-        return "—" if v is None else f"{v:.3f}"
-
-    def alpha(v):
-        return " / ".join(f(a) for a in v) if isinstance(v, list) else f(v)
-
-    eps, n_eval, n_fit, label = result.epsilon, result.eval_examples, result.fit_examples, result.label
-    ev = f"evaluation split, {n_eval} prompts"
-    e10, e01 = f"ε×10 = {eps * 10:.0e}", f"ε/10 = {eps / 10:.0e}"
-    cols = (f"| truncated share | L̄ untruncated | L̄ at {e10} | L̄ at {e01} |", "|---|---|---|---|")
-
-    def tail(r: dict) -> str:
-        return " | ".join(f(r.get(c)) for c in ("truncated_share", "logloss_untruncated", *EPS_COLUMNS)) + " |"
-
-    lo, hi = result.tau_star_ci
-    lines = [f"## Calibration: {label}", "",
-             f"τ* = {f(result.tau_star)} (CI [{f(lo)}, {f(hi)}]); L̄ at τ* = {f(result.logloss_at_tau_star)} "
-             f"vs L̄ at τ = 1: {f(result.logloss_at_tau_1)} — root search on the {ev}.", "",
-             f"L̄ of truncated decodings mixes in the untruncated p with weight ε = {eps}: "
-             f"a truncated human token costs about −log ε, so the columns at {e10} and {e01} show how far each "
-             "number moves with that arbitrary constant.", "",
-             f"EntCE-zeroing settings ({ev}):", "",
-             "| method | EntCE-zeroing param | L̄ there " + cols[0], "|---|---|---" + cols[1]]
-    lines += [f"| {t['method']} | {f(t['param'])} | {f(t['logloss'])} | {tail(t)}" for t in result.truncation]
-    lines += ["", f"Sweeps ({ev}):", "", "| method | param | EntCE | L̄ " + cols[0], "|---|---|---|---" + cols[1]]
-    lines += [f"| {r['method']} | {r['param']:g} | {f(r['entce'])} | {f(r['logloss'])} | {tail(r)}"
-              for r in result.sweep if not r.get("anchor")]
-    lines += ["", f"Recalibration: α fitted on the fit split, {n_fit} prompts; before/after on the {ev}.", "",
-              "| calibration | α | EntCE before | EntCE after | L̄ before | L̄ after |", "|---|---|---|---|---|---|"]
-    for name in ("lookahead", "future_entropy"):
-        r = getattr(result, name)
-        if r is not None:
-            lines.append(f"| {name} | {alpha(r.alpha)} | {f(r.entce_before)} | {f(r.entce_after)} | "
-                         f"{f(r.logloss_before)} | {f(r.logloss_after)} |")
-    lines += ["", f"![Pareto front of EntCE against L̄, {ev}]({result.pareto_figure})", "",
-              f"Pareto front: every sweep point on the {ev}; circled: not dominated in (|EntCE|, L̄).", ""]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ excerpts of generations

@@ -143,9 +143,10 @@ BAD_CONFIGS = [
     BadConfig("model-labels-repeat", lambda t, m: tiny_config(m, models=[{"path": str(m), "name": "tiny"}] * 2),
               CONFIG + "models.1: its label 'tiny' repeats models.0's"),
     BadConfig("vllm-calibration-lookahead",
-              lambda t, m: _model(m, {"calibration": {"future_entropy": False, "top_nsigma": []}}, engine="vllm"),
-              CONFIG + "calibration: lookahead and future_entropy sample through entcal's own sampler, and model "
-              "tiny has engine: vllm"),
+              lambda t, m: _model(m, {"calibration": {"future_entropy": False, "tau_schedule": False,
+                                                      "entropy_feedback": False, "top_nsigma": [], "typical_p": [],
+                                                      "eta_cutoff": [], "epsilon_cutoff": []}}, engine="vllm"),
+              CONFIG + "calibration: lookahead samples through entcal's own sampler, and model tiny has engine: vllm"),
     BadConfig("vllm-device-index", lambda t, m: _model(m, engine="vllm", device="cuda:1"),
               CONFIG + "models.0: device cuda:1: vLLM takes its GPUs from CUDA_VISIBLE_DEVICES"),
 ]

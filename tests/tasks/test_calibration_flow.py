@@ -12,7 +12,7 @@ import torch
 
 from entcal.flows import calibration
 from entcal.flows.executor import Executor
-from entcal.tasks import describe, fronts, report
+from entcal.tasks import describe, fronts, sections
 from entcal.tasks.config import DecodingSpec, StudyConfig
 from entcal.tasks.contracts import EPS_COLUMNS, CalibrationResult
 from entcal.tasks.metrics import logloss_at_epsilon
@@ -39,7 +39,9 @@ def calibrated(tiny_spec, tiny_lm, stack, prefect_harness, tmp_path_factory):
         "models": [tiny_spec.model_dump()], "num_examples": 6, "prompt_tokens": 8, "max_new_tokens": 10,
         "min_reference_tokens": 10, "horizon": 10, "batch_size": 6, "bootstrap": 30, "epsilon": 1e-4,
         "calibration": {"tau_bracket": [0.3, 3.0], "tau_rounds": 3, "top_k": [2, 8, 60], "top_p": [0.3, 0.9],
-                        "min_p": [], "top_nsigma": [], "lookahead": False, "future_entropy": False}})
+                        "min_p": [], "top_nsigma": [], "typical_p": [], "eta_cutoff": [], "epsilon_cutoff": [],
+                        "lookahead": False, "future_entropy": False, "tau_schedule": False,
+                        "entropy_feedback": False}})
     prompts = _prompts(tiny_lm)
     with Executor(cfg, stack, logging.getLogger("test")) as ex:
         result = calibration.calibrate(ex, tiny_spec, prompts)
@@ -65,6 +67,13 @@ def test_every_setting_reports_logloss_at_other_epsilons(calibrated):
             moved += 1  # each truncated token costs ≈ −log ε: ×10 on ε is ≈ −2.3 nats on it
             assert row["logloss_eps_x10"] < row["logloss"] < row["logloss_eps_div10"]
     assert moved >= 2
+    base = result.sweep[0]  # τ = 1 itself: every other point is paired against it
+    assert (base["method"], base["param"], base["delta_entce"], base["delta_entce_ci"]) == ("temperature", 1.0, 0.0,
+                                                                                            [0.0, 0.0])
+    for row in result.sweep[1:]:
+        lo, hi = row["delta_entce_ci"]
+        assert lo <= row["delta_entce"] <= hi and row["detectable"] == (lo > 0 or hi < 0)
+        assert row["delta_entce"] == pytest.approx(row["entce"] - base["entce"])
     for t in result.truncation:
         assert set(EPS_COLUMNS) <= set(t)
         # the interpolation weight is truncation_front's: re-interpolating L̄ gives its zero_logloss
@@ -73,16 +82,16 @@ def test_every_setting_reports_logloss_at_other_epsilons(calibrated):
 
 def test_markdown_and_metrics_say_the_split_and_the_epsilon_columns(calibrated):
     cfg, result, _ = calibrated
-    md = report.calibration_markdown(result)
+    md = sections.calibration_markdown(result)
     ev = f"evaluation split, {result.eval_examples} prompts"
     assert result.eval_examples == 3 and result.fit_examples == 3
     assert f"root search on the {ev}" in md and f"EntCE-zeroing settings ({ev})" in md
     assert f"Sweeps ({ev})" in md and f"Pareto front of EntCE against L̄, {ev}" in md
-    assert "α fitted on the fit split, 3 prompts; before/after on the evaluation split, 3 prompts" in md
+    assert "paired bootstrap CI" in md and "no detectable effect" in md  # every Δ says how it is read
     assert "fit on 3 prompts" not in md  # the old claim: τ* was never fitted on the fit split
     assert "L̄ at ε×10 = 1e-03 | L̄ at ε/10 = 1e-05 |" in md
     sweep_lines = [line for line in md.splitlines() if line.startswith("| top_k | ")]
-    assert len(sweep_lines) >= 3 and all(line.count("|") == 9 for line in sweep_lines)
+    assert len(sweep_lines) >= 3 and all(line.count("|") == 11 for line in sweep_lines)
     assert "![Pareto front of EntCE against L̄, evaluation split, 3 prompts](pareto__tiny__d.png)" in md
     assert result.label == "tiny__d"
 
@@ -99,7 +108,7 @@ def test_metrics_name_the_zeroing_epsilon_columns():
     assert m["top_k_zeroing_logloss_eps_x10"] == 3.2 and m["top_k_zeroing_logloss_eps_div10"] == 3.6
     assert m["top_k_zeroing_truncated_share"] == 0.02 and m["top_k_zeroing_logloss_untruncated"] == 3.2
     assert "tau_star_ci_high" not in m
-    md = report.calibration_markdown(result)
+    md = sections.calibration_markdown(result)
     assert "τ* = 0.900" in md and "root search on the evaluation split, 7 prompts" in md
     assert "| top_k | 12.500 | 3.400 | 0.020 | 3.200 | 3.200 | 3.600 |" in md
 

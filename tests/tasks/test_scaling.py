@@ -135,8 +135,8 @@ def test_fit_scaling_needs_two_distinct_models():
 
 def test_family_fits_and_their_report_sections_use_per_example_sums(tmp_path):
     """scaling.family_fits (the study's scaling stage) fits each family of >= 2 models per dataset at τ = 1,
-    untruncated, its CI resampling the per-example sums; report.scaling_section writes the fit and its figure."""
-    from entcal.tasks.report import scaling_section
+    untruncated, its CI resampling the per-example sums; sections.scaling_section writes the fit and its figure."""
+    from entcal.tasks.sections import scaling_section
 
     sizes = {"m1": 1e8, "m2": 4e8, "m3": 1.6e9, "solo": 1e9}
     entce = {m: 0.4 * (n / 1e8) ** -0.2 for m, n in sizes.items()}
