@@ -34,7 +34,7 @@ import polars as pl
 from entcal.storage import s3
 from entcal.storage.settings import Settings
 from entcal.storage.tracking import NOTE, Tracker, TrackingError
-from entcal.tasks import describe, figures, report
+from entcal.tasks import datasets, describe, figures, models, report
 from entcal.tasks.config import DatasetSpec, ModelSpec, StudyConfig
 from entcal.tasks.contracts import CalibrationResult, PairResult, StudyResult, frame_digest
 
@@ -106,11 +106,12 @@ class StudyRun:
         cfg, pair = self.p.config, PairRuns(self, model, dataset)
         runs = {d.key: (describe.display_name(model, dataset, d), describe.child_name(model, dataset, d),
                         describe.child_description(cfg, model, dataset, d)) for d in cfg.decodings}
+        ids = describe.identity_tags(model, dataset)
         pair.source = upload_prompts(self.p.settings, prompts)
         with contextlib.ExitStack() as stack:
             for key, (name, child, note) in runs.items():
-                pair.ids[key] = stack.enter_context(self._child(name, {"entcal.stage": "child", "entcal.child": child},
-                                                                note))
+                pair.ids[key] = stack.enter_context(self._child(name, {"entcal.stage": "child", "entcal.child": child,
+                                                                       **ids}, note))
                 self.children[model.label, dataset.label, key] = pair.ids[key]
             yield pair
         self.excerpts += report.pick_excerpts(prompts, pair.generations, pl.concat(pair.references) if pair.references
@@ -128,8 +129,10 @@ class StudyRun:
         headline = describe.headline_metrics(rows, several_models=len(cfg.models) > 1)
         if len(result.calibrations) == 1:
             headline |= describe.calibration_metrics(result.calibrations[0])
-        written = report.write_report(p.out_dir, cfg.name, rows, result, horizon=cfg.horizon,
-                                      smoothing=cfg.smoothing, run_url=self.url, excerpts=self.excerpts)
+        inputs = {f"model {m.label}": models.identity(m) for m in cfg.models}
+        inputs |= {f"dataset {d.label}": datasets.identity(d) for d in cfg.datasets}
+        written = report.write_report(p.out_dir, cfg.name, rows, result, horizon=cfg.horizon, smoothing=cfg.smoothing,
+                                      run_url=self.url, excerpts=self.excerpts, inputs=inputs)
         tracker.set_tags(self.run_id, {NOTE: note})
         tracker.log_metrics(self.run_id, headline)
         tracker.log_table_view(self.run_id, pl.DataFrame(rows).select("decoding", "dataset", "model",
@@ -176,7 +179,7 @@ class PairRuns:
         """Fill the decoding's child run (it ends with the pair's block) and write its ``--out`` folder."""
         p, cfg = self.study.p, self.study.p.config
         tracker, run_id, d = p.tracker, self.ids[pair.decoding.key], pair.decoding
-        doc = describe.summary_json(pair, cfg, self.model)
+        doc = describe.summary_json(pair, cfg, self.model, self.dataset)
         name = describe.child_name(self.model, self.dataset, d)
         note = describe.child_description(cfg, self.model, self.dataset, d)
         params, metrics = describe.child_params(pair, cfg, self.model), describe.child_metrics(pair)

@@ -42,7 +42,10 @@ NOTE = "mlflow.note.content"  # the run's (or experiment's) description in the U
 ML_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI ignores experimentKind: the URL chooses the view
 VIEW_STATE_KEY = "entcal"  # ?viewStateShareKey=entcal loads the experiment tag VIEW_STATE_TAG + VIEW_STATE_KEY
 VIEW_STATE_TAG = "mlflow.sharedViewState."
-HEADLINE_COLUMNS = ("entce", "entce_ci_low", "entce_ci_high", "entropy_mean", "logloss_mean")
+HEADLINE_COLUMNS = ("entce", "entce_ci_low", "entce_ci_high", "entropy_mean", "logloss_mean", "calib_error_per_step",
+                    "entce_slope")
+IDENTITY_TAGS = ("entcal.model_identity", "entcal.dataset_identity")  # what a child run read: told apart by them
+CHILD_FILTER = "tags.`entcal.stage` = 'child'"  # the children alone: MLflow lists them flat, values in sight
 SYSTEM_METRICS_INTERVAL_S = 5.0
 _MONITORS: dict[str, object] = {}  # run id -> SystemMetricsMonitor, stopped by Tracker.finish
 _MONITORS_LOCK = threading.Lock()
@@ -151,14 +154,17 @@ class Tracker:
         return f"{self.uri}/#/experiments/{self.experiment_id}/runs?{ML_VIEW}&viewStateShareKey={VIEW_STATE_KEY}"
 
     @staticmethod
-    def view_state(metrics: tuple[str, ...] = HEADLINE_COLUMNS, width_px: int = 150) -> dict:
-        """MLflow 3.17's shared view state (search facets and uiState fields): ``metrics`` and Dataset as
-        columns ``width_px`` pixels wide, newest run first. Column ids are the UI's canonical keys
-        (``metrics.`entce```). The UI applies ``columnWidths`` only to the columns in ``columnOrder``, so
-        the metric columns are listed there too. MLflow drops runsExpanded/runsPinned/runsHidden from a
-        shared state, so child runs still open by their parent's expander."""
-        columns = [f"metrics.`{m}`" for m in metrics]
-        return {"orderByKey": "attributes.start_time", "orderByAsc": False,
+    def view_state(metrics: tuple[str, ...] = HEADLINE_COLUMNS, tags: tuple[str, ...] = IDENTITY_TAGS,
+                   width_px: int = 150) -> dict:
+        """MLflow 3.17's shared view state (search facets and uiState fields): the child runs only
+        (``CHILD_FILTER``: MLflow drops runsExpanded from a shared state, so under their parents the
+        children's values would hide behind its expander), newest first, with ``metrics``, the identity
+        ``tags`` (which weights and data a run read: two checkpoints of one model differ there) and Dataset as
+        columns, ``width_px`` pixels wide. Column ids are the UI's canonical keys (``metrics.`entce```,
+        ``tags.`entcal.model_identity```). The UI applies ``columnWidths`` only to the columns in
+        ``columnOrder``, so they are listed there too."""
+        columns = [f"metrics.`{m}`" for m in metrics] + [f"tags.`{t}`" for t in tags]
+        return {"searchFilter": CHILD_FILTER, "orderByKey": "attributes.start_time", "orderByAsc": False,
                 "selectedColumns": [*columns, "attributes.`Dataset`"], "columnOrder": columns,
                 "columnWidths": {c: width_px for c in columns}}
 

@@ -16,6 +16,7 @@ from importlib import metadata
 import torch
 
 from entcal.storage.tracking import git_commit
+from entcal.tasks import datasets, models
 from entcal.tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
 from entcal.tasks.contracts import EPS_COLUMNS, CalibrationResult, PairResult
 
@@ -130,15 +131,23 @@ def agreement_metrics(agreement: dict | None) -> dict[str, float]:
             "engine/support_mismatches": agreement["support_mismatches"]}
 
 
-def summary_json(pair: PairResult, cfg: StudyConfig, model: ModelSpec) -> dict:
-    """summary.json (docs/DESIGN.md): the metrics, the decoding, model and dataset names, T, provenance;
-    the engine that sampled, and for engine: vllm its agreement with the re-score."""
-    d = pair.decoding
+def identity_tags(model: ModelSpec, dataset: DatasetSpec) -> dict[str, str]:
+    """What a child run read (tasks.models.identity, tasks.datasets.identity: a hub commit or a fingerprint of
+    the files), as tags: the column that tells two checkpoints of one model apart in MLflow's runs table."""
+    return {"entcal.model_identity": models.identity(model), "entcal.dataset_identity": datasets.identity(dataset)}
+
+
+def summary_json(pair: PairResult, cfg: StudyConfig, model: ModelSpec, dataset: DatasetSpec) -> dict:
+    """summary.json (docs/DESIGN.md): the metrics, the decoding, model and dataset names and identities
+    (identity_tags), T, provenance; the engine that sampled, and for engine: vllm its agreement with the
+    re-score."""
+    d, ids = pair.decoding, identity_tags(model, dataset)
     return {
         "engine": {"name": model.engine, **({"agreement": pair.agreement} if pair.agreement else {})},
         **pair.summary.as_dict(),
         "decoding": {**d.model_dump(), "key": d.key},
-        "model": pair.model, "model_params": model.params, "dataset": pair.dataset, "horizon": cfg.horizon,
+        "model": pair.model, "model_identity": ids["entcal.model_identity"], "model_params": model.params,
+        "dataset": pair.dataset, "dataset_identity": ids["entcal.dataset_identity"], "horizon": cfg.horizon,
         "study": cfg.name, "config_digest": cfg.digest(), "provenance": provenance(),
     }
 
@@ -155,7 +164,11 @@ def child_metrics(pair: PairResult) -> dict[str, float]:
     """The child run's metrics: stable names for MLflow's comparison views."""
     s = pair.summary
     return {"entce": s.entce, "entropy_mean": s.entropy, "logloss_mean": s.logloss, "entce_ci_low": s.entce_ci_low,
-            "entce_ci_high": s.entce_ci_high, "diag/logloss_untruncated_mean": s.logloss_untruncated,
+            "entce_ci_high": s.entce_ci_high, "calib_error_per_step": s.calib_error_per_step,
+            "calib_error_per_step_ci_low": s.calib_error_per_step_ci[0],
+            "calib_error_per_step_ci_high": s.calib_error_per_step_ci[1], "entce_slope": s.entce_slope,
+            "entce_slope_ci_low": s.entce_slope_ci[0], "entce_slope_ci_high": s.entce_slope_ci[1],
+            "diag/logloss_untruncated_mean": s.logloss_untruncated,
             "diag/truncated_share": s.truncated_share, "diag/sampled_surprisal_mean": s.sampled_surprisal,
             "diag/eos_share": s.eos_share, "diag/n_examples": s.n_examples, **agreement_metrics(pair.agreement)}
 

@@ -20,7 +20,7 @@ import polars as pl
 
 from entcal.tasks import figures
 from entcal.tasks.contracts import StudyResult
-from entcal.tasks.sections import calibration_markdown, corpus_alpha_section, scaling_section
+from entcal.tasks.sections import calibration_markdown, corpus_alpha_section, inputs_section, scaling_section
 
 METRIC_COLUMNS = ("entce", "entce_ci_low", "entce_ci_high", "entropy", "logloss", "logloss_untruncated",
                   "truncated_share", "sampled_surprisal", "n_examples")
@@ -55,10 +55,12 @@ def markdown_report(name: str, summary: pl.DataFrame, *, horizon: int, figures: 
 
 
 def write_report(out_dir: Path, name: str, rows: list[dict], result: StudyResult, *, horizon: int,
-                 smoothing: float, run_url: str | None = None, excerpts: list[dict] | None = None) -> dict[str, Path]:
+                 smoothing: float, run_url: str | None = None, excerpts: list[dict] | None = None,
+                 inputs: dict[str, str] | None = None) -> dict[str, Path]:
     """Write the study's report into ``out_dir``: the figures (error accumulation, EntCE against temperature,
     each calibration's Pareto front, each scaling fit), calibration.json when the study calibrated,
-    report.md and the self-contained report.html (with ``excerpts``: pick_excerpts' dicts), summary.parquet.
+    report.md and the self-contained report.html (with ``excerpts``: pick_excerpts' dicts, and ``inputs``: each
+    model's and dataset's identity), summary.parquet.
     ``rows``: one per child run (PairResult.row() with its run_id and run_url). Returns every file written
     by name ("report" is report.md, "html" report.html)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,8 @@ def write_report(out_dir: Path, name: str, rows: list[dict], result: StudyResult
             c.sweep, out_dir / c.pareto_figure, title=f"{c.label}: EntCE vs L̄, evaluation split, {c.eval_examples} prompts"))
         sections.append(calibration_markdown(c))
     sections.append(corpus_alpha_section(result.corpus_alpha))
+    if inputs:
+        sections.append(inputs_section(inputs))
     for f in result.scaling:
         figure = None if f.fit is None else Path(figures.plot_scaling(
             [x for x, _, _ in f.points], [e for _, e, _ in f.points], f.fit,

@@ -116,3 +116,10 @@ def recalibration_note(method: str, fit: dict) -> str:
                 f"{_f(fit.get('gradient_at_zero'), True)} against −EntCE {_f(None if entce is None else -entce, True)} "
                 f"(equal for an exact future entropy){'; ' + fit['verdict'] if fit.get('verdict') else ''}")
     return fit.get("verdict", "")
+
+
+def inputs_section(identities: dict[str, str]) -> str:
+    """What the study read, by identity (tasks.models.identity / tasks.datasets.identity): a hub commit, or a
+    fingerprint of the files (a new checkpoint written in place shows here, and re-keys the cached stages)."""
+    lines = ["## Inputs", "", "| input | identity |", "|---|---|"]
+    return "\n".join(lines + [f"| {name} | `{ident}` |" for name, ident in identities.items()] + [""])
