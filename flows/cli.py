@@ -199,16 +199,55 @@ def cmd_theory(args) -> int:
     return 0
 
 
+def scheduled_studies(args) -> list:
+    """The studies of ``--config FILE --cron EXPR [--timezone TZ]`` (repeatable; one --cron per --config, one
+    --timezone for all or one per --config), each checked before any service starts."""
+    from entcal.flows.serve import NIGHTLY_TIMEZONE, Scheduled
+    from entcal.tasks.config import ConfigError, load_config
+
+    configs, crons, zones = args.config or [], args.cron or [], args.timezone or [NIGHTLY_TIMEZONE]
+    if len(crons) != len(configs):
+        raise ConfigError(f"entcal {args.command}: {len(configs)} --config and {len(crons)} --cron: give each study "
+                          "file its schedule, e.g. --config study.yaml --cron '0 3 * * *'")
+    if len(zones) not in (1, len(configs)):
+        raise ConfigError(f"entcal {args.command}: {len(zones)} --timezone for {len(configs)} --config: give one "
+                          "for all, or one per study")
+    zones = zones * len(configs) if len(zones) == 1 else zones
+    studies = [Scheduled(load_config(c), cron, tz) for c, cron, tz in zip(configs, crons, zones)]
+    for s in studies:
+        s.schedule()  # a bad cron or zone: one line, now
+    return studies
+
+
 def cmd_serve(args) -> int:
-    from entcal.flows.serve import serve_all
+    from entcal.flows.serve import deployments, serve_all
     from entcal.storage.settings import from_env
     from entcal.storage.stack import Stack
 
+    studies = scheduled_studies(args)
+    deployments(studies)  # names and schedules checked before the stack starts
     Stack().up()
     os.environ["PREFECT_API_URL"] = from_env().prefect_api
-    print(f"serving deployments to {os.environ['PREFECT_API_URL']} (Prefect UI: "
+    served = ", ".join(f"{s.config.name} ({s.cron}, {s.timezone})" for s in studies) or "the demo's nightly study"
+    print(f"serving {served} and the on-demand form to {os.environ['PREFECT_API_URL']} (Prefect UI: "
           f"{os.environ['PREFECT_API_URL'].removesuffix('/api')}); Ctrl-C to stop", file=sys.stderr)
-    serve_all(limit=args.limit)
+    serve_all(limit=args.limit, studies=studies)
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from entcal.flows.serve import deploy_all
+
+    studies = scheduled_studies(args)
+    check_prefect(os.environ.get("PREFECT_API_URL"))
+    if not os.environ.get("PREFECT_API_URL"):
+        from entcal.tasks.config import ConfigError
+
+        raise ConfigError("entcal deploy: set PREFECT_API_URL to the Prefect server whose work pool runs the studies")
+    ids = deploy_all(args.pool, studies)
+    names = [s.config.name for s in studies] or ["nightly"]
+    print(f"deployed {', '.join(names)} and on-demand ({len(ids)} deployments) to work pool {args.pool} at "
+          f"{os.environ['PREFECT_API_URL']}; its workers run them")
     return 0
 
 
@@ -250,8 +289,21 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, action="append", help="power-law exponent(s) of the data")
     t.add_argument("--json", action="store_true")
     t.add_argument("--plot", help="write a PNG of the curves here")
-    sv = sub.add_parser("serve", help="serve the nightly and on-demand deployments (starts the local stack)")
+    def schedule_flags(sp):
+        sp.add_argument("--config", action="append", help="a YAML study to run on --cron (repeatable: one "
+                        "deployment per study, named after it; default: the demo's nightly study)")
+        sp.add_argument("--cron", action="append", help="the study's schedule, a cron expression: '0 3 * * *' is "
+                        "03:00 every day (one per --config)")
+        sp.add_argument("--timezone", action="append", help="the schedules' time zone, e.g. Europe/Paris (default "
+                        "UTC; one for all, or one per --config)")
+
+    sv = sub.add_parser("serve", help="serve scheduled studies and the on-demand form here (starts the local stack)")
     sv.add_argument("--limit", type=int, default=1, help="flow runs at once (1: one GPU, one study)")
+    schedule_flags(sv)
+    dp = sub.add_parser("deploy", help="register scheduled studies and the on-demand form for a work pool "
+                        "(docker/compose.yaml's gpu worker; PREFECT_API_URL names its server)")
+    dp.add_argument("--pool", default="gpu", help="the work pool (default gpu)")
+    schedule_flags(dp)
     b = sub.add_parser("bench", help="benchmarks (GPU figures need CUDA)")
     b.add_argument("what", choices=["kernels", "generate"])
     b.add_argument("--json", action="store_true")
@@ -282,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_theory(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "deploy":
+            return cmd_deploy(args)
         return cmd_bench(args)
     except UserError as err:
         if args.debug:

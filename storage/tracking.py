@@ -45,7 +45,9 @@ VIEW_STATE_TAG = "mlflow.sharedViewState."
 HEADLINE_COLUMNS = ("entce", "entce_ci_low", "entce_ci_high", "entropy_mean", "logloss_mean", "calib_error_per_step",
                     "entce_slope")
 IDENTITY_TAGS = ("entcal.model_identity", "entcal.dataset_identity")  # what a child run read: told apart by them
-CHILD_FILTER = "tags.`entcal.stage` = 'child'"  # the children alone: MLflow lists them flat, values in sight
+# runs grouped by their stage tag, the children's group open: MLflow lists a group's runs flat, so each
+# child's values are in sight (nested under its parent they would hide behind an expander MLflow never shares)
+GROUP_BY_STAGE = {"groupByKeys": [{"mode": "tag", "groupByData": "entcal.stage"}], "aggregateFunction": "average"}
 SYSTEM_METRICS_INTERVAL_S = 5.0
 _MONITORS: dict[str, object] = {}  # run id -> SystemMetricsMonitor, stopped by Tracker.finish
 _MONITORS_LOCK = threading.Lock()
@@ -155,18 +157,21 @@ class Tracker:
 
     @staticmethod
     def view_state(metrics: tuple[str, ...] = HEADLINE_COLUMNS, tags: tuple[str, ...] = IDENTITY_TAGS,
-                   width_px: int = 150) -> dict:
-        """MLflow 3.17's shared view state (search facets and uiState fields): the child runs only
-        (``CHILD_FILTER``: MLflow drops runsExpanded from a shared state, so under their parents the
-        children's values would hide behind its expander), newest first, with ``metrics``, the identity
-        ``tags`` (which weights and data a run read: two checkpoints of one model differ there) and Dataset as
-        columns, ``width_px`` pixels wide. Column ids are the UI's canonical keys (``metrics.`entce```,
-        ``tags.`entcal.model_identity```). The UI applies ``columnWidths`` only to the columns in
-        ``columnOrder``, so they are listed there too."""
-        columns = [f"metrics.`{m}`" for m in metrics] + [f"tags.`{t}`" for t in tags]
-        return {"searchFilter": CHILD_FILTER, "orderByKey": "attributes.start_time", "orderByAsc": False,
-                "selectedColumns": [*columns, "attributes.`Dataset`"], "columnOrder": columns,
-                "columnWidths": {c: width_px for c in columns}}
+                   width_px: int = 125, tag_width_px: int = 320) -> dict:
+        """MLflow 3.17's shared view state (search facets and uiState fields): runs grouped by stage with the
+        children's group open (``GROUP_BY_STAGE``: MLflow drops runsExpanded from a shared state, so nested
+        under their parents the children's values would hide behind its expander), newest first, with
+        ``metrics`` (``width_px`` wide), the identity ``tags`` (which weights and data a run read: two
+        checkpoints of one model differ there; ``tag_width_px`` wide, right after EntCE and its CI, so both
+        are in sight in a laptop's window) and Dataset as columns. Column ids
+        are the UI's canonical keys (``metrics.`entce```, ``tags.`entcal.model_identity```). The UI applies
+        ``columnWidths`` only to the columns in ``columnOrder``, so they are listed there too."""
+        first = [f"metrics.`{m}`" for m in metrics[:3]]  # EntCE and its CI, then what the run read, then the rest
+        columns = first + [f"tags.`{t}`" for t in tags] + [f"metrics.`{m}`" for m in metrics[3:]]
+        widths = {c: (tag_width_px if c.startswith("tags.") else width_px) for c in columns}
+        return {"orderByKey": "attributes.start_time", "orderByAsc": False, "groupBy": GROUP_BY_STAGE,
+                "groupsExpanded": {"tag.entcal.stage.child": True},
+                "selectedColumns": [*columns, "attributes.`Dataset`"], "columnOrder": columns, "columnWidths": widths}
 
     @_as_tracking_error
     def set_view_state(self, state: dict | None = None) -> None:

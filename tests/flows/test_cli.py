@@ -20,7 +20,7 @@ def test_bad_config_fails_fast_with_one_line(tmp_path, tiny_model_dir, case):
 def test_help_lists_the_commands():
     out = run_cli("--help", check=True)
     (commands,) = re.findall(r"^  \{([a-z,]+)\}$", out.stdout, flags=re.M)  # argparse's list of subcommands
-    assert set(commands.split(",")) == {"demo", "run", "stack", "theory", "serve", "bench"}, out.stdout
+    assert set(commands.split(",")) == {"demo", "run", "stack", "theory", "serve", "deploy", "bench"}, out.stdout
 
 
 def test_theory_json():

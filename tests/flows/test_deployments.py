@@ -199,3 +199,40 @@ def test_deployment_run_via_api_lands_in_mlflow(prefect_server, stack, tiny_spec
 
     again = study(StudyConfig.model_validate(config))
     assert again["ran"] == [] and len(again["cached"]) == 4
+
+
+def test_deploy_registers_your_studies_with_their_schedules_on_a_work_pool(prefect_server, tmp_path, tiny_model_dir):
+    """`entcal deploy --pool P --config X --cron ...`: the studies and the on-demand form, for the workers of
+    a work pool, with no YAML edited; the code they run is the installed package's (a module path)."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.conftest import assert_one_line_error, run_cli, tiny_config
+
+    pool = f"pool-{uuid.uuid4().hex[:6]}"
+    files = []
+    for name in ("night-owl", "early-bird"):
+        files.append(tmp_path / f"{name}.yaml")
+        files[-1].write_text(yaml.safe_dump(tiny_config(tiny_model_dir, name=name)))
+    args = ("deploy", "--pool", pool, "--config", str(files[0]), "--cron", "0 3 * * *", "--config", str(files[1]),
+            "--cron", "30 5 * * 1-5", "--timezone", "Europe/Paris")
+    env = {"PREFECT_API_URL": prefect_server}
+    assert_one_line_error(run_cli(*args, env=env), f"work pool {pool!r} does not exist on this Prefect server")
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        proc = run_cli(*args, env=env)
+        assert proc.returncode == 0 and "deployed night-owl, early-bird and on-demand (3 deployments)" in proc.stdout, \
+            proc.stderr[-3000:]
+        deps = {n: client.read_deployment_by_name(f"entcal-study/{n}") for n in ("night-owl", "early-bird", "on-demand")}
+        for name, dep in deps.items():
+            assert dep.work_pool_name == pool and dep.entrypoint == "entcal.flows.study.study"
+            assert dep.enforce_parameter_schema
+        assert [(s.schedule.cron, s.schedule.timezone) for s in deps["early-bird"].schedules] == [
+            ("30 5 * * 1-5", "Europe/Paris")]
+        assert deps["night-owl"].parameters["config"]["name"] == "night-owl"
+        assert deps["on-demand"].parameters["config"]["name"] == "night-owl" and not deps["on-demand"].schedules
+        for dep in deps.values():
+            client.delete_deployment(dep.id)

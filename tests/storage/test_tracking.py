@@ -181,7 +181,7 @@ def test_latest_run_finds_the_previous_study_launch(stack):
 
 
 def test_experiment_url_loads_a_shared_view_state_of_the_headline_metric_columns(stack):
-    from entcal.storage.tracking import HEADLINE_COLUMNS
+    from entcal.storage.tracking import HEADLINE_COLUMNS, IDENTITY_TAGS
 
     tracker = _tracker(stack)
     tracker.set_view_state()
@@ -191,9 +191,14 @@ def test_experiment_url_loads_a_shared_view_state_of_the_headline_metric_columns
     key = re.search(r"viewStateShareKey=(\w+)", url).group(1)
     tag = MlflowClient(stack.mlflow_uri).get_experiment(tracker.experiment_id).tags[f"mlflow.sharedViewState.{key}"]
     state = json.loads(tag)
-    assert state["selectedColumns"] == [f"metrics.`{m}`" for m in HEADLINE_COLUMNS] + ["attributes.`Dataset`"]
+    metrics = [f"metrics.`{m}`" for m in HEADLINE_COLUMNS]
+    assert state["selectedColumns"] == (metrics[:3] + [f"tags.`{t}`" for t in IDENTITY_TAGS] + metrics[3:] +
+                                        ["attributes.`Dataset`"])
+    # grouped by stage, the children's group open: each child run's values in sight, not under its parent
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "entcal.stage"}]
+    assert state["groupsExpanded"] == {"tag.entcal.stage.child": True}
     assert state["columnOrder"] == state["selectedColumns"][:-1] == list(state["columnWidths"])  # widths need an order
-    assert min(state["columnWidths"].values()) >= 150
+    assert min(state["columnWidths"].values()) >= 120
     assert (state["orderByKey"], state["orderByAsc"]) == ("attributes.start_time", False)
     run_id = tracker.start("r")
     assert tracker.run_url(run_id) == f"{url.split('/runs?')[0]}/runs/{run_id}?workflowType=machine_learning"
@@ -212,4 +217,5 @@ def test_the_installed_mlflow_ui_reads_the_view_state_and_column_ids_tracking_wr
     assert 'e+".`"+t+"`"' in js  # makeCanonicalSortKey: metrics.`entce`
     assert 'ATTRIBUTES:"attributes"' in js and 'DATASET:"Dataset"' in js and 'DATE:"attributes.start_time"' in js
     assert '"selectedColumns","columnOrder","columnWidths"' in js  # uiState keys a shared state may set
+    assert '"groupBy","groupsExpanded"' in js and 'groupByKeys' in js and '`${t}.${e}.${n||null}`' in js
     assert 'MACHINE_LEARNING="machine_learning"' in js and '"workflowType"' in js
