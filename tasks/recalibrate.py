@@ -64,7 +64,7 @@ def _rows_of(table: pl.DataFrame, prompts: pl.DataFrame, decoding: DecodingSpec,
     return rows
 
 
-def _key(decoding: DecodingSpec, tag: str, alpha) -> str:
+def decoding_key(decoding: DecodingSpec, tag: str, alpha) -> str:
     """The decoding column of q̃'s tables: ``t1-look0.25``, ``t1-fut0.1_0.3``."""
     return f"{decoding.key}-{tag}" + "_".join(f"{a:g}" for a in np.atleast_1d(alpha))
 
@@ -127,7 +127,7 @@ def fit_lookahead(lm: LoadedModel, train: pl.DataFrame, knobs: RecalibrationKnob
 def lookahead_tables(lm: LoadedModel, prompts: pl.DataFrame, rw: Reweighting, knobs: RecalibrationKnobs, *,
                      decoding: DecodingSpec = BASE, chunk: int | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """tables_at for lookahead: reweighted_generate at α = rw.knob, and the human text's atoms at that α."""
-    phi, key = entropy_phi(decoding.temperature), _key(decoding, "look", rw.knob)
+    phi, key = entropy_phi(decoding.temperature), decoding_key(decoding, "look", rw.knob)
     gens = reweighted_generate(lm, prompts, decoding, phi, 0.0, rw.knob, top_k=knobs.candidates, key=key,
                                knobs=knobs.generation, chunk=chunk)
     atoms = human_atoms(lm, prompts, decoding, phi, 0.0, top_k=knobs.candidates, max_tokens=knobs.summary.horizon,

@@ -35,7 +35,7 @@ from entcal.tasks.fronts import tau_star
 from entcal.tasks.generate import generate
 from entcal.tasks.metrics import entce_summary, smooth, step_curves
 from entcal.tasks.models import LoadedModel
-from entcal.tasks.recalibrate import BASE, BeforeTables, _key
+from entcal.tasks.recalibrate import BASE, BeforeTables, decoding_key
 from entcal.tasks.score import score, teacher_forced
 
 BRACKET = (0.3, 3.0)  # the schedule's root search per bucket
@@ -189,7 +189,7 @@ def schedule_tables(lm: LoadedModel, prompts: pl.DataFrame, rw: Reweighting,
     samples and batch; T new tokens at most), and REFERENCE_SCHEMA of the human text under the same rule.
     Decoding column: ``t1-sched<scale>`` / ``t1-feedback<offset>``."""
     rule, horizon = Rule(rw), knobs.summary.horizon
-    key = _key(BASE, TAGS[rw.method], rw.knob)
+    key = decoding_key(BASE, TAGS[rw.method], rw.knob)
     gens = _generate(lm, prompts, rule, knobs.generation, horizon, key)
     return gens, human_text(lm, prompts, horizon, knobs.generation.batch_size).table(rule, key)
 
