@@ -142,7 +142,8 @@ def cmd_study(cfg_dict: dict | None, args) -> int:
     from entcal.tasks.config import load_config, parse_config  # light: a bad config fails before torch loads
 
     overrides = {k: v for k, v in (("num_examples", args.num_examples), ("max_new_tokens", args.max_new_tokens),
-                                   ("horizon", args.horizon), ("seed", args.seed)) if v is not None}
+                                   ("horizon", args.horizon), ("seed", args.seed), ("batch_size", args.batch_size))
+                 if v is not None}
     if cfg_dict is None:
         config = load_config(args.config, overrides)
     else:
@@ -273,6 +274,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-new-tokens", type=int, help="override max_new_tokens")
         sp.add_argument("--horizon", type=int, help="override horizon T")
         sp.add_argument("--seed", type=int, help="override seed")
+        sp.add_argument("--batch-size", type=int, help="override batch_size (rows per forward; the numbers do not "
+                        "depend on it: each row's draws are its own)")
 
     d = sub.add_parser("demo", help="study SmolLM2-135M on the built-in corpora (local S3 + MLflow)")
     d.add_argument("--quick", action="store_true", help="a smaller study (about 2 minutes on 2 CPU cores)")
