@@ -40,17 +40,24 @@ class ScalingFit:
     dropped_nonpositive: int = 0
     dropped_degenerate: int = 0
     no_ci: str | None = None
+    few_models_share: float = 0.0  # share of the used resamples that held fewer distinct models than n_models
 
     def describe(self) -> str:
-        """One sentence for the report: the slope, its CI (or why there is none), and what was dropped."""
+        """One sentence for the report: the slope, its CI (or why there is none), and what was dropped; with
+        few models, how conservative the CI is (most resamples then refit fewer distinct models)."""
         head = f"slope {self.slope:.3f} over {self.n_models} models"
         if self.slope_ci_low is None:
             return f"{head}; no CI: {self.no_ci}"
         share = self.dropped_nonpositive / self.n_boot if self.n_boot else 0.0
-        return (f"{head}, {self.ci_level:.0%} CI [{self.slope_ci_low:.3f}, {self.slope_ci_high:.3f}] "
+        text = (f"{head}, {self.ci_level:.0%} CI [{self.slope_ci_low:.3f}, {self.slope_ci_high:.3f}] "
                 f"(nested bootstrap: models, then examples within each model; {self.n_used} of {self.n_boot} "
                 f"resamples used, {share:.1%} dropped because a model's resampled EntCE was ≤ 0, "
                 f"{self.dropped_degenerate} drew a single model)")
+        if self.few_models_share >= 0.25:
+            text += (f". Conservative: {self.few_models_share:.0%} of the used resamples held fewer than "
+                     f"{self.n_models} distinct models (drawing {self.n_models} with replacement repeats one "
+                     "often), so the interval is wider than the models' spread alone would make it")
+        return text
 
 
 MIN_CI_MODELS = 3        # a slope through 2 points has no residual: no CI below this
@@ -130,7 +137,9 @@ def fit_scaling(params: Sequence[float], entce: Sequence[float], *,
             f"{degenerate.sum()} drew a single model)"))
     slopes = np.sum(xc[ok] * (yb[ok] - yb[ok].mean(axis=1, keepdims=True)), axis=1) / var[ok]
     lo, hi = (float(v) for v in np.quantile(slopes, [(1 - ci_level) / 2, (1 + ci_level) / 2]))
-    return ScalingFit(**fit, **counts, slope_ci_low=lo, slope_ci_high=hi)
+    distinct = np.array([len(set(row)) for row in idx[ok].tolist()])
+    return ScalingFit(**fit, **counts, slope_ci_low=lo, slope_ci_high=hi,
+                      few_models_share=float((distinct < x.size).mean()))
 
 
 @dataclass(frozen=True)

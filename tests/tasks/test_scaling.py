@@ -330,3 +330,14 @@ def test_plots_write_png(tmp_path):
     for path in (out, out2):
         data = path.read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_with_three_models_the_report_says_the_ci_is_conservative():
+    """Drawing 3 models with replacement holds 3 distinct ones 2/9 of the time: most resamples refit fewer."""
+    rng = np.random.default_rng(0)
+    examples = [{"entropy_sum": rng.uniform(2.5, 3.5, 20) * 10, "entropy_n": np.full(20, 10.0),
+                 "logloss_sum": np.full(20, 20.0), "logloss_n": np.full(20, 10.0)} for _ in range(3)]
+    entce = [e["entropy_sum"].sum() / 200 - 2.0 for e in examples]
+    fit = scaling.fit_scaling([1e8, 1e9, 1e10], entce, examples=examples, n_boot=2000, seed=0)
+    assert fit.few_models_share == pytest.approx(1 - (2 / 9) / (1 - 1 / 9), abs=0.03)  # of the usable ones
+    assert "Conservative: 75% of the used resamples held fewer than 3 distinct models" in fit.describe()
