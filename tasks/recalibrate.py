@@ -30,7 +30,7 @@ import torch
 
 from entcal.tasks.atoms import entropy_phi, fit_alpha, human_atoms, reweighted_generate
 from entcal.tasks.config import DecodingSpec
-from entcal.tasks.contracts import Recalibration, RecalibrationKnobs, Reweighting
+from entcal.tasks.contracts import RecalibrationKnobs, Reweighting
 from entcal.tasks.models import LoadedModel
 from entcal.tasks.score import teacher_forced
 
