@@ -31,8 +31,9 @@ def edit(root, path: str, text: str = "\nEDITED = 1\n") -> None:
     ("generate", "kernels/truncation.py"),
     ("score", "kernels/fused_head.py"),
     ("score", "tasks/config.py"),
-    ("recalibrate", "tasks/generate.py"),  # the reweighted sampler is the study's sampler
-    ("recalibrate", "tasks/metrics.py"),
+    ("fit", "tasks/schedules.py"),  # a method fitted in a module recalibrate imports inside a function
+    ("calibrated", "tasks/generate.py"),  # the reweighted sampler is the study's sampler
+    ("calibrated", "tasks/atoms.py"),
     ("prepare", "tasks/datasets.py"),
     ("corpus-alpha", "tasks/theory.py"),
     ("model-params", "tasks/models.py"),
@@ -79,12 +80,12 @@ def key(task, parameters: dict) -> str:
 def test_every_task_is_a_registered_stage_whose_modules_exist():
     import importlib
 
-    tasks = [stages.prepare_task, stages.generate_task, stages.score_task, stages.recalibrate_task,
+    tasks = [stages.prepare_task, stages.generate_task, stages.score_task, stages.fit_task, stages.calibrated_task,
              stages.model_params_task, stages.corpus_alpha_task]
     assert {t.name for t in tasks} == set(stages.STAGES)
     for stage in stages.STAGES.values():
         assert all(importlib.import_module(m) for m in stage.modules)
-    assert [n for n, s in stages.STAGES.items() if s.gpu] == ["generate", "score", "recalibrate", "model-params"]
+    assert [n for n, s in stages.STAGES.items() if s.gpu] == ["generate", "score", "fit", "calibrated", "model-params"]
 
 
 def test_the_key_is_the_code_and_the_parameters_by_content():
