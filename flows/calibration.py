@@ -99,8 +99,7 @@ def calibrate(ex: Executor, model: ModelSpec, prompts: pl.DataFrame) -> Calibrat
     if methods:
         before = BeforeTables(
             train_generations=ex.generate(model, train, [BASE], samples=spec.regressor_samples)[BASE.key]
-            if "future_entropy" in methods else None, eval_generations=sweep.base[0], eval_reference=sweep.base[1],
-            train_reference=ex.score(model, train, [BASE]))
+            if "future_entropy" in methods else None, train_reference=ex.score(model, train, [BASE]))
         for method in methods:
             recalibrations[method] = recalibrate(ex, sweep, model, train, evaluate, before, method)
     rows = sweep.rows

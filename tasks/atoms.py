@@ -16,8 +16,10 @@ log-prob plus one floor bin beyond TAIL_RANGE_NATS. P_tail, the tail's p̂-entro
 are exact; for α ≠ 0 the binned log Σ_tail p̂^{1+γα} is low by at most (γα)²·δ²/8 (Hoeffding's lemma,
 per bin) plus the floor bin's share. The human token's own term is exact wherever it lies:
 −log q̃(y) = log Z(α) − (log p̂(y) + α·u_y), a log-sum-exp of functions affine in α, so convex (fit_alpha).
-φ(w) is a function ``phi(logits[Q, V], last hidden[Q, D])`` of the model's output after appending w
-(entropy_phi: H(next | context, w), the entropy of softmax(logits/τ)); the features after appending
+φ(w) is a function ``phi(logits[Q, V], last hidden[Q, D], remaining[Q])`` of the model's output after
+appending w and of the steps left after it within the horizon T, remaining = max(T − s − 1, 0) for a
+token at step s (0-based) of the continuation (entropy_phi: H(next | context, w), the entropy of
+softmax(logits/τ), ignores it; future entropy's f̂ needs it: tasks/future.py); the features after appending
 each candidate come from ONE batched forward of the k candidates per position, a single new token
 each, attending to the prefix's KV cache (copied per candidate row; in teacher-forced scoring a padding
 mask hides the cache beyond the candidate's context length). The teacher-forced prefix forward is
@@ -53,11 +55,12 @@ def _untruncated(decoding: DecodingSpec) -> None:
                          "untruncated p̂ = softmax(logits/τ); use a temperature-only decoding")
 
 
-def _candidate_pass(model, cache, key_mask, rows, positions, tokens, phi, *, ctx_len=None,
+def _candidate_pass(model, cache, key_mask, rows, positions, tokens, phi, *, remaining, ctx_len=None,
                     chunk: int | None = None, budget: int = 1 << 30) -> torch.Tensor:
-    """phi(logits[Q, V], last hidden[Q, D]) after appending ``tokens[q]`` to batch row ``rows[q]`` of
-    ``cache``: one forward per ``chunk`` queries (default: as many as fit copies of their cache rows
-    in ``budget`` bytes), one new token each, on a per-query copy of the rows' KV cache.
+    """phi(logits[Q, V], last hidden[Q, D], remaining[Q]) after appending ``tokens[q]`` to batch row
+    ``rows[q]`` of ``cache`` (``remaining[q]``: steps left after it, int64): one forward per ``chunk``
+    queries (default: as many as fit copies of their cache rows in ``budget`` bytes), one new token
+    each, on a per-query copy of the rows' KV cache.
     ``ctx_len[q]`` (optional) hides cache positions >= it (teacher-forced prefixes)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -78,13 +81,20 @@ def _candidate_pass(model, cache, key_mask, rows, positions, tokens, phi, *, ctx
         am = torch.cat([km, torch.ones_like(km[:, :1])], dim=-1)
         o = model(input_ids=tokens[s : s + chunk, None], attention_mask=am, position_ids=positions[s : s + chunk, None],
                   past_key_values=sub, use_cache=True, output_hidden_states=True)
-        out.append(phi(o.logits[:, -1].float(), o.hidden_states[-1][:, -1].float()))
+        out.append(phi(o.logits[:, -1].float(), o.hidden_states[-1][:, -1].float(), remaining[s : s + chunk]))
     return torch.cat(out)
 
 
 def entropy_phi(temperature: float):
-    """φ for lookahead: H(next | context, w) in nats, the entropy of softmax(logits/τ) after appending w."""
-    return lambda logits, hidden: kernels.token_stats(logits, None, temperature=temperature).entropy
+    """φ for lookahead: H(next | context, w) in nats, the entropy of softmax(logits/τ) after appending w
+    (the remaining steps play no part)."""
+    return lambda logits, hidden, remaining: kernels.token_stats(logits, None, temperature=temperature).entropy
+
+
+def remaining_after(step, horizon: int):
+    """Steps left within the horizon T after the token at 0-based ``step`` (int or int64 tensor):
+    max(T − step − 1, 0)."""
+    return (horizon - 1 - step).clamp_min(0) if torch.is_tensor(step) else max(horizon - 1 - step, 0)
 
 
 def _eos_mask(ids: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:
@@ -200,6 +210,21 @@ class HumanAtoms:
                                   - (qt * np.where(qt > 0, lqt, 0.0)).sum(1))
         return loss, ent
 
+    def gradient_at_zero(self, sel=None, *, chunk: int = 4096) -> float:
+        """d/dα of the mean −log q̃(y) at α = 0 (nats/token per unit α), exact on these atoms: the mean
+        over positions (``sel``: all) of E_p̂[u] − u_y, E_p̂ over the candidates, EOS ids and tail entries
+        (a tail token's u = γ·log p̂ + tail_c). With φ = the exact future entropy F and γ = 1 it
+        telescopes to L̄ − H̄ = −EntCE (docs/SCIENCE.md §4): the drift an f̂ carries."""
+        idx = np.arange(len(self.steps))[slice(None) if sel is None else sel]
+        total = 0.0
+        for s in range(0, len(idx), chunk):
+            i = idx[s : s + chunk]
+            pa, pt = np.exp(self.logP[i]), np.exp(self.tail_logm[i].astype(np.float64))
+            ut = self.gamma * self.tail_mu[i].astype(np.float64) + self.tail_c[i, None]
+            eu = ((pa * self.u[i]).sum(1) + (pt * ut).sum(1)) / (pa.sum(1) + pt.sum(1))
+            total += float((eu - self.y_u[i]).sum())
+        return total / max(len(idx), 1)
+
     def table(self, alpha, buckets=(), *, key: str) -> pl.DataFrame:
         """A reference table (REFERENCE_SCHEMA) of the human text scored under q̃."""
         loss, ent = self.loss_entropy(alpha, buckets)
@@ -231,8 +256,9 @@ def human_atoms(lm: LoadedModel, prompts: pl.DataFrame, decoding: DecodingSpec, 
                 max_tokens: int, batch_size: int, chunk: int | None = None) -> HumanAtoms:
     """Teacher-forced pass (tasks.score.teacher_forced, KV cache kept) over prompt + first ``max_tokens``
     reference tokens, ``batch_size`` examples at a time; for every reference position its ``top_k``
-    candidates and phi after appending each (one batched candidate forward per block), φ(EOS) = 0 for
-    the model's EOS ids."""
+    candidates and phi after appending each (one batched candidate forward per block; remaining =
+    max(max_tokens − s − 1, 0) at step s: the horizon is ``max_tokens``), φ(EOS) = 0 for the model's
+    EOS ids."""
     _untruncated(decoding)
     model, pad_id = lm.model, lm.pad_id
     device = input_device(model)
@@ -248,6 +274,7 @@ def human_atoms(lm: LoadedModel, prompts: pl.DataFrame, decoding: DecodingSpec, 
         rows, targets = tf.rows, tf.targets
         src = torch.cat([torch.full((len(ref[i]),), j) for j, i in enumerate(idx)]).to(device)
         clen = torch.cat([torch.arange(len(ref[i])) + len(ctx[i]) for i in idx]).to(device)
+        left = remaining_after(torch.cat([torch.arange(len(ref[i])) for i in idx]), max_tokens).to(device)
         steps_all += [s for i in idx for s in range(len(ref[i]))]
         for s in range(0, rows.shape[0], ROW_BLOCK):
             blk = rows[s : s + ROW_BLOCK].float()
@@ -257,8 +284,8 @@ def human_atoms(lm: LoadedModel, prompts: pl.DataFrame, decoding: DecodingSpec, 
             cand = logp.topk(k, dim=-1).indices
             rq = src[s : s + ROW_BLOCK].repeat_interleave(k)
             cq = clen[s : s + ROW_BLOCK].repeat_interleave(k)
-            phi_c = _candidate_pass(model, tf.cache, tf.mask, rq, cq, cand.reshape(-1), phi, ctx_len=cq,
-                                    chunk=chunk).view(-1, k)
+            phi_c = _candidate_pass(model, tf.cache, tf.mask, rq, cq, cand.reshape(-1), phi, ctx_len=cq, chunk=chunk,
+                                    remaining=left[s : s + ROW_BLOCK].repeat_interleave(k)).view(-1, k)
             parts.append({k_: v.cpu() for k_, v in position_atoms(logp, cand, phi_c, targets[s : s + ROW_BLOCK],
                                                                    gamma, eos).items()})
     if not parts:
@@ -308,22 +335,30 @@ def fit_alpha(atoms: HumanAtoms, *, bounds: tuple[float, float], buckets=(), tol
 
 
 # ---------------------------------------------------------------- generation from q̃
+def decoding_key(decoding: DecodingSpec, tag: str, alpha) -> str:
+    """The decoding column of q̃'s tables: ``t1-look0.25``, ``t1-fut0.1_0.3``."""
+    return f"{decoding.key}-{tag}" + "_".join(f"{a:g}" for a in np.atleast_1d(alpha))
+
+
 def reweighted_generate(lm: LoadedModel, prompts: pl.DataFrame, decoding: DecodingSpec, phi, gamma: float, alpha,
-                        buckets=(), *, key: str, top_k: int, knobs: GenerationKnobs,
+                        buckets=(), *, key: str, top_k: int, knobs: GenerationKnobs, horizon: int | None = None,
                         chunk: int | None = None) -> pl.DataFrame:
     """A GENERATIONS_SCHEMA table sampled from q̃ (z̃ = reweighted_logits, α_t per step bucket) by
     tasks.generate's own sampler: same draws, padding and compaction, so α = 0 reproduces tasks.generate
-    row for row. The model's EOS ids stop a row and get φ = 0."""
+    row for row. The model's EOS ids stop a row and get φ = 0. phi's remaining at decode step t is
+    max(T − t − 1, 0), T = ``horizon`` (default: knobs.max_new_tokens)."""
     _untruncated(decoding)
     al, edges = np.atleast_1d(np.asarray(alpha, dtype=float)), list(buckets)
+    horizon = knobs.max_new_tokens if horizon is None else horizon
     eos = {}
 
     def adjust(t, z, cache, mask, next_pos):
         k = min(top_k, z.shape[-1])
         cand = z.topk(k, dim=-1).indices
         rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k)
+        left = torch.full_like(rows, remaining_after(t, horizon))
         phi_c = _candidate_pass(lm.model, cache, mask, rows, next_pos[:, 0][rows], cand.reshape(-1), phi,
-                                chunk=chunk).view(-1, k)
+                                remaining=left, chunk=chunk).view(-1, k)
         if z.device not in eos:
             eos[z.device] = _eos_tensor(lm.eos_ids, z.device)
         return reweighted_logits(z, cand, phi_c, float(al[bisect.bisect_right(edges, t)]), gamma, eos[z.device])

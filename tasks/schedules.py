@@ -30,12 +30,13 @@ import polars as pl
 import torch
 
 from entcal import kernels
+from entcal.tasks.atoms import decoding_key
 from entcal.tasks.contracts import REFERENCE_SCHEMA, GenerationKnobs, RecalibrationKnobs, Reweighting, ScoringKnobs
 from entcal.tasks.fronts import tau_star
 from entcal.tasks.generate import generate
 from entcal.tasks.metrics import entce_summary, smooth, step_curves
 from entcal.tasks.models import LoadedModel
-from entcal.tasks.recalibrate import BASE, BeforeTables, decoding_key
+from entcal.tasks.recalibrate import BASE, BeforeTables
 from entcal.tasks.score import score, teacher_forced
 
 BRACKET = (0.3, 3.0)  # the schedule's root search per bucket
@@ -198,11 +199,9 @@ def schedule_tables(lm: LoadedModel, prompts: pl.DataFrame, rw: Reweighting,
 def _base_generations(lm, prompts, before: BeforeTables, knobs: RecalibrationKnobs) -> pl.DataFrame:
     """The fit split's generations at the base decoding: ``before.train_generations``' rows of them, or
     sampled here (T steps) when the pipeline has none."""
-    if before.train_generations is not None:
-        rows = before.train_generations.filter((pl.col("decoding") == BASE.key)
-                                               & pl.col("example_id").is_in(prompts["example_id"].to_list()))
-        if not rows.is_empty():
-            return rows
+    rows = before.rows("train_generations", prompts)
+    if rows is not None:
+        return rows
     knobs_t = dataclasses.replace(knobs.generation, max_new_tokens=knobs.summary.horizon)
     return generate(lm, prompts, BASE, knobs_t)
 
@@ -307,11 +306,8 @@ def fit_entropy_feedback(lm: LoadedModel, train: pl.DataFrame, before: BeforeTab
     of the fit split's generations), generated_steps, seconds}."""
     start = time.perf_counter()
     horizon = knobs.summary.horizon
-    ref0 = None
-    if before.train_reference is not None:
-        ref0 = before.train_reference.filter((pl.col("decoding") == BASE.key)
-                                             & pl.col("example_id").is_in(train["example_id"].to_list()))
-    if ref0 is None or ref0.is_empty():
+    ref0 = before.rows("train_reference", train)
+    if ref0 is None:
         ref0 = score(lm, train, [BASE], ScoringKnobs(max_tokens=horizon, epsilon=1e-4,
                                                      batch_size=knobs.generation.batch_size))
     steps = (ref0.select(pl.col("step_logloss").list.head(horizon).alias("v"))

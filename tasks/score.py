@@ -14,7 +14,7 @@ of rows at a time. Memory is proportional to tokens, not tokens × vocabulary.
 
 ``right_pad`` and ``teacher_forced`` (the one teacher-forced forward: right-padded context +
 continuation, the states that predict each continuation token) also serve tasks/atoms.py and the
-future-entropy regressor (tasks/recalibrate.py).
+future-entropy regressor (tasks/future.py).
 """
 from __future__ import annotations
 

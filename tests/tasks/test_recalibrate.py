@@ -11,15 +11,13 @@ from entcal.tasks.atoms import (
     position_atoms, reweighted_generate, reweighted_logits, tail_entries,
 )
 from entcal.tasks.config import DecodingSpec
-from entcal.tasks.contracts import REFERENCE_SCHEMA, Recalibration, RecalibrationKnobs, ScoringKnobs
+from entcal.tasks.contracts import REFERENCE_SCHEMA, RecalibrationKnobs, ScoringKnobs
 from entcal.tasks.figures import plot_pareto
 from entcal.tasks.fronts import tau_star, truncation_front
 from entcal.tasks.generate import generate
-from entcal.tasks.metrics import entce_summary
-from entcal.tasks.recalibrate import (
-    FUTURE_BOUNDS, LOOKAHEAD_BOUNDS, BeforeTables, FutureEntropyRegressor, fit_future_regressor,
-    future_entropy_calibration, future_entropy_targets, lookahead_calibration,
-)
+from entcal.tasks.future import SCALARS, FutureEstimator
+from entcal.tasks import recalibrate
+from entcal.tasks.recalibrate import LOOKAHEAD_BOUNDS, BeforeTables
 from entcal.tasks.score import score
 from tests.tasks.helpers import gen as generate_base
 from tests.tasks.helpers import generation_knobs, scored, summary_knobs, with_model
@@ -161,7 +159,7 @@ def lookahead_entropies(model, input_ids, mask, *, top_k: int, temperature: floa
         clp, cand = torch.log_softmax(out.logits[:, -1].float() / temperature, -1).topk(top_k, dim=-1)
         rows = torch.arange(len(input_ids)).repeat_interleave(top_k)
         h = _candidate_pass(model, out.past_key_values, mask, rows, (pos[:, -1] + 1)[rows], cand.reshape(-1),
-                            entropy_phi(temperature))
+                            entropy_phi(temperature), remaining=torch.zeros_like(rows))
     return {"candidates": cand, "logprobs": clp, "entropy": h.view(-1, top_k)}
 
 
@@ -263,16 +261,18 @@ def sharp_model(tiny_lm):
     return model
 
 
-def _regressor(hidden: int, *, scale: float, bias: float, seed: int = 0):
-    """A real FutureEntropyRegressor with fixed weights (scale = 0: f̂ is the constant ``bias``)."""
+def _regressor(hidden: int, *, scale: float, bias: float, slope: float = 0.0, seed: int = 0) -> FutureEstimator:
+    """A real f̂ (tasks.future) with fixed weights over the horizon N_NEW: baseline bias + slope·r, residual
+    weights scale·N(0, 1) on the raw features (scale = slope = 0: f̂ is the constant ``bias``)."""
     g = torch.Generator().manual_seed(seed)
-    return FutureEntropyRegressor(torch.zeros(hidden), torch.ones(hidden), scale * torch.randn(hidden, generator=g),
-                                  bias, 0.0, 0)
+    m = len(SCALARS) + hidden
+    w = (scale * torch.randn(m, generator=g)).double().numpy()
+    return FutureEstimator(N_NEW, 1.0, bias + slope * np.arange(N_NEW), np.zeros(m), np.ones(m), w, 0.0)
 
 
 def _phi_gamma(dec, reg=None):
     """(φ, γ): lookahead's H(next | ·, w) without a regressor, future entropy's f̂ with one."""
-    return (entropy_phi(dec.temperature), 0.0) if reg is None else (reg.phi, 1.0)
+    return (entropy_phi(dec.temperature), 0.0) if reg is None else (reg, 1.0)
 
 
 def _features(lm, prompts, dec=None, reg=None, *, eos_ids=(), batch_size=8, **kw) -> HumanAtoms:
@@ -294,8 +294,9 @@ def _generate(lm, prompts, dec=None, reg=None, *, alpha, buckets=(), top_k, eos_
 
 
 def _method(name, lm, reg_scale=0.5):
-    """(generate, features) of one method with its regressor bound."""
-    reg = None if name == "lookahead" else _regressor(lm.model.config.hidden_size, scale=reg_scale, bias=3.0)
+    """(generate, features) of one method with its regressor bound (f̂ depends on the steps left, too)."""
+    reg = None if name == "lookahead" else _regressor(lm.model.config.hidden_size, scale=reg_scale, bias=3.0,
+                                                      slope=0.7)
     return (lambda m, p, d, **kw: _generate(m, p, d, reg, **kw), lambda m, p, d, **kw: _features(m, p, d, reg, **kw))
 
 
@@ -336,8 +337,9 @@ def flat_model(tiny_lm):
 
 @pytest.mark.parametrize("which", ["tiny", "flat"])
 def test_constant_future_entropy_is_temperature_in_generation(tiny_lm, flat_model, prompts, which):
-    """f̂ constant: q̃ ∝ p̂^{1+α} for every token, i.e. temperature τ/(1+α): the same tokens, entropies and
-    log-probs as tasks.generate's sampler at that temperature (a lumped tail atom would move the tail)."""
+    """f̂ constant and no EOS ids: q̃ ∝ p̂^{1+α} for every token, i.e. temperature τ/(1+α): the same tokens,
+    entropies and log-probs as tasks.generate's sampler at that temperature (a lumped tail atom would move
+    the tail). With EOS ids it is not: φ(EOS) = 0 (test_eos_candidates_get_phi_zero)."""
     lm = tiny_lm if which == "tiny" else with_model(tiny_lm, flat_model)
     model = lm.model
     reg = _regressor(model.config.hidden_size, scale=0.0, bias=4.0)
@@ -469,11 +471,6 @@ def test_eos_phi_zero_in_generation(tiny_lm, prompts, method):
         assert row["step_logprob"][0] == pytest.approx(float(lq[row["token_ids"][0]]), abs=1e-4)
 
 
-def test_future_entropy_target_is_the_sum_of_later_steps():
-    np.testing.assert_allclose(future_entropy_targets([1.0, 2.0, 3.0, 4.0]), [9.0, 7.0, 4.0])
-    assert future_entropy_targets([5.0]).shape == (0,)
-
-
 def test_fit_alpha_never_worse_than_zero_and_buckets(tiny_lm, prompts):
     atoms = _features(tiny_lm, prompts, top_k=8, max_tokens=N_NEW)
     fit = fit_alpha(atoms, bounds=LOOKAHEAD_BOUNDS)
@@ -514,94 +511,28 @@ def _recalibration_knobs(*, batch_size: int) -> RecalibrationKnobs:
                               summary=summary_knobs(horizon=N_NEW, bootstrap=50))
 
 
-def test_lookahead_calibration_end_to_end(tiny_lm, prompts):
-    """α fitted on the fit split's human text; "before" is the pipeline's cached tables of the evaluation split
-    (tasks.generate and tasks.score at the base decoding; rows of other examples and decodings are ignored),
-    "after" is q̃ at the fitted α: sampled by reweighted_generate, the human text scored by the atoms."""
+def test_lookahead_through_the_door(tiny_lm, prompts):
+    """α fitted on the fit split's human text (recalibrate.fit: the fit stage); tables_at (the calibrated stage)
+    is q̃ at the knob: sampled by reweighted_generate, the human text scored by the atoms; at α = 0 both are
+    the base decoding's tables (generations token for token)."""
     lm, train, evals, dec = tiny_lm, prompts.head(4), prompts.tail(4), DecodingSpec()
     knobs = _recalibration_knobs(batch_size=4)
-    scoring = ScoringKnobs(max_tokens=N_NEW, epsilon=1e-4, batch_size=4)
-    gens0, other = generate(lm, evals, dec, knobs.generation), generate(lm, train, dec, knobs.generation)
-    ref, ref_t08 = score(lm, evals, [dec], scoring), score(lm, evals, [DecodingSpec(temperature=0.8)], scoring)
-    before = BeforeTables(None, pl.concat([other, gens0]), pl.concat([ref_t08, ref]))
-    out = lookahead_calibration(lm, train, evals, before, knobs)
-    assert isinstance(out, Recalibration) and out.alpha != 0  # q̃ ≠ p̂: "after" below is not "before"
-    for v in (out.alpha, out.entce_before, out.entce_after, out.logloss_before, out.logloss_after):
-        assert np.all(np.isfinite(v))
-    assert out.extra["fit_logloss"] <= out.extra["fit_logloss_alpha0"] + 1e-12
-    json.dumps(out.extra)  # JSON-able
-    # held out: guaranteed only where α was fitted; here the eval split agrees to within noise
-    assert out.logloss_after <= out.logloss_before + 1e-4
-    # before = the cached tables' rows of the evaluation split at the base decoding
-    want = entce_summary(gens0, ref, knobs.summary)
-    assert (out.entce_before, out.logloss_before, out.extra["entropy_before"]) == (want.entce, want.logloss,
-                                                                                   want.entropy)
-    assert out.extra["entce_ci_before"] == [want.entce_ci_low, want.entce_ci_high]
-    assert out.logloss_before == pytest.approx(float(np.concatenate(ref["step_logloss"].to_list()).mean()), abs=1e-4)
-    # after = q̃ at the fitted α
+    rw = recalibrate.fit("lookahead", lm, train, BeforeTables(), knobs)
+    assert rw.method == "lookahead" and rw.knob != 0  # q̃ ≠ p̂: "after" below is not "before"
+    assert rw.fit["fit_logloss"] <= rw.fit["fit_logloss_alpha0"] + 1e-12
+    json.dumps(rw.fit, allow_nan=False)  # JSON-able: a cached stage's parameter
+    gens1, ref1 = recalibrate.tables_at(lm, evals, rw, knobs)
     phi = entropy_phi(dec.temperature)
-    gens1 = reweighted_generate(lm, evals, dec, phi, 0.0, out.alpha, top_k=6, key="q", knobs=knobs.generation)
-    ref1 = human_atoms(lm, evals, dec, phi, 0.0, top_k=6, max_tokens=N_NEW, batch_size=4).table(out.alpha, key="q")
-    after = entce_summary(gens1, ref1, knobs.summary)
-    assert (out.entce_after, out.logloss_after, out.extra["entropy_after"]) == (after.entce, after.logloss,
-                                                                                after.entropy)
-    assert out.extra["entce_ci_after"] == [after.entce_ci_low, after.entce_ci_high]
-    # "before" tables without the split's decoding, or without its examples, are refused
-    with pytest.raises(ValueError, match="eval_reference: no rows of decoding t1"):
-        lookahead_calibration(lm, train, evals, BeforeTables(None, gens0, ref_t08), knobs)
-    with pytest.raises(ValueError, match="eval_generations: no rows of decoding t1 for the split's examples"):
-        lookahead_calibration(lm, train, evals, BeforeTables(None, other, ref), knobs)
-
-
-def test_future_entropy_alpha0_base_and_fit(tiny_lm, prompts):
-    lm, model, dec = tiny_lm, tiny_lm.model, DecodingSpec()
-    train, evals = prompts.head(5), prompts.tail(3)
-    gens = generate_base(lm, train, dec, max_new_tokens=N_NEW, samples_per_prompt=2, seed=1)  # no EOS: full length
-    reg = fit_future_regressor(lm, train, gens, horizon=N_NEW)
-    assert reg.n == 10 * (N_NEW - 1) and reg.r2 > 0
-    # the same fit written out: feature = final hidden state at generated token s (unpadded forward),
-    # target = total entropy of steps s+1 … end (a sum, Cao et al.'s F_{t+1})
-    ctx = dict(zip(train["example_id"].to_list(), train["prompt_ids"].to_list()))
-    xs, ys = [], []
-    for ex, toks, ent in gens.select("example_id", "token_ids", "step_entropy").iter_rows():
-        with torch.inference_mode():
-            hs = model(input_ids=torch.tensor([ctx[ex] + toks]), output_hidden_states=True).hidden_states[-1][0]
-        for t in range(len(toks) - 1):
-            xs.append(hs[len(ctx[ex]) + t].double())
-            ys.append(float(np.sum(np.asarray(ent[t + 1 :], dtype=np.float64))))
-    x, y = torch.stack(xs), torch.tensor(ys, dtype=torch.float64)
-    xz = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-6)
-    gram = xz.T @ xz / len(x) + 1e-2 * torch.eye(x.shape[1], dtype=x.dtype)
-    w = torch.linalg.solve(gram, xz.T @ (y - y.mean()) / len(x))
-    torch.testing.assert_close(reg.weight.double(), w, atol=1e-3, rtol=1e-3)
-    assert reg.bias == pytest.approx(float(y.mean()), abs=1e-6)
-    atoms = _features(lm, evals, dec, reg, top_k=6, max_tokens=N_NEW)
-    base = scored(lm, evals, [dec], max_tokens=N_NEW, epsilon=1e-4)
-    np.testing.assert_allclose(atoms.loss_entropy(0.0)[0], np.concatenate(base["step_logloss"].to_list()), atol=1e-4)
-    ctx, ref = evals["prompt_ids"].to_list(), evals["reference_ids"].to_list()
-    for m in (3, N_NEW + 9):  # the regressor on the hidden state after each candidate, and q̃ at α ≠ 0
-        ex, step = m // N_NEW, int(atoms.steps[m])
-        prefix = ctx[ex] + ref[ex][:step]
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([prefix + [int(w)] for w in atoms.candidates[m]]),
-                        output_hidden_states=True)
-            logp = torch.log_softmax(model(input_ids=torch.tensor([prefix])).logits[0, -1].float(), -1)
-        f_hat = reg(out.hidden_states[-1][:, -1]).double()
-        np.testing.assert_allclose(atoms.u[m, :6], (logp[atoms.candidates[m]].double() - f_hat).numpy(), atol=1e-4)
-        _check_against_explicit(atoms, m, logp, f_hat, 0.7, 1.0, ref[ex][step])
-    kw = dict(max_new_tokens=N_NEW, seed=2, batch_size=2)
-    _same_samples(_generate(lm, evals, dec, reg, alpha=0.0, top_k=6, **kw), generate_base(lm, evals, dec, **kw))
-    fit = fit_alpha(atoms, bounds=FUTURE_BOUNDS, buckets=[6])
-    assert fit["logloss"] <= fit["logloss_alpha0"] + 1e-12
-    # the calibration on the pipeline's cached tables: f̂ is fitted on the given generations of the fit split
-    # (2 samples each), "before" is the evaluation split's generations and reference
-    gens_eval = generate_base(lm, evals, dec, max_new_tokens=N_NEW, eos_ids=None)  # the model's EOS ids, as a study
-    knobs = _recalibration_knobs(batch_size=8)
-    out = future_entropy_calibration(lm, train, evals, BeforeTables(gens, gens_eval, base), knobs, buckets=[6])
-    assert (out.extra["regressor_n"], out.extra["regressor_r2"]) == (reg.n, reg.r2) == (10 * (N_NEW - 1), reg.r2)
-    assert out.extra["alpha_buckets"] == [6]
-    assert out.extra["fit_logloss"] <= out.extra["fit_logloss_alpha0"] + 1e-12 and len(out.alpha) == 2
-    assert out.logloss_after <= out.logloss_before  # held out: not a theorem, true on this split
-    assert np.isfinite([out.entce_before, out.entce_after, out.logloss_after]).all()
-    want = entce_summary(gens_eval, base, knobs.summary)
-    assert (out.entce_before, out.logloss_before) == (want.entce, want.logloss)
+    want = reweighted_generate(lm, evals, dec, phi, 0.0, rw.knob, top_k=6, key="q", knobs=knobs.generation)
+    assert gens1["token_ids"].to_list() == want["token_ids"].to_list()
+    atoms = human_atoms(lm, evals, dec, phi, 0.0, top_k=6, max_tokens=N_NEW, batch_size=4).table(rw.knob, key="q")
+    np.testing.assert_allclose(np.concatenate(ref1["step_logloss"].to_list()),
+                               np.concatenate(atoms["step_logloss"].to_list()), atol=1e-6)
+    gens0, ref0 = recalibrate.tables_at(lm, evals, rw.at(0.0), knobs)
+    base = generate(lm, evals, dec, knobs.generation)
+    assert gens0["token_ids"].to_list() == base["token_ids"].to_list()
+    scoring = ScoringKnobs(max_tokens=N_NEW, epsilon=1e-4, batch_size=4)
+    np.testing.assert_allclose(np.concatenate(ref0["step_logloss"].to_list()),
+                               np.concatenate(score(lm, evals, [dec], scoring)["step_logloss"].to_list()), atol=1e-4)
+    with pytest.raises(ValueError, match="calibration method: expected one of"):
+        recalibrate.fit("nucleus", lm, train, BeforeTables(), knobs)

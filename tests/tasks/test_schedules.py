@@ -175,7 +175,7 @@ def test_fit_tau_schedule(tiny_lm, prompts):
     base = gen(tiny_lm, train, DecodingSpec(), eos_ids=None, max_new_tokens=N_NEW, samples_per_prompt=2,
                batch_size=3)
     ref0 = scored(tiny_lm, train, [DecodingSpec()], max_tokens=N_NEW, epsilon=1e-4)
-    before = BeforeTables(base, base, ref0)
+    before = BeforeTables(base, ref0)
     rw = fit_tau_schedule(tiny_lm, train, before, knobs, buckets=3)
     assert rw.method == "tau_schedule" and rw.knob == 1.0 and rw.params["edges"] == [4, 8]
     fit, bounds = rw.fit, [0, 4, 8, N_NEW]
@@ -209,7 +209,7 @@ def test_fit_entropy_feedback(tiny_lm, prompts):
     train, knobs = prompts.head(5), _knobs()
     ref0 = scored(tiny_lm, train, [DecodingSpec()], max_tokens=N_NEW, epsilon=1e-4)
     base = gen(tiny_lm, train, DecodingSpec(), eos_ids=None, max_new_tokens=N_NEW, batch_size=3)
-    rw = fit_entropy_feedback(tiny_lm, train, BeforeTables(base, base, ref0, ref0), knobs)
+    rw = fit_entropy_feedback(tiny_lm, train, BeforeTables(base, ref0), knobs)
     losses = np.asarray(ref0["step_logloss"].to_list(), dtype=float)  # every reference has N_NEW tokens
     want = smooth(list(losses.mean(0)), 0.2)
     assert rw.method == "entropy_feedback" and rw.knob == 0.0
@@ -220,5 +220,5 @@ def test_fit_entropy_feedback(tiny_lm, prompts):
     assert rw.fit["entce_after"] == pytest.approx(entce_summary(gens1, ref1, knobs.summary).entce, abs=1e-9)
     assert 0 <= rw.fit["tau_clamped_share_human"] <= 1 and math.isfinite(rw.fit["target_miss_generation"])
     _roundtrip(rw)
-    again = fit_entropy_feedback(tiny_lm, train, BeforeTables(None, base, ref0), knobs)  # no train_reference
+    again = fit_entropy_feedback(tiny_lm, train, BeforeTables(base), knobs)  # no train_reference
     np.testing.assert_allclose(again.params["target"], rw.params["target"], atol=1e-5)
