@@ -140,17 +140,21 @@ def test_calibration_study_writes_calibration_json(tiny_spec, stack, prefect_har
         "decodings": [{"temperature": 1.0}], "num_examples": 4, "prompt_tokens": 8, "max_new_tokens": 10,
         "min_reference_tokens": 10, "horizon": 10, "batch_size": 4, "bootstrap": 30,
         "calibration": {"tau_bracket": [0.3, 3.0], "tau_rounds": 3, "top_k": [3, 30], "top_p": [0.5, 0.9], "min_p": [],
-                        "top_nsigma": [], "candidates": 4},
+                        "top_nsigma": [], "typical_p": [], "eta_cutoff": [], "epsilon_cutoff": [], "candidates": 4,
+                        "tau_schedule": False, "entropy_feedback": False, "regressor_samples": 1, "zero_rounds": 2},
     })
     result = study(cfg, out=str(tmp_path))
     doc = json.loads((tmp_path / "calibration.json").read_text())
-    assert {"tau_star", "tau_star_ci", "truncation", "lookahead", "future_entropy"} <= set(doc)
+    assert {"tau_star", "tau_star_ci", "truncation", "lookahead", "future_entropy", "splits"} <= set(doc)
     t1 = next(r for r in doc["sweep"] if r["decoding"] == "t1")
     for name in ("lookahead", "future_entropy"):
-        assert set(doc[name]) == {"alpha", "entce_before", "entce_after", "logloss_before", "logloss_after", "extra"}
-        assert "entce_ci_after" in doc[name]["extra"]
+        entry = doc[name]
+        assert {"alpha", "delta_entce", "delta_entce_ci", "delta_logloss_ci", "alpha_zero_entce",
+                "zero_entce_converged"} <= set(entry)
         # "before" is the cached τ = 1 stage on the evaluation split, not a second sampling of it
-        assert (doc[name]["entce_before"], doc[name]["logloss_before"]) == (t1["entce"], t1["logloss"])
+        assert (entry["entce_before"], entry["logloss_before"]) == (t1["entce"], t1["logloss"])
+        lo, hi = entry["delta_entce_ci"]
+        assert lo <= entry["delta_entce"] <= hi
     methods = {r["method"] for r in doc["sweep"]}
     assert {"temperature", "top_k", "top_p"} <= methods
     assert (tmp_path / "pareto__tiny__python-docs.png").stat().st_size > 1000
@@ -158,7 +162,7 @@ def test_calibration_study_writes_calibration_json(tiny_spec, stack, prefect_har
     client = MlflowClient(stack.mlflow_uri)
     children = client.search_runs([client.get_run(result["run_id"]).info.experiment_id],
                                   filter_string="tags.`entcal.stage` = 'calibration'")
-    assert len(children) == 1 and "lookahead_alpha" in children[0].data.metrics
+    assert len(children) == 1 and {"lookahead_alpha", "future_entropy_delta_entce_ci_low"} <= set(children[0].data.metrics)
 
 
 # ------------------------------------------------------------------ what the MLflow UI shows
