@@ -58,7 +58,7 @@ class Sweep:
         row = {"method": method, "param": float(param), "decoding": tables[0]["decoding"][0], **tags,
                **{k: getattr(s, k) for k in ("entce", "entce_ci_low", "entce_ci_high", "logloss",
                                              "logloss_untruncated", "truncated_share", "entropy",
-                                             "calib_error_per_step", "entce_slope")},
+                                             "calib_error_per_step", "entce_slope", "eos_share")},
                **{k: d[k] for k in ("delta_entce", "delta_entce_ci", "delta_logloss", "delta_logloss_ci",
                                     "detectable")}}
         for col, eps in zip(EPS_COLUMNS, (cfg.epsilon * 10, cfg.epsilon / 10)):
@@ -142,7 +142,8 @@ def zero_entce(ex: Executor, sweep: Sweep, model: ModelSpec, evaluate: pl.DataFr
                fitted: Reweighting) -> tuple[dict | None, str | None]:
     """The knob of ``fitted``'s rule where EntCE = 0 on the evaluation split (fronts.tau_star over the method's
     ZERO_BRACKETS, ``zero_rounds`` rounds) and, evaluated there, its L̄ and ΔL̄ against τ = 1 (paired CI); or
-    (None, why) when no knob in the bracket, widened once, zeroes EntCE."""
+    (None, why) when no knob in the bracket, widened once, zeroes EntCE. ``eos_share``: the share of its
+    generations ended by EOS there (a knob that lifts EOS can zero EntCE by stopping early)."""
     (lo, hi), floor = ZERO_BRACKETS[fitted.method]
 
     def at(knob: float) -> dict:
@@ -160,7 +161,7 @@ def zero_entce(ex: Executor, sweep: Sweep, model: ModelSpec, evaluate: pl.DataFr
         return None, str(err).replace("tau_star: ", "")
     r = at(found["tau_star"])
     return {"knob": r["param"], "entce": r["entce"], "logloss": r["logloss"], "delta_logloss": r["delta_logloss"],
-            "delta_logloss_ci": r["delta_logloss_ci"], "converged": found["converged"]}, None
+            "delta_logloss_ci": r["delta_logloss_ci"], "eos_share": r["eos_share"], "converged": found["converged"]}, None
 
 
 def _eps_lerp(rows: list[dict], method: str, param: float, col: str) -> float | None:

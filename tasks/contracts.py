@@ -97,7 +97,7 @@ class Recalibration:
         delta_entce, delta_logloss (after − before) with their paired CIs (``*_ci``), detectable (the ΔEntCE CI
         excludes 0), calib_error_per_step_before/after, entce_slope_before/after
     zero: the knob where EntCE = 0 on the evaluation split (a root search, as τ*) and what it costs there:
-        knob, entce, logloss, delta_logloss against τ = 1 with its paired CI, converged; None where no knob in
+        knob, entce, logloss, delta_logloss against τ = 1 with its paired CI, eos_share, converged; None where no knob in
         its bracket zeroes EntCE (``zero_note`` says why)"""
 
     method: str
@@ -116,6 +116,7 @@ class Recalibration:
                "alpha_zero_entce": zero.get("knob"), "logloss_at_zero_entce": zero.get("logloss"),
                "delta_logloss_at_zero_entce": zero.get("delta_logloss"),
                "delta_logloss_at_zero_entce_ci": zero.get("delta_logloss_ci"),
+               "eos_share_at_zero_entce": zero.get("eos_share"),
                "zero_entce_converged": zero.get("converged"), "zero_entce_note": self.zero_note,
                **self.fitted.fit}
         if self.method in ("tau_schedule", "entropy_feedback"):

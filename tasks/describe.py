@@ -193,4 +193,5 @@ def calibration_metrics(result: CalibrationResult) -> dict[str, float]:
 RECALIBRATION_METRICS = ("alpha", "entce_before", "entce_after", "logloss_before", "logloss_after", "delta_entce",
                          "delta_logloss", "alpha_zero_entce", "logloss_at_zero_entce", "delta_logloss_at_zero_entce",
                          "calib_error_per_step_before", "calib_error_per_step_after", "entce_slope_before",
-                         "entce_slope_after", "heldout_r2", "gradient_at_zero", "entce_fit_split")
+                         "entce_slope_after", "eos_share_before", "eos_share_after", "heldout_r2", "gradient_at_zero",
+                         "entce_fit_split")

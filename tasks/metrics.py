@@ -284,14 +284,15 @@ def pair_result(model: str, dataset: str, decoding: DecodingSpec, prompts: pl.Da
 def comparison(before: tuple[pl.DataFrame, pl.DataFrame], after: tuple[pl.DataFrame, pl.DataFrame],
                knobs: SummaryKnobs) -> dict:
     """A calibration's before / after on one split (each side a (generations, reference) pair of the same
-    prompts): EntCE, L̄ and H̄ of each side with its CI, the paired deltas (paired_delta) and the shape of
-    each side (calib_error_per_step, entce_slope). JSON-able; nats per token (slopes per 100 steps)."""
+    prompts): EntCE, L̄ and H̄ of each side with its CI, the share of generations ended by EOS (a knob that
+    lifts EOS can zero EntCE by stopping early), the paired deltas (paired_delta) and the shape of each side
+    (calib_error_per_step, entce_slope). JSON-able; nats per token (slopes per 100 steps)."""
     s0, s1 = entce_summary(*before, knobs), entce_summary(*after, knobs)
     out = {}
     for side, s in (("before", s0), ("after", s1)):
         out |= {f"entce_{side}": s.entce, f"entce_{side}_ci": [s.entce_ci_low, s.entce_ci_high],
                 f"logloss_{side}": s.logloss, f"entropy_{side}": s.entropy,
-                f"calib_error_per_step_{side}": s.calib_error_per_step,
+                f"eos_share_{side}": s.eos_share, f"calib_error_per_step_{side}": s.calib_error_per_step,
                 f"calib_error_per_step_{side}_ci": list(s.calib_error_per_step_ci),
                 f"entce_slope_{side}": s.entce_slope, f"entce_slope_{side}_ci": list(s.entce_slope_ci)}
     return out | paired_delta(before, after, knobs)

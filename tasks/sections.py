@@ -48,6 +48,15 @@ def scaling_section(f: FamilyFit, figure: str | None) -> str:
 KNOB_NAMES = {"alpha": "α", "scale": "τ(s) scale", "offset": "target offset (nats)"}
 
 
+def _stops_early(zero: dict, comparison: dict) -> str:
+    """A warning when the zero-EntCE knob ends more generations by EOS than τ = 1 does (EntCE can then reach
+    0 by stopping early, not by calibrating)."""
+    share, base = zero.get("eos_share"), comparison.get("eos_share_before")
+    if share is None or base is None or share <= base + 0.05:
+        return ""
+    return f"; {share:.0%} end by EOS (τ = 1: {base:.0%})"
+
+
 def calibration_markdown(result: CalibrationResult) -> str:
     """The calibration of one (model, dataset): τ*, the truncations' EntCE-zeroing settings, every sweep point
     against τ = 1 (paired), each recalibration before/after (paired) with the knob where EntCE = 0 and its
@@ -97,7 +106,7 @@ def calibration_markdown(result: CalibrationResult) -> str:
                 f"{_f(c['calib_error_per_step_before'])} → {_f(c['calib_error_per_step_after'])} | "
                 f"{_f(c['entce_slope_before'], True)} → {_f(c['entce_slope_after'], True)} | "
                 f"{zero_knob} | "
-                f"{delta(z, 'delta_logloss') if z else r.zero_note or '—'} |")
+                f"{delta(z, 'delta_logloss') + _stops_early(z, c) if z else r.zero_note or '—'} |")
         lines += [""] + [f"- {name}: {note}" for name, r in result.recalibrations.items()
                          if (note := recalibration_note(name, r.fitted.fit))]
     lines += ["", f"![Pareto front of EntCE against L̄, {ev}]({result.pareto_figure})", "",

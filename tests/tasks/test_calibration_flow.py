@@ -125,3 +125,38 @@ def test_eps_lerp_matches_truncation_front_interpolation():
     assert calibration._eps_lerp(rows, "top_p", z["zero_param"], "logloss") == pytest.approx(z["zero_logloss"])
     assert calibration._eps_lerp(rows, "top_p", 0.6, "logloss") is None  # no sign change there
     assert math.isclose(calibration._eps_lerp(rows, "top_p", 0.8, "logloss"), 3.5)
+
+
+def _recalibration(eos_at_zero: float, detectable: bool):
+    from entcal.tasks.contracts import Recalibration, Reweighting
+
+    comparison = {"entce_before": 0.9, "entce_after": 0.75, "delta_entce": -0.15, "delta_entce_ci": [-0.3, -0.02]
+                  if detectable else [-0.3, 0.05], "detectable": detectable, "delta_logloss": -0.001,
+                  "delta_logloss_ci": [-0.002, 0.0], "calib_error_per_step_before": 1.2,
+                  "calib_error_per_step_after": 1.1, "entce_slope_before": 0.3, "entce_slope_after": 0.2,
+                  "eos_share_before": 0.0, "eos_share_after": 0.06}
+    zero = {"knob": 0.045, "entce": 0.01, "logloss": 2.61, "delta_logloss": 0.08, "delta_logloss_ci": [0.05, 0.11],
+            "eos_share": eos_at_zero, "converged": True}
+    fitted = Reweighting("future_entropy", {}, 0.0084, {"heldout_r2": 0.83, "gradient_at_zero": -0.27,
+                                                        "entce_fit_split": 0.65})
+    return Recalibration("future_entropy", fitted, comparison, zero)
+
+
+@pytest.mark.parametrize("eos_at_zero, detectable", [(1.0, True), (0.02, False)])
+def test_recalibration_row_reads_its_ci_and_warns_when_eos_zeroes_entce(eos_at_zero, detectable):
+    """A ΔEntCE whose paired CI holds 0 reads "no detectable effect"; a knob for EntCE = 0 that ends many more
+    generations by EOS than τ = 1 says so beside its cost (EntCE reached 0 by stopping early)."""
+    rec = _recalibration(eos_at_zero, detectable)
+    result = CalibrationResult(label="m__d", tau_star=0.9, tau_star_ci=(0.8, 1.0), tau_converged=True,
+                               logloss_at_tau_star=3.0, logloss_at_tau_1=3.1, truncation=[], sweep=[], pareto_front=[],
+                               fit_examples=8, eval_examples=8, epsilon=1e-4,
+                               recalibrations={"future_entropy": rec})
+    (row,) = [line for line in sections.calibration_markdown(result).splitlines()
+              if line.startswith("| future_entropy |")]
+    assert ("no detectable effect" in row) != detectable
+    assert ("100% end by EOS (τ = 1: 0%)" in row) == (eos_at_zero == 1.0)
+    doc = result.as_dict()["future_entropy"]
+    assert doc["eos_share_at_zero_entce"] == eos_at_zero and doc["alpha"] == 0.0084
+    m = describe.calibration_metrics(result)
+    assert m["future_entropy_eos_share_after"] == 0.06 and m["future_entropy_delta_entce_ci_high"] == (
+        -0.02 if detectable else 0.05)
