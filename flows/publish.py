@@ -131,8 +131,8 @@ class StudyRun:
             headline |= describe.calibration_metrics(result.calibrations[0])
         inputs = {f"model {m.label}": models.identity(m) for m in cfg.models}
         inputs |= {f"dataset {d.label}": datasets.identity(d) for d in cfg.datasets}
-        written = report.write_report(p.out_dir, cfg.name, rows, result, horizon=cfg.horizon, smoothing=cfg.smoothing,
-                                      run_url=self.url, excerpts=self.excerpts, inputs=inputs)
+        written = report.write_report(p.out_dir, cfg.name, rows, result, horizon=cfg.horizon, run_url=self.url,
+                                      excerpts=self.excerpts, inputs=inputs)
         tracker.set_tags(self.run_id, {NOTE: note})
         tracker.log_metrics(self.run_id, headline)
         tracker.log_table_view(self.run_id, pl.DataFrame(rows).select("decoding", "dataset", "model",

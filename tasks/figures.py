@@ -9,6 +9,7 @@ for MLflow to save).
 - plot_pareto: EntCE against L̄ of a truncation sweep, with the (|EntCE|, L̄) front
 - plot_scaling: EntCE against parameter count (log-log) with the fitted power law
 - plot_theory: the simplified theory's expected EntCE against training tokens, one line per α
+- study_figures: every figure of a study's report
 
 matplotlib is imported when a figure is drawn, not when this module is.
 """
@@ -21,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from entcal.tasks.fronts import finite, truncation_front
-from entcal.tasks.metrics import smooth
+from entcal.tasks.contracts import StudyResult
 from entcal.tasks.scaling import ScalingFit
 from entcal.tasks.theory import TheoryCurve
 
@@ -36,16 +36,13 @@ def _pyplot():
     return plt
 
 
-def _error_curves(ax, curves: pl.DataFrame, labels: tuple[str, str], *, smoothing: float | None = None,
-                  color=None) -> None:
+def _error_curves(ax, curves: pl.DataFrame, labels: tuple[str, str], *, smoothed: bool = False, color=None) -> None:
     """h_t (solid) and l_t (dashed) of one step_curves frame on ``ax``, in nats/token against the step
-    (the row index when there is no step column); exponentially smoothed when ``smoothing`` is given."""
+    (the row index when there is no step column); its smoothed columns when ``smoothed``."""
     steps = curves["step"].to_list() if "step" in curves.columns else list(range(curves.height))
-    h, l = curves["entropy_mean"].to_list(), curves["logloss_mean"].to_list()
-    if smoothing is not None:
-        h, l = smooth(h, smoothing), smooth(l, smoothing)
-    ax.plot(steps, h, color=color, label=labels[0])
-    ax.plot(steps, l, color=color, linestyle="--", label=labels[1])
+    kind = "smooth" if smoothed else "mean"
+    ax.plot(steps, curves[f"entropy_{kind}"].to_list(), color=color, label=labels[0])
+    ax.plot(steps, curves[f"logloss_{kind}"].to_list(), color=color, linestyle="--", label=labels[1])
     ax.set_xlabel("generation step t")
     ax.set_ylabel("nats / token")
 
@@ -58,8 +55,8 @@ def _save(plt, fig, path, **savefig):
     return path
 
 
-def plot_error_accumulation(curves: list[dict], path: Path, *, smoothing: float) -> Path:
-    """``curves``: dicts with model, dataset, decoding and a 'curves' frame from step_curves."""
+def plot_error_accumulation(curves: list[dict], path: Path) -> Path:
+    """``curves``: dicts with model, dataset, decoding and a 'curves' frame from step_curves (with smoothing)."""
     plt = _pyplot()
     panels = sorted({(c["model"], c["dataset"]) for c in curves})
     cols = min(2, len(panels))
@@ -71,7 +68,7 @@ def plot_error_accumulation(curves: list[dict], path: Path, *, smoothing: float)
         for c in curves:
             if (c["model"], c["dataset"]) == (model, dataset):
                 _error_curves(ax, c["curves"], (f"{c['decoding']} entropy h_t", f"{c['decoding']} log loss l_t"),
-                              smoothing=smoothing, color=colour[c["decoding"]])
+                              smoothed=True, color=colour[c["decoding"]])
         ax.set_title(f"{model} · {dataset}")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
@@ -110,17 +107,17 @@ def plot_entce_vs_temperature(summary: pl.DataFrame, path: Path) -> Path:
     return _save(plt, fig, path, dpi=110)
 
 
-def plot_pareto(rows: list[dict], path, *, title: str | None = None) -> str:
-    """EntCE against L̄, one marker/colour per method, the (|EntCE|, L̄) front circled and joined."""
+def plot_pareto(rows: list[dict], front: list[dict], path, *, title: str | None = None) -> str:
+    """EntCE against L̄, one marker/colour per method, the (|EntCE|, L̄) ``front`` (fronts.truncation_front's)
+    circled."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = "osD^vP*Xh<>"
     for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = sorted((r for r in rows if r["method"] == m and finite(r["entce"], r["logloss"])),
+        pts = sorted((r for r in rows if r["method"] == m and np.isfinite([r["entce"], r["logloss"]]).all()),
                      key=lambda r: r["param"])
         ax.plot([r["logloss"] for r in pts], [r["entce"] for r in pts], marker=markers[i % len(markers)],
                 color=f"C{i}", lw=0.8, ms=5, label=m)
-    front = truncation_front(rows)["front"]
     ax.scatter([r["logloss"] for r in front], [r["entce"] for r in front], s=140, facecolors="none",
                edgecolors="k", lw=1.2, label="Pareto front (|EntCE|, L̄)", zorder=3)
     ax.axhline(0, color="grey", lw=0.8, ls="--")
@@ -159,3 +156,22 @@ def plot_theory(results_per_alpha: Sequence[TheoryCurve], path: str) -> str:
     ax.set(xscale="log", yscale="log", xlabel="training tokens m", ylabel="expected EntCE (nats/token)")
     ax.legend(fontsize=7)
     return str(_save(plt, fig, path, format="png"))
+
+
+def study_figures(out_dir: Path, result: StudyResult, summary: pl.DataFrame) -> dict[str, Path]:
+    """Every figure of a study's report, drawn into ``out_dir``: error_accumulation (smoothed curves of every
+    pair), entce_vs_temperature (``summary``: one row per child run), each calibration's Pareto figure and each
+    scaling fit's (FamilyFit.figure). Returns their paths by name (the first two without ".png")."""
+    curves = [{"model": r.model, "dataset": r.dataset, "decoding": r.decoding.key, "curves": r.curves}
+              for r in result.pairs]
+    files = {"error_accumulation": plot_error_accumulation(curves, out_dir / "error_accumulation.png"),
+             "entce_vs_temperature": plot_entce_vs_temperature(summary, out_dir / "entce_vs_temperature.png")}
+    for c in result.calibrations:
+        files[c.pareto_figure] = Path(plot_pareto(
+            c.sweep, c.pareto_front, out_dir / c.pareto_figure,
+            title=f"{c.label}: EntCE vs L̄, evaluation split, {c.eval_examples} prompts"))
+    for f in result.scaling:
+        if f.figure:
+            files[f.figure] = Path(plot_scaling([x for x, _, _ in f.points], [e for _, e, _ in f.points], f.fit,
+                                                str(out_dir / f.figure)))
+    return files

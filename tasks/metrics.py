@@ -215,8 +215,10 @@ def logloss_at_epsilon(reference: pl.DataFrame, *, horizon: int, epsilon: float,
         return float(np.mean(-np.log((1 - new_epsilon) * q + new_epsilon * p)))
 
 
-def step_curves(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int) -> pl.DataFrame:
-    """Error-accumulation curves: step, entropy_mean (h_t), logloss_mean (l_t) and their counts."""
+def step_curves(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: int,
+                smoothing: float | None = None) -> pl.DataFrame:
+    """Error-accumulation curves: step, entropy_mean (h_t), logloss_mean (l_t) and their counts; with
+    ``smoothing``, also entropy_smooth and logloss_smooth (smooth() at that α: what the plots draw)."""
     def curve(table: pl.DataFrame, col: str, name: str) -> pl.DataFrame:
         return (
             table.select(pl.col(col).list.head(horizon).alias("v"))
@@ -228,11 +230,13 @@ def step_curves(generations: pl.DataFrame, reference: pl.DataFrame, *, horizon: 
         )
 
     steps = pl.DataFrame({"step": pl.int_range(0, horizon, eager=True)})
-    return (
-        steps.join(curve(generations, "step_entropy", "entropy"), on="step", how="left")
-        .join(curve(reference, "step_logloss", "logloss"), on="step", how="left")
-        .sort("step")
-    )
+    out = (steps.join(curve(generations, "step_entropy", "entropy"), on="step", how="left")
+           .join(curve(reference, "step_logloss", "logloss"), on="step", how="left")
+           .sort("step"))
+    if smoothing is None:
+        return out
+    return out.with_columns(pl.Series(f"{n}_smooth", smooth(out[f"{n}_mean"].to_list(), smoothing), pl.Float64)
+                            for n in ("entropy", "logloss"))
 
 
 def smooth(values: list[float], alpha: float) -> list[float]:
@@ -275,7 +279,7 @@ def pair_result(model: str, dataset: str, decoding: DecodingSpec, prompts: pl.Da
     curves, the per-example table and sums, the tables themselves, and engine: vllm's ``agreement``."""
     return PairResult(
         model=model, dataset=dataset, decoding=decoding, summary=entce_summary(generations, reference, knobs),
-        curves=step_curves(generations, reference, horizon=knobs.horizon),
+        curves=step_curves(generations, reference, horizon=knobs.horizon, smoothing=knobs.smoothing),
         examples=example_table(generations, reference, horizon=knobs.horizon),
         sums=example_sums(generations, reference, horizon=knobs.horizon),
         tables={"prompts": prompts, "generations": generations, "reference": reference}, agreement=agreement)

@@ -20,7 +20,7 @@ import polars as pl
 
 from entcal.tasks import figures
 from entcal.tasks.contracts import StudyResult
-from entcal.tasks.sections import calibration_markdown, corpus_alpha_section, inputs_section, scaling_section
+from entcal.tasks.sections import study_sections
 
 METRIC_COLUMNS = ("entce", "entce_ci_low", "entce_ci_high", "entropy", "logloss", "logloss_untruncated",
                   "truncated_share", "sampled_surprisal", "n_examples")
@@ -55,37 +55,17 @@ def markdown_report(name: str, summary: pl.DataFrame, *, horizon: int, figures: 
 
 
 def write_report(out_dir: Path, name: str, rows: list[dict], result: StudyResult, *, horizon: int,
-                 smoothing: float, run_url: str | None = None, excerpts: list[dict] | None = None,
+                 run_url: str | None = None, excerpts: list[dict] | None = None,
                  inputs: dict[str, str] | None = None) -> dict[str, Path]:
-    """Write the study's report into ``out_dir``: the figures (error accumulation, EntCE against temperature,
-    each calibration's Pareto front, each scaling fit), calibration.json when the study calibrated,
-    report.md and the self-contained report.html (with ``excerpts``: pick_excerpts' dicts, and ``inputs``: each
-    model's and dataset's identity), summary.parquet.
-    ``rows``: one per child run (PairResult.row() with its run_id and run_url). Returns every file written
-    by name ("report" is report.md, "html" report.html)."""
+    """Write the study's report into ``out_dir``: the figures (tasks.figures.study_figures), calibration.json
+    when the study calibrated, report.md (the table, then tasks.sections.study_sections) and the
+    self-contained report.html (with ``excerpts``: pick_excerpts' dicts, and ``inputs``: each model's and
+    dataset's identity), summary.parquet. ``rows``: one per child run (PairResult.row() with its run_id and
+    run_url). Returns every file written by name ("report" is report.md, "html" report.html)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = pl.DataFrame(rows)
-    curves = [{"model": r.model, "dataset": r.dataset, "decoding": r.decoding.key, "curves": r.curves}
-              for r in result.pairs]
-    files = {
-        "error_accumulation": figures.plot_error_accumulation(curves, out_dir / "error_accumulation.png",
-                                                              smoothing=smoothing),
-        "entce_vs_temperature": figures.plot_entce_vs_temperature(summary, out_dir / "entce_vs_temperature.png"),
-    }
-    sections = []
-    for c in result.calibrations:
-        files[c.pareto_figure] = Path(figures.plot_pareto(
-            c.sweep, out_dir / c.pareto_figure, title=f"{c.label}: EntCE vs L̄, evaluation split, {c.eval_examples} prompts"))
-        sections.append(calibration_markdown(c))
-    sections.append(corpus_alpha_section(result.corpus_alpha))
-    if inputs:
-        sections.append(inputs_section(inputs))
-    for f in result.scaling:
-        figure = None if f.fit is None else Path(figures.plot_scaling(
-            [x for x, _, _ in f.points], [e for _, e, _ in f.points], f.fit,
-            str(out_dir / f"scaling__{f.family}__{f.dataset}.png")))
-        files.update({figure.name: figure} if figure else {})
-        sections.append(scaling_section(f, figure and figure.name))
+    files = figures.study_figures(out_dir, result, summary)
+    extra = study_sections(result, inputs)
     if result.calibrations:
         docs = {c.label: c.as_dict() for c in result.calibrations}
         files["calibration.json"] = out_dir / "calibration.json"
@@ -93,7 +73,7 @@ def write_report(out_dir: Path, name: str, rows: list[dict], result: StudyResult
                                                         else {"pairs": docs}, indent=2, default=str))
     md_text = markdown_report(name, summary, horizon=horizon, figures=[str(files["error_accumulation"]),
                                                                        str(files["entce_vs_temperature"])],
-                              run_url=run_url, extra="\n".join(sections))
+                              run_url=run_url, extra=extra)
     md = out_dir / "report.md"
     md.write_text(md_text)
     page = out_dir / "report.html"

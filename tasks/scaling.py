@@ -153,6 +153,11 @@ class FamilyFit:
     fit: ScalingFit | None
     error: str | None = None
 
+    @property
+    def figure(self) -> str | None:
+        """The file name of its plot in the report's folder (None without a fit)."""
+        return None if self.fit is None else f"scaling__{self.family}__{self.dataset}.png"
+
 
 def family_fits(families: Mapping[str, Sequence[str]], datasets: Sequence[str], rows: Sequence[Mapping],
                 params: Mapping[str, float], sums: Mapping[tuple[str, str], Mapping[str, np.ndarray]], *,

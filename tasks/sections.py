@@ -3,7 +3,7 @@ each recalibration compared with τ = 1, paired), a scaling fit's, the corpora's
 come from the records (tasks/contracts.py), rounded here for reading only."""
 from __future__ import annotations
 
-from entcal.tasks.contracts import EPS_COLUMNS, CalibrationResult
+from entcal.tasks.contracts import EPS_COLUMNS, CalibrationResult, StudyResult
 from entcal.tasks.scaling import FamilyFit
 
 
@@ -37,12 +37,12 @@ def corpus_alpha_section(alphas: dict[str, dict | None]) -> str:
     return "\n".join(lines + [""])
 
 
-def scaling_section(f: FamilyFit, figure: str | None) -> str:
-    """The report's section of one family's scaling fit on one dataset (``figure``: its plot's file name)."""
+def scaling_section(f: FamilyFit) -> str:
+    """The report's section of one family's scaling fit on one dataset (with its plot, FamilyFit.figure)."""
     head = f"## Scaling: {f.family} on {f.dataset}"
     if f.fit is None:
         return f"{head}\n\nNo fit: {f.error}\n"
-    return f"{head}\n\n{f.fit.describe()}\n\n![scaling]({figure})\n"
+    return f"{head}\n\n{f.fit.describe()}\n\n![scaling]({f.figure})\n"
 
 
 KNOB_NAMES = {"alpha": "α", "scale": "τ(s) scale", "offset": "target offset (nats)"}
@@ -132,3 +132,11 @@ def inputs_section(identities: dict[str, str]) -> str:
     fingerprint of the files (a new checkpoint written in place shows here, and re-keys the cached stages)."""
     lines = ["## Inputs", "", "| input | identity |", "|---|---|"]
     return "\n".join(lines + [f"| {name} | `{ident}` |" for name, ident in identities.items()] + [""])
+
+
+def study_sections(result: StudyResult, inputs: dict[str, str] | None) -> str:
+    """The report's sections after its table: each calibration, the corpora's α, the inputs by identity
+    (``inputs``), each scaling fit."""
+    parts = [calibration_markdown(c) for c in result.calibrations] + [corpus_alpha_section(result.corpus_alpha)]
+    parts += [inputs_section(inputs)] if inputs else []
+    return "\n".join(parts + [scaling_section(f) for f in result.scaling])

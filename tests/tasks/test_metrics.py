@@ -111,7 +111,9 @@ def test_example_table_and_pair_result_are_the_summary_per_example():
     prompts = pl.DataFrame({"example_id": ["e0", "e1"]})
     pair = pair_result("m", "d", DecodingSpec(temperature=0.9), prompts, gens, ref, knobs)
     assert pair.summary == entce_summary(gens, ref, knobs) and pair.examples.equals(table)
-    assert pair.curves.equals(step_curves(gens, ref, horizon=8))
+    assert pair.curves.equals(step_curves(gens, ref, horizon=8, smoothing=knobs.smoothing))
+    for n in ("entropy", "logloss"):  # the curves the plots draw: smoothed at the study's smoothing
+        assert pair.curves[f"{n}_smooth"].to_list() == smooth(pair.curves[f"{n}_mean"].to_list(), knobs.smoothing)
     assert {k: v.tolist() for k, v in pair.sums.items()} == {k: v.tolist() for k, v in example_sums(gens, ref, horizon=8).items()}
     assert pair.tables["generations"] is gens and pair.tables["prompts"] is prompts and pair.agreement is None
     row = pair.row()

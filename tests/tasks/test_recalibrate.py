@@ -127,7 +127,7 @@ def test_truncation_zero_by_interpolation_and_front(tmp_path):
     front = {(r["method"], r["param"]) for r in out["front"]}
     assert front == {("temperature", 0.9), ("top_k", 50), ("temperature", 1.0), ("top_p", 1.0)}
     assert [abs(r["entce"]) for r in out["front"]] == sorted(abs(r["entce"]) for r in out["front"])
-    png = plot_pareto(rows, tmp_path / "pareto.png")
+    png = plot_pareto(rows, out["front"], tmp_path / "pareto.png")
     assert png == str(tmp_path / "pareto.png")
     data = (tmp_path / "pareto.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000

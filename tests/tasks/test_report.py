@@ -88,7 +88,7 @@ def _write(out, tables, calibrations=(), excerpts=None):
     result = StudyResult(pairs=[pair], calibrations=list(calibrations), scaling=[], corpus_alpha={}, cached=[], ran=[])
     if excerpts is None:
         excerpts = report.pick_excerpts(prompts, {"t1": gens}, ref, model="tiny", horizon=HORIZON)
-    return report.write_report(out, "tiny", [pair.row()], result, horizon=HORIZON, smoothing=0.5,
+    return report.write_report(out, "tiny", [pair.row()], result, horizon=HORIZON,
                                run_url="http://127.0.0.1:5000/#/experiments/1/runs/abc", excerpts=excerpts)
 
 

@@ -147,22 +147,23 @@ def test_family_fits_and_their_report_sections_use_per_example_sums(tmp_path):
     (three,) = scaling.family_fits(families, ["python-docs"], rows, sizes, sums, n_boot=300, ci_level=0.9, seed=0)
     assert (three.family, three.dataset, three.error) == ("fam", "python-docs", None)
     assert three.points == [(sizes[m], entce[m], m) for m in ("m1", "m2", "m3")]  # τ = 1, untruncated rows only
+    assert three.figure == "scaling__fam__python-docs.png"
     png = figures.plot_scaling([x for x, _, _ in three.points], [e for _, e, _ in three.points], three.fit,
-                               str(tmp_path / "scaling__fam__python-docs.png"))
-    text = scaling_section(three, Path(png).name)
+                               str(tmp_path / three.figure))
+    text = scaling_section(three)
     assert text.startswith("## Scaling: fam on python-docs\n")
     assert "slope -0.200 over 3 models, 90% CI [" in text and "300 resamples" in text
     assert "![scaling](scaling__fam__python-docs.png)" in text and Path(png).stat().st_size > 1000
     (two,) = scaling.family_fits({"fam": ["m1", "m2"]}, ["python-docs"], rows, sizes, sums, n_boot=300,
                                  ci_level=0.9, seed=0)
-    assert "no CI: 2 models; a slope through 2 points has no residual to resample" in scaling_section(two, "x.png")
+    assert "no CI: 2 models; a slope through 2 points has no residual to resample" in scaling_section(two)
     # a model's sums missing: a fit without a CI; a dataset without rows: no fit, and the section says why
     no_sums = {k: v for k, v in sums.items() if k[0] != "m2"}
     fits = scaling.family_fits({"fam": ["m1", "m2", "m3"]}, ["python-docs", "other"], rows, sizes, no_sums,
                                n_boot=300, ci_level=0.9, seed=0)
     assert [(f.dataset, f.fit is None) for f in fits] == [("python-docs", False), ("other", True)]
     assert fits[0].fit.slope_ci_low is None and fits[0].fit.slope == pytest.approx(three.fit.slope)
-    assert scaling_section(fits[1], None) == f"## Scaling: fam on other\n\nNo fit: {fits[1].error}\n"
+    assert fits[1].figure is None and scaling_section(fits[1]) == f"## Scaling: fam on other\n\nNo fit: {fits[1].error}\n"
 
 
 # --------------------------------------------------------------------------- theory
@@ -303,7 +304,7 @@ def test_corpus_alpha_stage_uses_top_5000_lowercased_words_of_the_whole_corpus()
 
 
 def test_corpus_alpha_section_states_unit_counts_and_warning():
-    from entcal.tasks.report import corpus_alpha_section
+    from entcal.tasks.sections import corpus_alpha_section
 
     stats = theory.corpus_alpha_stats(["a a a b b c", "a b d"])
     text = corpus_alpha_section({"tiny": stats, "empty": None})
