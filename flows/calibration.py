@@ -26,9 +26,8 @@ from entcal.flows.executor import Executor
 from entcal.tasks import fronts, metrics
 from entcal.tasks.config import DecodingSpec, ModelSpec
 from entcal.tasks.contracts import EPS_COLUMNS, CalibrationResult, Recalibration, Reweighting
-from entcal.tasks.recalibrate import BASE, METHODS, BeforeTables
+from entcal.tasks.recalibrate import BASE, BeforeTables
 
-SWEEPS = ("top_k", "top_p", "min_p", "top_nsigma", "typical_p", "eta_cutoff", "epsilon_cutoff")
 # settings that truncate nothing, so the τ = 1 point belongs to the sweep (top-k and top-nσ are off at ∞)
 OFF = {"top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "eta_cutoff": 0.0, "epsilon_cutoff": 0.0}
 # each recalibration's bracket for the knob where EntCE = 0 on the evaluation split, and the knob's floor
@@ -91,10 +90,10 @@ def calibrate(ex: Executor, model: ModelSpec, prompts: pl.DataFrame) -> Calibrat
     except ValueError as err:  # no sign change in the bracket: say so, keep the rest
         ex.logger.warning("τ*: %s", err)
         tau = {"tau_star": None, "tau_star_ci": [None, None], "converged": False}
-    for method in SWEEPS:
+    for method in spec.sweeps:
         for param in getattr(spec, method):
             sweep.record(method, param, decoding(DecodingSpec(**{method: param})))
-    methods = [m for m in METHODS if getattr(spec, m)]
+    methods = spec.methods
     recalibrations = {}
     if methods:
         before = BeforeTables(
@@ -115,7 +114,7 @@ def calibrate(ex: Executor, model: ModelSpec, prompts: pl.DataFrame) -> Calibrat
                      "logloss_untruncated": v.get("zero_logloss_untruncated"),
                      "truncated_share": v.get("zero_truncated_share"),
                      **{c: _eps_lerp(rows, m, v["zero_param"], c) for c in EPS_COLUMNS}}
-                    for m, v in front["methods"].items() if m in SWEEPS and v["zero_param"] is not None],
+                    for m, v in front["methods"].items() if m in spec.SWEEPS and v["zero_param"] is not None],
         sweep=rows, pareto_front=front["front"], fit_examples=train.height,
         eval_examples=evaluate.height, epsilon=config.epsilon, recalibrations=recalibrations)
 
@@ -127,31 +126,29 @@ def recalibrate(ex: Executor, sweep: Sweep, model: ModelSpec, train: pl.DataFram
     the sweep (the Pareto front)."""
     fitted = ex.fit(method, model, train, before)
     after = ex.calibrated(model, evaluate, fitted)
-    sweep.record(method, fitted.knob, after, fitted=True)
+    zero, note = zero_entce(ex, sweep, model, evaluate, fitted, after)
     comparison = metrics.comparison(sweep.base, after, ex.knobs.summary)
     ex.logger.info("%s: %s %g, EntCE %+.3f -> %+.3f (Δ %+.3f [%+.3f, %+.3f]%s), L̄ %.3f -> %.3f", method,
                    fitted.knob_name, fitted.knob, comparison["entce_before"], comparison["entce_after"],
                    comparison["delta_entce"], *comparison["delta_entce_ci"],
                    "" if comparison["detectable"] else ": no detectable effect", comparison["logloss_before"],
                    comparison["logloss_after"])
-    zero, note = zero_entce(ex, sweep, model, evaluate, fitted)
     return Recalibration(method, fitted, comparison, zero, note)
 
 
-def zero_entce(ex: Executor, sweep: Sweep, model: ModelSpec, evaluate: pl.DataFrame,
-               fitted: Reweighting) -> tuple[dict | None, str | None]:
-    """The knob of ``fitted``'s rule where EntCE = 0 on the evaluation split (fronts.tau_star over the method's
+def zero_entce(ex: Executor, sweep: Sweep, model: ModelSpec, evaluate: pl.DataFrame, fitted: Reweighting,
+               after: Tables) -> tuple[dict | None, str | None]:
+    """``after`` (``fitted`` on the evaluation split) as a sweep point, then the knob of ``fitted``'s rule where
+    EntCE = 0 on the evaluation split (fronts.tau_star over the method's
     ZERO_BRACKETS, ``zero_rounds`` rounds) and, evaluated there, its L̄ and ΔL̄ against τ = 1 (paired CI); or
     (None, why) when no knob in the bracket, widened once, zeroes EntCE. ``eos_share``: the share of its
     generations ended by EOS there (a knob that lifts EOS can zero EntCE by stopping early)."""
+    sweep.record(fitted.method, fitted.knob, after, fitted=True)
     (lo, hi), floor = ZERO_BRACKETS[fitted.method]
 
-    def at(knob: float) -> dict:
-        knob = round(knob, 4)
-        return sweep.record(fitted.method, knob, ex.calibrated(model, evaluate, fitted.at(knob)))
-
     def entce_at(knob: float) -> tuple[float, float, float]:
-        r = at(knob)
+        knob = round(knob, 4)
+        r = sweep.record(fitted.method, knob, ex.calibrated(model, evaluate, fitted.at(knob)))
         return r["entce"], r["entce_ci_low"], r["entce_ci_high"]
     try:
         found = fronts.tau_star(entce_at, lo, hi, tol=(hi - lo) / 50, max_rounds=ex.config.calibration.zero_rounds,
@@ -159,7 +156,8 @@ def zero_entce(ex: Executor, sweep: Sweep, model: ModelSpec, evaluate: pl.DataFr
     except ValueError as err:
         ex.logger.warning("%s: no %s zeroes EntCE: %s", fitted.method, fitted.knob_name, err)
         return None, str(err).replace("tau_star: ", "")
-    r = at(found["tau_star"])
+    entce_at(found["tau_star"])  # the knob found, evaluated (its stages are cached when it was a round's)
+    r = sweep.rows[-1]
     return {"knob": r["param"], "entce": r["entce"], "logloss": r["logloss"], "delta_logloss": r["delta_logloss"],
             "delta_logloss_ci": r["delta_logloss_ci"], "eos_share": r["eos_share"], "converged": found["converged"]}, None
 

@@ -62,9 +62,7 @@ class Publisher:
         self.config, self.settings, self.links, self.run_name = config, settings, links, run_name
         self.write_tables = bool(out)
         self.out_dir = Path(out) if out else settings.state_dir / "reports" / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
-        about = describe.experiment_description(config.name)
-        self.tracker = Tracker(settings.mlflow_uri, experiment=f"entcal/{config.name}", source="flows/study.py:study",
-                               description=about)
+        self.tracker = Tracker(settings.mlflow_uri, experiment=f"entcal/{config.name}", source="flows/study.py:study")
 
     @contextlib.contextmanager
     def study(self):
@@ -74,6 +72,7 @@ class Publisher:
         tags = {"entcal.stage": "study", "entcal.config_digest": cfg.digest(), **describe.provenance(), **self.links}
         previous = tracker.latest_run("tags.`entcal.stage` = 'study'")  # what this launch changed
         note = describe.study_description(cfg, previous=previous)
+        tracker.describe_experiment(describe.experiment_description(cfg.name))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with tracker.run(self.run_name, tags=tags, description=note) as run_id:
             tracker.log_params(run_id, params)
@@ -107,15 +106,17 @@ class StudyRun:
         runs = {d.key: (describe.display_name(model, dataset, d), describe.child_name(model, dataset, d),
                         describe.child_description(cfg, model, dataset, d)) for d in cfg.decodings}
         ids = describe.identity_tags(model, dataset)
-        pair.source = upload_prompts(self.p.settings, prompts)
+        parquet = io.BytesIO()
+        prompts.write_parquet(parquet)
+        pair.source = s3.put_content(self.p.settings, "prompts", parquet.getvalue(), ".parquet")  # lineage source
         with contextlib.ExitStack() as stack:
             for key, (name, child, note) in runs.items():
-                pair.ids[key] = stack.enter_context(self._child(name, {"entcal.stage": "child", "entcal.child": child,
-                                                                       **ids}, note))
+                pair.ids[key] = stack.enter_context(self.p.tracker.run(
+                    name, parent_id=self.run_id, tags={"entcal.stage": "child", "entcal.child": child, **ids,
+                                                       **self.p.links}, description=note, system_metrics=True))
                 self.children[model.label, dataset.label, key] = pair.ids[key]
             yield pair
-        self.excerpts += report.pick_excerpts(prompts, pair.generations, pl.concat(pair.references) if pair.references
-                                              else None, model=model.label, horizon=cfg.horizon)
+        self.excerpts += pair.excerpts
 
     def report(self, result: StudyResult) -> dict:
         """The report (tasks/report.py: figures, sections, calibration.json, report.md and report.html in the
@@ -172,8 +173,7 @@ class PairRuns:
         self.study, self.model, self.dataset = study, model, dataset
         self.ids: dict[str, str] = {}  # decoding key -> its child run (opened by StudyRun.pair)
         self.source: str | None = None  # the prompts' S3 copy (their lineage source in MLflow)
-        self.generations: dict[str, pl.DataFrame] = {}  # what was published: the excerpts come from it
-        self.references: list[pl.DataFrame] = []
+        self.excerpts: list[dict] = []  # the report's excerpts of generations: τ = 1's, else the first published
 
     def publish(self, pair: PairResult) -> None:
         """Fill the decoding's child run (it ends with the pair's block) and write its ``--out`` folder."""
@@ -184,8 +184,9 @@ class PairRuns:
         note = describe.child_description(cfg, self.model, self.dataset, d)
         params, metrics = describe.child_params(pair, cfg, self.model), describe.child_metrics(pair)
         prompts = pair.tables["prompts"]
-        self.generations[d.key] = pair.tables["generations"]
-        self.references.append(pair.tables["reference"])
+        if d.key == "t1" or not self.excerpts:
+            self.excerpts = report.pick_excerpts(prompts, pair.tables["generations"], pair.tables["reference"],
+                                                 model=self.model.label, horizon=cfg.horizon)
         tracker.log_params(run_id, params)
         tracker.log_metrics(run_id, metrics)
         tracker.log_curves(run_id, {"step_entropy": pair.curves["entropy_mean"].to_list(),
@@ -205,11 +206,7 @@ class PairRuns:
     @contextlib.contextmanager
     def calibration(self):
         """The calibration child run, RUNNING for the block (its fits), filled by ``publish``."""
-        cfg, model, dataset = self.study.p.config, self.model, self.dataset
-        with self.study._child(f"calibration · {dataset.label} · {model.label}",
-                               {"entcal.stage": "calibration", "entcal.child": f"calibration__{model.label}__{dataset.label}"},
-                               f"τ*, truncations, lookahead and future-entropy calibration of {model.label} on "
-                               f"{dataset.label} (study {cfg.name}, config `{cfg.digest()}`)") as run_id:
+        with self.study._child(*describe.calibration_run(self.study.p.config, self.model, self.dataset)) as run_id:
             yield CalibrationRun(self.study.p.tracker, run_id)
 
 
@@ -224,18 +221,6 @@ class CalibrationRun:
 
 
 # ------------------------------------------------------------------ files
-def upload_prompts(settings: Settings, prompts: pl.DataFrame) -> str | None:
-    """The prompts table as ``s3://<bucket>/prompts/<digest>.parquet`` (its lineage source in MLflow),
-    or None without an S3 endpoint. Content-addressed, so writing it again changes nothing."""
-    if not settings.s3_endpoint:
-        return None
-    buf = io.BytesIO()
-    prompts.write_parquet(buf)
-    key = f"prompts/{frame_digest(prompts)[:16]}.parquet"
-    s3.put_bytes(settings, key, buf.getvalue())
-    return f"s3://{settings.bucket}/{key}"
-
-
 def write_child_dir(out: Path, name: str, tables: dict[str, pl.DataFrame], summary: dict) -> Path:
     """out/<name>/{prompts,generations,reference}.parquet + summary.json, committed atomically."""
     final = out / name

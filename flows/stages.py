@@ -41,7 +41,7 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
-    "prepare": Stage.of(datasets),
+    "prepare": Stage.of(datasets, models),
     "generate": Stage.of(generate, vllm_engine, gpu=True),
     "score": Stage.of(score, gpu=True),
     "fit": Stage.of(recalibrate, gpu=True),
@@ -86,7 +86,7 @@ CACHED = dict(cache_key_fn=content_key, persist_result=True, retry_condition_fn=
 # ------------------------------------------------------------------ the stages
 @task(name="prepare", **CACHED, retries=2, retry_delay_seconds=5, task_run_name="prepare {label}")
 def prepare_task(model: ModelSpec, dataset: DatasetSpec, knobs: PromptKnobs, label: str) -> pl.DataFrame:
-    return datasets.prepare_prompts(model, dataset, knobs)
+    return datasets.prepare_prompts(*models.tokenizer_and_context(model), dataset, knobs)
 
 
 @task(name="generate", **CACHED, task_run_name="generate {label}")

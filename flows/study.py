@@ -19,10 +19,9 @@ from entcal.flows.calibration import calibrate
 from entcal.flows.executor import Executor, ray_address
 from entcal.storage.errors import UserError
 from entcal.storage.settings import from_env
-from entcal.tasks import datasets, scaling
+from entcal.tasks import datasets, models, scaling
 from entcal.tasks.config import ConfigError, StudyConfig
 from entcal.tasks.contracts import Knobs, StudyResult
-from entcal.tasks.models import max_positions, source_of
 from entcal.flows.publish import Publisher
 
 
@@ -32,10 +31,11 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
     stages were served from cache."""
     preflight(config)
     logger, settings = get_run_logger(), from_env()  # credentials from the environment, never from parameters
+    executor = Executor(config, settings, logger)
     publisher = Publisher(config, settings, out, links=housekeeping.prefect_links(),
                           run_name=housekeeping.parent_run_name())
     housekeeping.end_killed_studies(publisher.tracker, logger)
-    with Executor(config, settings, logger) as ex, publisher.study() as run:  # ex holds this machine's devices
+    with executor as ex, publisher.study() as run:  # ex holds this machine's devices
         alphas = {d.label: ex.corpus_alpha(d) for d in config.datasets}
         pairs, calibrations = [], []
         for model in config.models:
@@ -51,24 +51,10 @@ def study(config: StudyConfig, out: str | None = None) -> dict:
                         with children.calibration() as calibration:
                             calibrations.append(calibrate(ex, model, prompts))
                             calibration.publish(calibrations[-1])
-        fits = scaling_fits(config, pairs, ex)
+        params = {m.label: ex.model_params(m) for m in config.models if m.family}  # counted once, cached
+        fits = scaling.study_fits(config, pairs, params)
         logger.info("stages served from cache: %s", ", ".join(ex.cached) or "none")
         return run.report(StudyResult(pairs, calibrations, fits, alphas, ex.cached, ex.ran))
-
-
-def scaling_fits(config: StudyConfig, pairs: list, ex: Executor) -> list[scaling.FamilyFit]:
-    """Per model family with ≥ 2 models, on each dataset: log EntCE on log parameters at τ = 1 (docs/SCIENCE.md
-    §2), the slope's CI resampling each model's examples (``config.bootstrap`` resamples at ``config.ci_level``)."""
-    families: dict[str, list[str]] = {}
-    for m in config.models:
-        if m.family:
-            families.setdefault(m.family, []).append(m.label)
-    several = {m for labels in families.values() if len(labels) > 1 for m in labels}
-    params = {m.label: ex.model_params(m) for m in config.models if m.label in several}
-    return scaling.family_fits(families, [d.label for d in config.datasets], [p.row() for p in pairs], params,
-                               {(p.model, p.dataset): p.sums for p in pairs
-                                if p.decoding.temperature == 1.0 and not p.decoding.truncated},
-                               n_boot=config.bootstrap, ci_level=config.ci_level, seed=config.seed)
 
 
 _PREFLIGHT_PASSED: set[str] = set()  # config digests checked in this process (the CLI, then the flow)
@@ -84,16 +70,15 @@ def preflight(config: StudyConfig) -> None:
         return
     check_ray(config)
     check_engines(config)
-    for model in config.models:
-        source_of(model)
-        max_positions(model)  # reads the model's config (no weights): a broken model dir fails here
+    # each model's tokenizer and config (no weights): a broken model dir fails here
+    text = {m.label: models.tokenizer_and_context(m) for m in config.models}
     for dataset in config.datasets:
         datasets.check_source(dataset)
     knobs = Knobs.of(config).prompts
     for model in config.models:
         for dataset in config.datasets:
             if not (dataset.hf or dataset.preset):  # a download: the prepare stage counts those examples
-                datasets.prepare_prompts(model, dataset, knobs)
+                datasets.prepare_prompts(*text[model.label], dataset, knobs)
     _PREFLIGHT_PASSED.add(config.digest())
 
 

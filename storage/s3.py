@@ -1,6 +1,7 @@
 """boto3 against any S3-compatible store: path-style addressing, retries, bucket bootstrap."""
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import boto3
@@ -67,6 +68,16 @@ def put_bytes(settings: Settings, key: str, data: bytes) -> None:
         client(settings).put_object(Bucket=settings.bucket, Key=key, Body=data)
     except (BotoCoreError, ClientError) as err:
         raise StorageError(explain(err, settings)) from None
+
+
+def put_content(settings: Settings, folder: str, data: bytes, suffix: str) -> str | None:
+    """``data`` as ``s3://<bucket>/<folder>/<sha256 of data, 16 hex><suffix>``: named by its content, so
+    writing it again changes nothing. None without an S3 endpoint."""
+    if not settings.s3_endpoint:
+        return None
+    key = f"{folder}/{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+    put_bytes(settings, key, data)
+    return f"s3://{settings.bucket}/{key}"
 
 
 def get_bytes(settings: Settings, key: str) -> bytes | None:

@@ -121,9 +121,9 @@ def _as_tracking_error(method):
 
 class Tracker:
     """One experiment on one MLflow server. ``source`` names the code that makes the runs
-    (``mlflow.source.name``); ``description`` becomes the experiment's description when it is created."""
+    (``mlflow.source.name``)."""
 
-    def __init__(self, uri: str, experiment: str, *, source: str | None = None, description: str | None = None):
+    def __init__(self, uri: str, experiment: str, *, source: str | None = None):
         self.uri = uri.rstrip("/")
         self.client = MlflowClient(tracking_uri=uri)
         self.standard_tags = {"mlflow.user": _user(), "mlflow.source.name": source or Path(sys.argv[0]).name,
@@ -131,19 +131,21 @@ class Tracker:
         try:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
-                tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **({NOTE: description} if description else {})}
-                self.experiment_id = self.client.create_experiment(experiment, tags=tags)
+                self.experiment_id = self.client.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             else:
                 self.experiment_id = exp.experiment_id
                 if not exp.tags.get(EXPERIMENT_KIND_TAG):  # made before kinds existed: opens on traces
                     self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-                if description and not exp.tags.get(NOTE):
-                    self.client.set_experiment_tag(self.experiment_id, NOTE, description)
         except MlflowException as err:
             raise TrackingError(f"MLflow at {uri}: {str(err).splitlines()[0][:200]}") from None
         except Exception as err:  # connection errors surface as requests/urllib3 exceptions
             raise TrackingError(f"MLflow at {uri} is unreachable ({err.__class__.__name__}); "
                                 "is the server up? `entcal stack status`") from None
+
+    def describe_experiment(self, text: str) -> None:
+        """The experiment's description (its note in the UI), unless it has one: a note written in the UI stays."""
+        if not self.client.get_experiment(self.experiment_id).tags.get(NOTE):
+            self.client.set_experiment_tag(self.experiment_id, NOTE, text)
 
     def run_url(self, run_id: str, path: str = "") -> str:
         """The run's page in the Model-training view; ``path`` is a sub-route (``/artifacts/report/x.html``),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -53,6 +53,20 @@ class CalibrationSpec(_Closed):
     zero_rounds: int = Field(4, ge=2, le=12, description="rounds of each method's search for the knob where "
                              "EntCE = 0 (as τ*'s)")
     fit_fraction: float = Field(0.5, gt=0, lt=1, description="share of prompts used to fit α (the rest evaluates)")
+
+    SWEEPS: ClassVar[tuple[str, ...]] = ("top_k", "top_p", "min_p", "top_nsigma", "typical_p", "eta_cutoff",
+                                         "epsilon_cutoff")  # truncations and reweightings swept on a grid
+    METHODS: ClassVar[tuple[str, ...]] = ("lookahead", "future_entropy", "tau_schedule", "entropy_feedback")  # fitted
+
+    @property
+    def sweeps(self) -> list[str]:
+        """The configured sweeps (a non-empty grid), in SWEEPS order."""
+        return [k for k in self.SWEEPS if getattr(self, k)]
+
+    @property
+    def methods(self) -> list[str]:
+        """The configured calibration methods (tasks.recalibrate fits them), in METHODS order."""
+        return [k for k in self.METHODS if getattr(self, k)]
 
     @model_validator(mode="after")
     def _bracket(self) -> "CalibrationSpec":
@@ -161,7 +175,7 @@ class StudyConfig(_Closed):
                                      f"min_p of 1e-5 or less, and model {m.label} has engine: vllm; use larger "
                                      "values, or engine: entcal")
             c = self.calibration
-            own = [k for k in ("lookahead", "future_entropy", "tau_schedule", "entropy_feedback") if c and getattr(c, k)]
+            own = c.methods if c else []
             if own:
                 raise ValueError(f"calibration: {', '.join(own)} sample{'s' if len(own) == 1 else ''} through entcal's "
                                  f"own sampler, and model "

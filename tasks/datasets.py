@@ -25,7 +25,7 @@ from typing import Iterator
 
 import polars as pl
 
-from entcal.tasks.config import ConfigError, DatasetSpec, ModelSpec
+from entcal.tasks.config import ConfigError, DatasetSpec
 from entcal.tasks.contracts import PROMPTS_SCHEMA, PromptKnobs
 from entcal.tasks.identity import digest, fingerprint, hub_commit
 
@@ -352,21 +352,16 @@ def build_prompts(
     return pl.DataFrame(rows, schema=PROMPTS_SCHEMA), stats
 
 
-def prepare_prompts(model: ModelSpec, dataset: DatasetSpec, knobs: PromptKnobs) -> pl.DataFrame:
-    """The prompts table for one (model tokenizer, dataset): ``knobs.num_examples`` examples in dataset order
-    whose reference has at least ``knobs.min_reference_tokens`` tokens after a ``knobs.prompt_tokens`` prompt,
-    each fitting the model's context with ``knobs.max_new_tokens`` generated. Raises ConfigError when too
-    few examples pass."""
-    from entcal.tasks.models import load_tokenizer, max_positions, pinned
-
-    model = pinned(model)  # a hub model's commit, resolved once: tokenizer and config of one commit
-    tok = load_tokenizer(model)
-    limit = max_positions(model)
+def prepare_prompts(tokenizer, context: int | None, dataset: DatasetSpec, knobs: PromptKnobs) -> pl.DataFrame:
+    """The prompts table for one (model, dataset), cut by the model's ``tokenizer`` (tasks.models.
+    tokenizer_and_context): ``knobs.num_examples`` examples in dataset order whose reference has at least
+    ``knobs.min_reference_tokens`` tokens after a ``knobs.prompt_tokens`` prompt, each fitting the model's
+    ``context`` with ``knobs.max_new_tokens`` generated. Raises ConfigError when too few examples pass."""
     longest = max(0, knobs.max_new_tokens - knobs.max_reference_tokens)
     df, stats = build_prompts(
-        documents(dataset), tok, label=dataset.label, num_examples=knobs.num_examples,
+        documents(dataset), tokenizer, label=dataset.label, num_examples=knobs.num_examples,
         prompt_tokens=knobs.prompt_tokens, min_reference_tokens=knobs.min_reference_tokens,
-        max_reference_tokens=knobs.max_reference_tokens, max_total_tokens=limit - longest if limit else None,
+        max_reference_tokens=knobs.max_reference_tokens, max_total_tokens=context - longest if context else None,
         prompt_format=dataset.prompt_format,
     )
     if stats.kept < knobs.num_examples:

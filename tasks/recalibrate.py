@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from entcal.tasks.atoms import decoding_key, entropy_phi, fit_alpha, human_atoms, reweighted_generate
-from entcal.tasks.config import DecodingSpec
+from entcal.tasks.config import CalibrationSpec, DecodingSpec
 from entcal.tasks.contracts import RecalibrationKnobs, Reweighting
 from entcal.tasks.future import BASE, fit_future_entropy, future_tables
 from entcal.tasks.models import LoadedModel
@@ -60,7 +60,7 @@ class BeforeTables:
 
 
 # ---------------------------------------------------------------- the methods' one door
-METHODS = ("lookahead", "future_entropy", "tau_schedule", "entropy_feedback")
+METHODS = CalibrationSpec.METHODS
 
 
 def fit(method: str, lm: LoadedModel, train: pl.DataFrame, before: BeforeTables,

@@ -184,6 +184,20 @@ def family_fits(families: Mapping[str, Sequence[str]], datasets: Sequence[str], 
     return out
 
 
+def study_fits(config, pairs: Sequence, params: Mapping[str, float]) -> list[FamilyFit]:
+    """family_fits of a study (docs/SCIENCE.md §2): its models grouped by ``family``, on each of its datasets,
+    log EntCE on log parameters (``params``: by model label) at τ = 1, untruncated, the slope's CI resampling
+    each model's examples (the pairs' sums; ``config.bootstrap`` resamples at ``config.ci_level``).
+    ``config``: a StudyConfig; ``pairs``: its PairResults."""
+    families: dict[str, list[str]] = {}
+    for m in config.models:
+        if m.family:
+            families.setdefault(m.family, []).append(m.label)
+    sums = {(p.model, p.dataset): p.sums for p in pairs if p.decoding.temperature == 1.0 and not p.decoding.truncated}
+    return family_fits(families, [d.label for d in config.datasets], [p.row() for p in pairs], params, sums,
+                       n_boot=config.bootstrap, ci_level=config.ci_level, seed=config.seed)
+
+
 def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     xc = x - x.mean()
     slope = float(np.dot(xc, y - y.mean()) / np.dot(xc, xc))

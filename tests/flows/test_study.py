@@ -85,7 +85,7 @@ def test_out_dir_holds_tables_and_summary(first_run):
     child = out / "tiny__python-docs__t1-p0.9"
     summary = json.loads((child / "summary.json").read_text())
     assert summary["decoding"] == {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "min_p": 0.0, "top_nsigma": 0.0,
-                                   "key": "t1-p0.9"}
+                                   "typical_p": 1.0, "eta_cutoff": 0.0, "epsilon_cutoff": 0.0, "key": "t1-p0.9"}
     assert summary["horizon"] == 12 and summary["model"] == "tiny" and summary["dataset"] == "python-docs"
     assert summary["entce"] == pytest.approx(summary["entropy"] - summary["logloss"])
     gens = pl.read_parquet(child / "generations.parquet")

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import polars as pl
 from mlflow.tracking import MlflowClient
 
-from entcal.flows import publish
 from entcal.tasks import describe, figures
 from entcal.tasks.config import StudyConfig
 from entcal.tasks.contracts import frame_digest
@@ -69,7 +68,9 @@ def test_experiments_open_on_their_runs_new_and_old(stack):
     from entcal.storage.tracking import EXPERIMENT_KIND_TAG
 
     client = MlflowClient(stack.mlflow_uri)
-    new = _tracker(stack, description="what this experiment holds")
+    new = _tracker(stack)
+    new.describe_experiment("what this experiment holds")
+    new.describe_experiment("a later launch's text")  # a description, once there (or written in the UI), stays
     tags = client.get_experiment(new.experiment_id).tags
     assert tags[EXPERIMENT_KIND_TAG] == "custom_model_development"  # the 3.17 UI's "Machine learning" kind
     assert tags["mlflow.note.content"] == "what this experiment holds"
@@ -131,9 +132,13 @@ def test_prompts_are_a_dataset_input_whose_source_is_their_s3_copy(stack):
                             "reference_ids": [[4], [5, 6]]})
     prompts = prompts.with_columns(pl.lit(uuid.uuid4().hex).alias("dataset"))  # new content: a new object
     digest = frame_digest(prompts)[:16]
-    uri = publish.upload_prompts(stack, prompts)
-    assert uri == f"s3://{stack.bucket}/prompts/{digest}.parquet"
-    assert pl.read_parquet(io.BytesIO(s3.get_bytes(stack, f"prompts/{digest}.parquet"))).equals(prompts)
+    buf = io.BytesIO()
+    prompts.write_parquet(buf)
+    uri = s3.put_content(stack, "prompts", buf.getvalue(), ".parquet")
+    assert uri.startswith(f"s3://{stack.bucket}/prompts/") and uri.endswith(".parquet")
+    assert s3.put_content(stack, "prompts", buf.getvalue(), ".parquet") == uri  # named by content
+    key = uri.removeprefix(f"s3://{stack.bucket}/")
+    assert pl.read_parquet(io.BytesIO(s3.get_bytes(stack, key))).equals(prompts)
     tracker = _tracker(stack)
     run_id = tracker.start("lineage")
     tracker.log_input_table(run_id, prompts, "prompts:d", digest, source=uri)

@@ -102,14 +102,17 @@ def test_prepare_prompts_takes_its_knobs_and_refuses_too_few_examples(tiny_spec,
 
     knobs = PromptKnobs(num_examples=3, prompt_tokens=16, min_reference_tokens=20, max_reference_tokens=30,
                         max_new_tokens=40)
-    df = prepare_prompts(tiny_spec, DatasetSpec(name="python-docs"), knobs)
+    from entcal.tasks.models import tokenizer_and_context
+
+    tok, context = tokenizer_and_context(tiny_spec)
+    df = prepare_prompts(tok, context, DatasetSpec(name="python-docs"), knobs)
     want, _ = build_prompts(documents(DatasetSpec(name="python-docs")), tiny_lm.tokenizer, label="python-docs",
                             num_examples=3, prompt_tokens=16, min_reference_tokens=20, max_reference_tokens=30)
     assert df.equals(want)
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps({"text": t}) for t in ("short text", TEXT)))
     with pytest.raises(ConfigError) as err:
-        prepare_prompts(tiny_spec, DatasetSpec(name="mine", path=str(p)), knobs)
+        prepare_prompts(tok, context, DatasetSpec(name="mine", path=str(p)), knobs)
     assert str(err.value).startswith("dataset mine: 1 usable examples of 3 requested (2 documents read; 1 dropped "
                                      "with a reference shorter than min_reference_tokens=20")
 

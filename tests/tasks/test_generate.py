@@ -218,7 +218,7 @@ def test_two_close_decodings_of_the_bundled_model_share_most_draws_and_a_narrow_
 
     spec = ModelSpec(name="smollm2-135m")
     lm = load_model(spec)
-    prompts = datasets.prepare_prompts(spec, DatasetSpec(name="python-docs"), PromptKnobs(8, 64, 64, 64, 64))
+    prompts = datasets.prepare_prompts(lm.tokenizer, None, DatasetSpec(name="python-docs"), PromptKnobs(8, 64, 64, 64, 64))
     tables = {}
     for tau in (1.0, 0.99):
         dec = DecodingSpec(temperature=tau)
