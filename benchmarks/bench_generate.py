@@ -260,10 +260,10 @@ def _vllm_runners(llm, model, prompts, *, new_tokens: int, rows: int, seed: int,
 
     def vllm_rescore() -> int:
         gen, outs = generate()
-        scored = vllm_engine.rescore(model, ids, gen, decoding, batch_size=rows, pad_id=pad)
+        scored, _ = vllm_engine.rescore(model, ids, gen, decoding, batch_size=rows, pad_id=pad)
         assert [len(e) for e, _ in scored] == [len(g) for g in gen], "re-score: one entropy per generated token"
         last["vllm_rescore"] = gen
-        reported = [[next(iter(step.values())).logprob for step in o.logprobs] for o in outs]
+        reported = [vllm_engine.drawn_logprobs(o.logprobs) for o in outs]
         last["agreement"] = vllm_engine.agreement([lp for _, lp in scored], reported)
         return sum(len(e) for e, _ in scored)
 

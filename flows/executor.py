@@ -31,7 +31,7 @@ from entcal.flows.stages import (STAGES, calibrated_task, corpus_alpha_task, fit
 from entcal.storage import locks, parts
 from entcal.storage.errors import UserError
 from entcal.storage.settings import Settings
-from entcal.tasks import metrics, models, vllm_engine
+from entcal.tasks import metrics, models, vllm_engine, vllm_support
 from entcal.tasks.config import DatasetSpec, DecodingSpec, ModelSpec, StudyConfig
 from entcal.tasks.contracts import Knobs, PairResult, Reweighting
 from entcal.tasks.recalibrate import BeforeTables
@@ -56,12 +56,13 @@ def ray_address() -> tuple[str | None, str | None, int | None]:
 
 
 def merge_agreement(shards: list[dict]) -> dict:
-    """One agreement (tasks.vllm_engine.agreement) from its shards': token-weighted mean, overall max."""
+    """One agreement (tasks.vllm_engine.agreement) from its shards': token-weighted mean, overall max, and
+    the support check's fields step-weighted (tasks.vllm_support.merge)."""
     finite = [a["tokens"] - a["support_mismatches"] for a in shards]
     return {"tokens": sum(a["tokens"] for a in shards),
             "logprob_abs_diff_mean": sum(a["logprob_abs_diff_mean"] * n for a, n in zip(shards, finite)) / max(1, sum(finite)),
             "logprob_abs_diff_max": max(a["logprob_abs_diff_max"] for a in shards),
-            "support_mismatches": sum(a["support_mismatches"] for a in shards)}
+            "support_mismatches": sum(a["support_mismatches"] for a in shards), **vllm_support.merge(shards)}
 
 
 class Executor:

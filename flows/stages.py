@@ -102,8 +102,11 @@ def generate_task(model: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpe
         table, agreement = vllm_engine.generate(lm, model, prompts, decoding, knobs, progress=progress)
         notes = {"engine": "vllm", "agreement": agreement}
         get_run_logger().info("generate %s: vLLM vs re-score log-prob |Δ| mean %.2e, max %.2e nats over %d tokens "
-                              "(%d outside entcal's support)", label, agreement["logprob_abs_diff_mean"],
-                              agreement["logprob_abs_diff_max"], agreement["tokens"], agreement["support_mismatches"])
+                              "(%d outside entcal's support); vLLM's support differs at %.2f%% of steps (larger %d, "
+                              "smaller %d), implied |ΔH| mean %.2e nats", label, agreement["logprob_abs_diff_mean"],
+                              agreement["logprob_abs_diff_max"], agreement["tokens"], agreement["support_mismatches"],
+                              100 * agreement["support_differs_share"], agreement["support_larger_in_vllm"],
+                              agreement["support_smaller_in_vllm"], agreement["implied_abs_dH_mean"])
     else:
         table = generate.generate(lm, prompts, decoding, knobs, progress=progress)
         notes = {"engine": "entcal"}

