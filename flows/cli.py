@@ -280,7 +280,8 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="study SmolLM2-135M on the built-in corpora (local S3 + MLflow)")
     d.add_argument("--quick", action="store_true", help="a smaller study (about 2 minutes on 2 CPU cores)")
     d.add_argument("--calibrate", action="store_true",
-                   help="a calibration study: τ*, truncation fronts, lookahead and future-entropy calibration")
+                   help="a calibration study on the prose corpus: τ*, the truncation sweeps, lookahead, future "
+                        "entropy, a per-step τ schedule and entropy feedback, each paired against τ = 1")
     study_flags(d)
     r = sub.add_parser("run", help="run a study from a YAML config")
     r.add_argument("--config", required=True, help="YAML study config (see docs/example-study.yaml)")

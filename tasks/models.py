@@ -193,7 +193,8 @@ def tokenizer_and_context(spec: ModelSpec) -> tuple:
     """(tokenizer, context length or None) of ``spec`` without its weights: what prompts are cut for
     (tasks.datasets.prepare_prompts). A hub model's commit is resolved once: both come from one commit."""
     spec = pinned(spec, "load its tokenizer")
-    return load_tokenizer(spec), max_positions(spec)
+    context = max_positions(spec)  # the config first: a broken model dir says "cannot read its config"
+    return load_tokenizer(spec), context
 
 
 def max_positions(spec: ModelSpec) -> int | None:

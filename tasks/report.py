@@ -32,6 +32,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _shape(row: dict, name: str) -> str:
+    """A shape statistic with its CI, for reading."""
+    lo, hi = row.get(f"{name}_ci") or (None, None)
+    return f"{_fmt(row.get(name))} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def markdown_report(name: str, summary: pl.DataFrame, *, horizon: int, figures: list[str],
                     run_url: str | None = None, extra: str = "") -> str:
     lines = [f"# entcal study: {name}", ""]
@@ -39,16 +45,20 @@ def markdown_report(name: str, summary: pl.DataFrame, *, horizon: int, figures: 
         lines += [f"MLflow run: {run_url}", ""]
     lines += [
         f"EntCE = H̄ − L̄ in nats per token over the first T = {horizon} steps; positive means the model's "
-        "generations carry more entropy than its log loss on human text. CI: bootstrap over examples.",
+        "generations carry more entropy than its log loss on human text. CI: bootstrap over examples. The shape: "
+        "per-step error (1/T)·Σ_t |h_t − l_t| of the smoothed curves, and the slope of h_t − l_t in nats per 100 "
+        "steps (a pooled EntCE of 0 can hide a model too cold early and too hot late).",
         "",
-        "| model | dataset | decoding | EntCE | CI | H̄ | L̄ | L̄ untruncated | truncated share | n |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dataset | decoding | EntCE | CI | H̄ | L̄ | L̄ untruncated | truncated share | per-step error "
+        "| slope /100 steps | n |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary.iter_rows(named=True):
         lines.append(
             f"| {r['model']} | {r['dataset']} | {r['decoding']} | {_fmt(r['entce'])} | "
             f"[{_fmt(r['entce_ci_low'])}, {_fmt(r['entce_ci_high'])}] | {_fmt(r['entropy'])} | {_fmt(r['logloss'])} | "
-            f"{_fmt(r['logloss_untruncated'])} | {_fmt(r['truncated_share'])} | {r['n_examples']} |"
+            f"{_fmt(r['logloss_untruncated'])} | {_fmt(r['truncated_share'])} | {_shape(r, 'calib_error_per_step')} | "
+            f"{_shape(r, 'entce_slope')} | {r['n_examples']} |"
         )
     lines += [""] + [f"![{Path(f).stem}]({Path(f).name})" for f in figures] + ["", extra]
     return "\n".join(lines)

@@ -85,10 +85,12 @@ def calibration_markdown(result: CalibrationResult) -> str:
              f"EntCE-zeroing settings ({ev}):", "",
              "| method | EntCE-zeroing param | L̄ there " + cols[0], "|---|---|---" + cols[1]]
     lines += [f"| {t['method']} | {_f(t['param'])} | {_f(t['logloss'])} | {tail(t)}" for t in result.truncation]
-    lines += ["", f"Sweeps ({ev}):", "", "| method | param | EntCE | L̄ | ΔEntCE vs τ = 1 | ΔL̄ vs τ = 1 " + cols[0],
-              "|---|---|---|---|---|---" + cols[1]]
+    lines += ["", f"Sweeps ({ev}; per-step error and slope as in the table above):", "",
+              "| method | param | EntCE | L̄ | ΔEntCE vs τ = 1 | ΔL̄ vs τ = 1 | per-step error | slope " + cols[0],
+              "|---|---|---|---|---|---|---|---" + cols[1]]
     lines += [f"| {r['method']} | {r['param']:g} | {_f(r['entce'])} | {_f(r['logloss'])} | {delta(r, 'delta_entce')} | "
-              f"{delta(r, 'delta_logloss')} | {tail(r)}" for r in result.sweep if not r.get("anchor")]
+              f"{delta(r, 'delta_logloss')} | {_f(r.get('calib_error_per_step'))} | {_f(r.get('entce_slope'), True)} | "
+              f"{tail(r)}" for r in result.sweep if not r.get("anchor")]
     if result.recalibrations:
         lines += ["", f"Recalibration: fitted on the fit split, {n_fit} prompts; compared with τ = 1 on the {ev}. "
                   "Per-step error: (1/T)·Σ_t |h_t − l_t| of the smoothed curves; slope: of h_t − l_t, nats per "

@@ -27,6 +27,7 @@ os.environ["ENTCAL_STATE_DIR"] = str(_SESSION_DIR / "state")
 os.environ["ENTCAL_LOCK_DIR"] = str(_SESSION_DIR / "locks")  # this session's studies take turns on the device
 os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(_SESSION_DIR / "state" / "results"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # stages called outside a flow in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for var in ("ENTCAL_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY", "ENTCAL_BUCKET"):

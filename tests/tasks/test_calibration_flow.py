@@ -86,12 +86,12 @@ def test_markdown_and_metrics_say_the_split_and_the_epsilon_columns(calibrated):
     ev = f"evaluation split, {result.eval_examples} prompts"
     assert result.eval_examples == 3 and result.fit_examples == 3
     assert f"root search on the {ev}" in md and f"EntCE-zeroing settings ({ev})" in md
-    assert f"Sweeps ({ev})" in md and f"Pareto front of EntCE against L̄, {ev}" in md
+    assert f"Sweeps ({ev};" in md and f"Pareto front of EntCE against L̄, {ev}" in md
     assert "paired bootstrap CI" in md and "no detectable effect" in md  # every Δ says how it is read
     assert "fit on 3 prompts" not in md  # the old claim: τ* was never fitted on the fit split
     assert "L̄ at ε×10 = 1e-03 | L̄ at ε/10 = 1e-05 |" in md
     sweep_lines = [line for line in md.splitlines() if line.startswith("| top_k | ")]
-    assert len(sweep_lines) >= 3 and all(line.count("|") == 11 for line in sweep_lines)
+    assert len(sweep_lines) >= 3 and all(line.count("|") == 13 for line in sweep_lines)
     assert "![Pareto front of EntCE against L̄, evaluation split, 3 prompts](pareto__tiny__d.png)" in md
     assert result.label == "tiny__d"
 

@@ -77,7 +77,8 @@ def test_vllm_has_no_typical_eta_epsilon_one_line_errors(knob, value, what):
     assert f"decodings.0: {knob} is not a vLLM sampling parameter" in msg and "engine: vllm" in msg
     assert f"use engine: entcal for {what}" in msg
     off = {k: [] for k in ("top_nsigma", "typical_p", "eta_cutoff", "epsilon_cutoff") if k != knob}
-    calibration = {"lookahead": False, "future_entropy": False, **off, knob: [value]}
+    calibration = {"lookahead": False, "future_entropy": False, "tau_schedule": False, "entropy_feedback": False,
+                   **off, knob: [value]}
     with pytest.raises(ConfigError) as err:
         parse_config({"models": [model], "calibration": calibration})
     msg = str(err.value)

@@ -109,6 +109,19 @@ def test_html_is_self_contained_with_the_figures_embedded(tables, tmp_path):
     assert json.loads(files["calibration.json"].read_text())["tau_star"] == 0.9
 
 
+
+def test_the_table_gives_each_decodings_shape_with_its_ci(tables, tmp_path):
+    """Per-step error and the slope of h_t − l_t, with their CIs, in report.md's row of every decoding."""
+    prompts, gens, ref = tables
+    pair = pair_result("tiny", "python-docs", DecodingSpec(), prompts, gens, ref, summary_knobs(horizon=HORIZON, bootstrap=20))
+    s = pair.summary
+    (row,) = [line for line in _write(tmp_path, tables)["report"].read_text().splitlines()
+              if line.startswith("| tiny | python-docs | t1 |")]
+    lo, hi = s.calib_error_per_step_ci
+    assert f"| {s.calib_error_per_step:.3f} [{lo:.3f}, {hi:.3f}] |" in row
+    assert f"| {s.entce_slope:.3f} [{s.entce_slope_ci[0]:.3f}, {s.entce_slope_ci[1]:.3f}] |" in row
+
+
 def test_three_excerpts_with_one_span_per_token_carrying_its_entropy(tables, tmp_path):
     prompts, gens, ref = tables
     excerpts = report.pick_excerpts(prompts, gens, ref, model="tiny", horizon=HORIZON)
