@@ -109,6 +109,31 @@ def stop_orphan_prefect_servers(home: str | None) -> list[int]:
     return [p.pid for p in stopped]
 
 
+def _delta(value: float, ci) -> str:
+    """A paired difference for reading: its CI, and "no detectable effect" when the CI holds 0."""
+    lo, hi = ci
+    return f"Δ {value:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" (no detectable effect)" if lo <= 0 <= hi else "")
+
+
+def print_calibration(label: str, cal: dict) -> None:
+    """calibration.json's headline: τ*, where each sweep zeroes EntCE, and each method against τ = 1 (paired)."""
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    lo, hi = cal["tau_star_ci"]
+    print(f"\nCalibration {label} (evaluation split): τ* = {fmt(cal['tau_star'])} [{fmt(lo)}, {fmt(hi)}], "
+          f"L̄ there {fmt(cal['logloss_at_tau_star'])} (τ = 1: {fmt(cal['logloss_at_tau_1'])})")
+    for t in cal["truncation"]:
+        print(f"  {t['method']:<16} zeroes EntCE at {t['param']:.4g}, L̄ there {fmt(t['logloss'])}")
+    for name in ("lookahead", "future_entropy", "tau_schedule", "entropy_feedback"):
+        if r := cal.get(name):
+            zero = "; EntCE = 0 nowhere in its bracket"
+            if r.get("alpha_zero_entce") is not None:
+                zero = (f"; EntCE = 0 at {r['knob']} {r['alpha_zero_entce']:.4g}: L̄ "
+                        f"{_delta(r['delta_logloss_at_zero_entce'], r['delta_logloss_at_zero_entce_ci'])}")
+            print(f"  {name:<16} {r['knob']} {r['alpha']:.4g}: EntCE {r['entce_before']:+.3f} -> {r['entce_after']:+.3f} "
+                  f"{_delta(r['delta_entce'], r['delta_entce_ci'])}; L̄ {r['logloss_before']:.3f} -> "
+                  f"{r['logloss_after']:.3f} {_delta(r['delta_logloss'], r['delta_logloss_ci'])}{zero}")
+
+
 def print_result(result: dict) -> None:
     print("\nEntCE = H̄ − L̄ (nats/token), 95% bootstrap CI over examples:")
     for r in result["rows"]:
@@ -119,21 +144,7 @@ def print_result(result: dict) -> None:
         print(f"MLflow experiment: {result['experiment_url']}")
     print(f"Report:     {result.get('html') or result['report']}")
     for label, cal in result.get("calibration", {}).items():
-        lo, hi = cal["tau_star_ci"]
-        fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"\nCalibration {label}: τ* = {fmt(cal['tau_star'])} [{fmt(lo)}, {fmt(hi)}]; L̄ at τ* "
-              f"{fmt(cal['logloss_at_tau_star'])} vs τ=1 {fmt(cal['logloss_at_tau_1'])}")
-        for t in cal["truncation"]:
-            print(f"  {t['method']:<11} zeroes EntCE at {t['param']:.3f} with L̄ {fmt(t['logloss'])}")
-        for name in ("lookahead", "future_entropy", "tau_schedule", "entropy_feedback"):
-            if r := cal.get(name):
-                lo, hi = r["delta_entce_ci"]
-                effect = "" if r["detectable"] else "  (no detectable effect)"
-                zero = (f"  EntCE = 0 at {r['knob']} {r['alpha_zero_entce']:g}: ΔL̄ {r['delta_logloss_at_zero_entce']:+.3f}"
-                        if r.get("alpha_zero_entce") is not None else "")
-                print(f"  {name:<16} {r['knob']} {r['alpha']:g}  EntCE {r['entce_before']:+.3f} -> {r['entce_after']:+.3f}"
-                      f" (Δ {r['delta_entce']:+.3f} [{lo:+.3f}, {hi:+.3f}]){effect}  L̄ {r['logloss_before']:.3f} -> "
-                      f"{r['logloss_after']:.3f}{zero}")
+        print_calibration(label, cal)
     if result["cached"]:
         print(f"Served from cache: {len(result['cached'])} stages; ran: {len(result['ran'])}")
 

@@ -112,6 +112,9 @@ class Recalibration:
         cost ``delta_logloss_at_zero_entce`` (paired CI), and the fit's diagnostics (held-out R², gradient at
         0, ...)."""
         zero = self.zero or {}
+        clash = set(self.fitted.fit) & (set(self.comparison) | {"alpha", "knob"})
+        if clash:  # the fit's own numbers (on the fit split) must not pass for the evaluation split's
+            raise ValueError(f"{self.method}: fit diagnostics {sorted(clash)} shadow the comparison's fields")
         doc = {"alpha": self.fitted.knob, "knob": self.fitted.knob_name, **self.comparison,
                "alpha_zero_entce": zero.get("knob"), "logloss_at_zero_entce": zero.get("logloss"),
                "delta_logloss_at_zero_entce": zero.get("delta_logloss"),

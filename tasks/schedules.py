@@ -235,7 +235,7 @@ def fit_tau_schedule(lm: LoadedModel, train: pl.DataFrame, before: BeforeTables,
     the bucket's logits kept across its rounds). No sign change on the bracket: τ_b is the end whose |gap| is
     smaller (``sign_change`` False). Returns Reweighting("tau_schedule", {"edges", "temperatures"}, 1.0, fit):
     fit = {"buckets": per bucket steps, temperature, rounds [{temperature, gap}], converged, sign_change,
-    gap_before (τ ≡ 1), gap_after (fitted); entce / entropy / logloss / step_abs_gap before and after on the
+    gap_before (τ ≡ 1), gap_after (fitted); entce / entropy / logloss / step_abs_gap _fit_before and _fit_after on the
     fit split; bracket, tol, generated_steps (decode steps sampled, per row), seconds}."""
     start = time.perf_counter()
     horizon, lo, hi = knobs.summary.horizon, *bracket
@@ -249,7 +249,7 @@ def fit_tau_schedule(lm: LoadedModel, train: pl.DataFrame, before: BeforeTables,
 
     unit = Rule(schedule(temps))
     gens0 = _base_generations(lm, train, before, knobs)
-    fit = _report(gens0, human.table(unit, BASE.key), knobs, bounds, "before")
+    fit = _report(gens0, human.table(unit, BASE.key), knobs, bounds, "fit_before")
     generated, rows = 0, []
     for b, (s, e) in enumerate(zip(bounds, bounds[1:])):
         sel = ((human.steps >= s) & (human.steps < e)).nonzero().flatten()
@@ -287,8 +287,8 @@ def fit_tau_schedule(lm: LoadedModel, train: pl.DataFrame, before: BeforeTables,
     rule = Rule(rw)
     gens1 = _generate(lm, train, rule, knobs.generation, horizon, "fit")
     generated += horizon
-    fit |= _report(gens1, human.table(rule, "fit"), knobs, bounds, "after")
-    for row, g0, g1 in zip(rows, fit.pop("bucket_gap_before"), fit.pop("bucket_gap_after")):
+    fit |= _report(gens1, human.table(rule, "fit"), knobs, bounds, "fit_after")
+    for row, g0, g1 in zip(rows, fit.pop("bucket_gap_fit_before"), fit.pop("bucket_gap_fit_after")):
         row.update(gap_before=g0, gap_after=g1)
     fit.update(buckets=rows, bracket=[lo, hi], tol=tol, generated_steps=generated, examples=train.height,
                seconds=time.perf_counter() - start)
@@ -301,7 +301,7 @@ def fit_entropy_feedback(lm: LoadedModel, train: pl.DataFrame, before: BeforeTab
     step t; ``before.train_reference``'s rows of the base decoding, scored here when it has none),
     exponentially smoothed (tasks.metrics.smooth at ``smoothing``). Returns
     Reweighting("entropy_feedback", {"target": [T nats]}, 0.0, fit): fit = {logloss_curve (unsmoothed),
-    smoothing; entce / entropy / logloss / step_abs_gap before (τ = 1) and after (the rule) on the fit split;
+    smoothing; entce / entropy / logloss / step_abs_gap _fit_before (τ = 1) and _fit_after (the rule) on the fit split;
     tau_mean_human, tau_clamped_share_human (τ at a clamp end), target_miss_generation (mean |h_t − target(t)|
     of the fit split's generations), generated_steps, seconds}."""
     start = time.perf_counter()
@@ -323,8 +323,8 @@ def fit_entropy_feedback(lm: LoadedModel, train: pl.DataFrame, before: BeforeTab
     gens1 = _generate(lm, train, rule, knobs.generation, horizon, "fit")
     ent, _, tau = human.stats(rule)
     bounds = [0, horizon]
-    fit = _report(_base_generations(lm, train, before, knobs), ref0, knobs, bounds, "before")
-    fit |= _report(gens1, human.table(rule, "fit"), knobs, bounds, "after")
+    fit = _report(_base_generations(lm, train, before, knobs), ref0, knobs, bounds, "fit_before")
+    fit |= _report(gens1, human.table(rule, "fit"), knobs, bounds, "fit_after")
     target = np.asarray(rw.params["target"])
     miss = [abs(h - target[min(t, horizon - 1)]) for hs in gens1["step_entropy"].to_list() for t, h in enumerate(hs)]
     clamped = (tau <= TAU_RANGE[0] * (1 + 1e-6)) | (tau >= TAU_RANGE[1] * (1 - 1e-6))

@@ -2,6 +2,7 @@
 (tasks/report.py and tasks/describe.py show them)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -130,7 +131,8 @@ def test_eps_lerp_matches_truncation_front_interpolation():
 def _recalibration(eos_at_zero: float, detectable: bool):
     from entcal.tasks.contracts import Recalibration, Reweighting
 
-    comparison = {"entce_before": 0.9, "entce_after": 0.75, "delta_entce": -0.15, "delta_entce_ci": [-0.3, -0.02]
+    comparison = {"entce_before": 0.9, "entce_after": 0.75, "logloss_before": 2.528, "logloss_after": 2.527,
+                  "delta_entce": -0.15, "delta_entce_ci": [-0.3, -0.02]
                   if detectable else [-0.3, 0.05], "detectable": detectable, "delta_logloss": -0.001,
                   "delta_logloss_ci": [-0.002, 0.0], "calib_error_per_step_before": 1.2,
                   "calib_error_per_step_after": 1.1, "entce_slope_before": 0.3, "entce_slope_after": 0.2,
@@ -160,3 +162,29 @@ def test_recalibration_row_reads_its_ci_and_warns_when_eos_zeroes_entce(eos_at_z
     m = describe.calibration_metrics(result)
     assert m["future_entropy_eos_share_after"] == 0.06 and m["future_entropy_delta_entce_ci_high"] == (
         -0.02 if detectable else 0.05)
+
+
+def test_cli_prints_each_method_with_its_paired_cis(capsys):
+    """What `entcal demo --calibrate` prints: every Δ with its paired CI, "no detectable effect" when it holds 0,
+    and the cost at EntCE = 0 with its CI."""
+    from entcal.flows.cli import print_calibration
+
+    result = CalibrationResult(label="m__d", tau_star=0.9, tau_star_ci=(0.8, 1.0), tau_converged=True,
+                               logloss_at_tau_star=3.0, logloss_at_tau_1=3.1, truncation=[], sweep=[], pareto_front=[],
+                               fit_examples=8, eval_examples=8, epsilon=1e-4,
+                               recalibrations={"future_entropy": _recalibration(0.02, detectable=False)})
+    print_calibration(result.label, json.loads(json.dumps(result.as_dict())))
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("future_entropy")]
+    assert "EntCE +0.900 -> +0.750 Δ -0.150 [-0.300, +0.050] (no detectable effect)" in line
+    assert "L̄ 2.61" not in line and "Δ -0.001 [-0.002, +0.000] (no detectable effect)" in line
+    assert "EntCE = 0 at alpha 0.045: L̄ Δ +0.080 [+0.050, +0.110]" in line
+
+
+def test_fit_diagnostics_never_pass_for_the_evaluation_splits_numbers():
+    from entcal.tasks.contracts import Recalibration
+
+    rec = _recalibration(0.02, detectable=True)
+    shadow = Recalibration(rec.method, dataclasses.replace(rec.fitted, fit={"entce_before": -0.2}), rec.comparison,
+                           rec.zero)
+    with pytest.raises(ValueError, match=r"fit diagnostics \['entce_before'\] shadow"):
+        shadow.as_dict()

@@ -183,8 +183,8 @@ def test_fit_tau_schedule(tiny_lm, prompts):
     np.testing.assert_allclose([b["gap_after"] for b in fit["buckets"]], _bucket_gaps(gens1, ref1, bounds), atol=1e-9)
     np.testing.assert_allclose([b["gap_before"] for b in fit["buckets"]], _bucket_gaps(base, ref0, bounds), atol=1e-5)
     s0, s1 = entce_summary(base, ref0, knobs.summary), entce_summary(gens1, ref1, knobs.summary)
-    assert fit["entce_before"] == pytest.approx(s0.entce, abs=1e-5)
-    assert fit["entce_after"] == pytest.approx(s1.entce, abs=1e-9)
+    assert fit["entce_fit_before"] == pytest.approx(s0.entce, abs=1e-5)
+    assert fit["entce_fit_after"] == pytest.approx(s1.entce, abs=1e-9)
     moved = 0
     for b, tau in zip(fit["buckets"], rw.params["temperatures"]):
         assert b["temperature"] == tau and BRACKET[0] <= tau <= BRACKET[1]
@@ -215,9 +215,9 @@ def test_fit_entropy_feedback(tiny_lm, prompts):
     assert rw.method == "entropy_feedback" and rw.knob == 0.0
     np.testing.assert_allclose(rw.params["target"], want, atol=1e-6)
     np.testing.assert_allclose(rw.fit["logloss_curve"], losses.mean(0), atol=1e-6)
-    assert rw.fit["entce_before"] == pytest.approx(entce_summary(base, ref0, knobs.summary).entce, abs=1e-9)
+    assert rw.fit["entce_fit_before"] == pytest.approx(entce_summary(base, ref0, knobs.summary).entce, abs=1e-9)
     gens1, ref1 = schedule_tables(tiny_lm, train, rw, knobs)
-    assert rw.fit["entce_after"] == pytest.approx(entce_summary(gens1, ref1, knobs.summary).entce, abs=1e-9)
+    assert rw.fit["entce_fit_after"] == pytest.approx(entce_summary(gens1, ref1, knobs.summary).entce, abs=1e-9)
     assert 0 <= rw.fit["tau_clamped_share_human"] <= 1 and math.isfinite(rw.fit["target_miss_generation"])
     _roundtrip(rw)
     again = fit_entropy_feedback(tiny_lm, train, BeforeTables(base), knobs)  # no train_reference
