@@ -135,7 +135,7 @@ def shape_stats(generations: pl.DataFrame, reference: pl.DataFrame, knobs: Summa
     calib_error_per_step: (1/T)·Σ_t |h̃_t − l̃_t|, nats, with h̃, l̃ the per-step curves (step_curves: means over
     the examples that reach t) exponentially smoothed at ``knobs.smoothing``, as the plots draw them; over the
     steps both curves reach. entce_slope: the least-squares slope of h_t − l_t against t, in nats per 100
-    steps (error accumulation makes it positive). Each with a percentile bootstrap CI over examples
+    steps (error accumulation makes it positive). Each with a bootstrap CI over examples (centred_ci)
     (``knobs.bootstrap`` resamples at ``knobs.ci_level``, seeded by ``knobs.seed``)."""
     examples = sorted(set(generations["example_id"].to_list()) & set(reference["example_id"].to_list()))
     if not examples:
@@ -146,13 +146,23 @@ def shape_stats(generations: pl.DataFrame, reference: pl.DataFrame, knobs: Summa
     error, slope = _shape(sh, nh, sl, nl, np.arange(n)[None], knobs.smoothing)
     idx = np.random.default_rng(knobs.seed).integers(0, n, size=(knobs.bootstrap, n))
     b_error, b_slope = _shape(sh, nh, sl, nl, idx, knobs.smoothing)
-    q = [(1 - knobs.ci_level) / 2, (1 + knobs.ci_level) / 2]
+    return {"calib_error_per_step": float(error[0]),
+            "calib_error_per_step_ci": centred_ci(b_error, float(error[0]), knobs.ci_level),
+            "entce_slope": float(slope[0]), "entce_slope_ci": centred_ci(b_slope, float(slope[0]), knobs.ci_level)}
 
-    def ci(b: np.ndarray) -> tuple[float, float]:
-        b = b[np.isfinite(b)]
-        return tuple(float(x) for x in np.quantile(b, q)) if b.size else (float("nan"), float("nan"))
-    return {"calib_error_per_step": float(error[0]), "calib_error_per_step_ci": ci(b_error),
-            "entce_slope": float(slope[0]), "entce_slope_ci": ci(b_slope)}
+
+def centred_ci(replicates: np.ndarray, estimate: float, level: float) -> tuple[float, float]:
+    """The percentile interval of the bootstrap replicates shifted so their mean is ``estimate``. A mean of
+    |h̃_t − l̃_t| gains in every resample (resampling noise adds to each |gap|), so the plain percentile
+    interval can lie wholly above its own estimate (and Efron's bias correction collapses there); shifted,
+    the interval keeps the replicates' spread around the estimate. It is an interval for the statistic at
+    this number of examples, noise floor included: compare before and after at the same number. For an
+    unbiased statistic (the slope) the shift is about 0 and this is the percentile interval."""
+    b = replicates[np.isfinite(replicates)]
+    if not b.size or not np.isfinite(estimate):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(b - (b.mean() - estimate), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 # ---------------------------------------------------------------- paired comparisons

@@ -1,3 +1,4 @@
+import numpy as np
 import polars as pl
 import pytest
 
@@ -157,6 +158,35 @@ def test_shape_is_smoothed_as_the_plots_are_and_has_a_ci():
     assert lo < got["calib_error_per_step"] < hi
     lo, hi = got["entce_slope_ci"]
     assert lo < got["entce_slope"] < hi
+
+
+def test_a_calibrated_models_per_step_error_ci_holds_its_estimate():
+    """h_t = l_t + noise: the per-step error is small, its resamples larger (noise adds to every |gap|), so a
+    plain percentile interval lies above the estimate; the centred one holds it."""
+    import random
+
+    from entcal.tasks.metrics import centred_ci, shape_stats
+
+    rnd = random.Random(0)
+    h = [[2.0 + rnd.gauss(0, 1.0) for _ in range(60)] for _ in range(20)]
+    gens, ref = _tables(h, [[2.0] * 60 for _ in range(20)])
+    knobs = SummaryKnobs(horizon=60, bootstrap=400, ci_level=0.95, seed=0, smoothing=1.0)
+    got = shape_stats(gens, ref, knobs)
+    lo, hi = got["calib_error_per_step_ci"]
+    assert lo <= got["calib_error_per_step"] <= hi
+    # the plain percentile interval of the same resamples would not hold it: the test can tell the two apart
+    from entcal.tasks.metrics import _shape, step_sums
+
+    ids = sorted(set(gens["example_id"].to_list()))
+    sh, nh = step_sums(gens, "step_entropy", 60, ids)
+    sl, nl = step_sums(ref, "step_logloss", 60, ids)
+    idx = np.random.default_rng(0).integers(0, 20, size=(400, 20))
+    b_error, _ = _shape(sh, nh, sl, nl, idx, 1.0)
+    assert np.quantile(b_error, 0.025) > got["calib_error_per_step"]
+    # an unbiased statistic (z0 = 0) keeps the plain percentile interval
+    sym = np.linspace(-1, 1, 2001)
+    assert centred_ci(sym, 0.0, 0.9) == pytest.approx(tuple(np.quantile(sym, [0.05, 0.95])), abs=1e-9)
+    assert centred_ci(sym + 1.0, 0.0, 0.9) == pytest.approx(tuple(np.quantile(sym, [0.05, 0.95])), abs=1e-9)
 
 
 def test_paired_delta_cancels_what_both_sides_share():
