@@ -77,3 +77,20 @@ def shot(page, request):
         return path
 
     return take
+
+
+def schedule_form(page, deployment: str, deployment_id: str, every: str, shot):
+    """From the Deployments page: open ``deployment``'s page, find its schedule (the text ``every``, e.g.
+    "03:00 AM every day"), open the schedule's own form (⋮ -> Edit) and return that dialog."""
+    page.get_by_role("link", name=deployment, exact=True).first.click()
+    page.wait_for_url(re.compile(r"/deployments/deployment/" + deployment_id))
+    page.get_by_text("Deployment ID", exact=True).wait_for()  # the deployment's page, not the list's
+    schedule = page.get_by_text(re.compile(every)).first
+    schedule.wait_for()
+    shot(f"{deployment}-deployment")
+    schedule.locator("xpath=ancestor::*[.//button][1]").get_by_role("button").last.click()
+    page.get_by_text("Edit", exact=True).click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("Timezone", exact=True).wait_for()
+    shot(f"{deployment}-schedule")
+    return dialog

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.browser.conftest import schedule_form
 from tests.conftest import start_cli, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,17 +97,7 @@ def test_deployments_page_lists_both_with_the_nightly_schedule(page, shot, serve
     assert re.search(r"03:00 AM every day", nightly), nightly
     assert "every day" not in on_demand, on_demand
     # the schedule's own form (⋮ -> Edit) names its cron and timezone: UTC, though the browser is in New York
-    page.get_by_role("link", name="nightly", exact=True).first.click()
-    page.wait_for_url(re.compile(r"/deployments/deployment/" + served["ids"]["nightly"]))
-    page.get_by_text("Deployment ID", exact=True).wait_for()  # the deployment's page, not the list's
-    schedule = page.get_by_text(re.compile(r"03:00 AM every day")).first
-    schedule.wait_for()
-    shot("nightly-deployment")
-    schedule.locator("xpath=ancestor::*[.//button][1]").get_by_role("button").last.click()
-    page.get_by_text("Edit", exact=True).click()
-    dialog = page.get_by_role("dialog")
-    dialog.get_by_text("Timezone", exact=True).wait_for()
-    shot("nightly-schedule")
+    dialog = schedule_form(page, "nightly", served["ids"]["nightly"], r"03:00 AM every day", shot)
     values = dialog.locator("input").evaluate_all("els => els.map(e => e.value)")
     assert "0 3 * * *" in values, values
     assert re.search(r"Timezone\s+UTC\b", dialog.inner_text()), dialog.inner_text()

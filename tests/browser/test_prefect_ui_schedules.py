@@ -11,6 +11,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.browser.conftest import schedule_form
 from tests.conftest import start_cli, tiny_config
 
 STUDY = "own-study"
@@ -54,17 +55,7 @@ def test_your_scheduled_study_is_listed_with_its_schedule_in_its_zone(page, shot
     row.wait_for()
     shot("deployments")
     assert re.search(r"04:30 AM every day", row.inner_text()), row.inner_text()
-    page.get_by_role("link", name=STUDY, exact=True).first.click()
-    page.wait_for_url(re.compile(r"/deployments/deployment/" + served_own["ids"][STUDY]))
-    page.get_by_text("Deployment ID", exact=True).wait_for()  # the deployment's page, not the list's
-    schedule = page.get_by_text(re.compile(r"04:30 AM every day")).first
-    schedule.wait_for()
-    shot("deployment")
-    schedule.locator("xpath=ancestor::*[.//button][1]").get_by_role("button").last.click()
-    page.get_by_text("Edit", exact=True).click()
-    dialog = page.get_by_role("dialog")
-    dialog.get_by_text("Timezone", exact=True).wait_for()
-    shot("schedule")
+    dialog = schedule_form(page, STUDY, served_own["ids"][STUDY], r"04:30 AM every day", shot)
     assert "30 4 * * *" in dialog.locator("input").evaluate_all("els => els.map(e => e.value)")
     assert re.search(r"Timezone\s+Europe / Paris\b", dialog.inner_text()), dialog.inner_text()  # (the UI spaces it)
     dialog.get_by_role("button", name="Close").last.click()  # nothing saved

@@ -53,3 +53,14 @@ def summarize(generations: pl.DataFrame, reference: pl.DataFrame, **knobs) -> Su
     from entcal.tasks.metrics import entce_summary
 
     return entce_summary(generations, reference, summary_knobs(**knobs))
+
+
+def docs_prompts(tokenizer, *, num_examples: int, prompt_tokens: int, tokens: int) -> pl.DataFrame:
+    """``num_examples`` prompts of the built-in python-docs corpus, each with exactly ``tokens`` reference tokens."""
+    from entcal.tasks.config import DatasetSpec
+    from entcal.tasks.datasets import build_prompts, documents
+
+    df, _ = build_prompts(documents(DatasetSpec(name="python-docs")), tokenizer, label="python-docs",
+                          num_examples=num_examples, prompt_tokens=prompt_tokens, min_reference_tokens=tokens,
+                          max_reference_tokens=tokens)
+    return df

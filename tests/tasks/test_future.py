@@ -16,27 +16,15 @@ from entcal.tasks.future import (
 )
 from entcal.tasks import recalibrate
 from entcal.tasks.recalibrate import BeforeTables
-from tests.tasks.helpers import gen, generation_knobs, scored, summary_knobs, with_model
+from tests.tasks.helpers import docs_prompts, gen, generation_knobs, scored, summary_knobs, with_model
 
 N_NEW = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def prompts(tiny_lm):
-    from entcal.tasks.config import DatasetSpec
-    from entcal.tasks.datasets import build_prompts, documents
-
-    df, _ = build_prompts(documents(DatasetSpec(name="python-docs")), tiny_lm.tokenizer, label="python-docs",
-                          num_examples=8, prompt_tokens=8, min_reference_tokens=N_NEW, max_reference_tokens=N_NEW)
-    return df
+    return docs_prompts(tiny_lm.tokenizer, num_examples=8, prompt_tokens=8, tokens=N_NEW)
 
 
 def _knobs(*, samples: int = 1, seed: int = 0) -> RecalibrationKnobs:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from entcal.tasks.config import DecodingSpec
-from tests.tasks.helpers import gen, scored, with_model
+from tests.tasks.helpers import docs_prompts, gen, scored, with_model
 
 DECODINGS = [DecodingSpec(), DecodingSpec(temperature=0.7), DecodingSpec(top_k=20),
              DecodingSpec(top_p=0.8), DecodingSpec(temperature=1.3, min_p=0.05)]
@@ -11,11 +11,7 @@ DECODINGS = [DecodingSpec(), DecodingSpec(temperature=0.7), DecodingSpec(top_k=2
 
 @pytest.fixture(scope="module")
 def prompts(tiny_lm):
-    from entcal.tasks.config import DatasetSpec
-    from entcal.tasks.datasets import build_prompts, documents
-
-    df, _ = build_prompts(documents(DatasetSpec(name="python-docs")), tiny_lm.tokenizer, label="python-docs",
-                          num_examples=6, prompt_tokens=12, min_reference_tokens=24, max_reference_tokens=24)
+    df = docs_prompts(tiny_lm.tokenizer, num_examples=6, prompt_tokens=12, tokens=24)
     # uneven prompt lengths exercise left padding
     return df.with_columns(pl.col("prompt_ids").list.head(pl.lit(pl.Series([12, 9, 12, 5, 12, 7]))))
 

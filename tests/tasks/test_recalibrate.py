@@ -20,18 +20,10 @@ from entcal.tasks import recalibrate
 from entcal.tasks.recalibrate import LOOKAHEAD_BOUNDS, BeforeTables
 from entcal.tasks.score import score
 from tests.tasks.helpers import gen as generate_base
-from tests.tasks.helpers import generation_knobs, scored, summary_knobs, with_model
+from tests.tasks.helpers import docs_prompts, generation_knobs, scored, summary_knobs, with_model
 
 N_NEW = 12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: a 2-thread intra-op pool on a shared 2-core box spins ~100x slower than 1 thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- τ*
@@ -136,11 +128,7 @@ def test_truncation_zero_by_interpolation_and_front(tmp_path):
 # ---------------------------------------------------------------- model-based methods
 @pytest.fixture(scope="module")
 def prompts(tiny_lm):
-    from entcal.tasks.config import DatasetSpec
-    from entcal.tasks.datasets import build_prompts, documents
-
-    df, _ = build_prompts(documents(DatasetSpec(name="python-docs")), tiny_lm.tokenizer, label="python-docs",
-                          num_examples=8, prompt_tokens=10, min_reference_tokens=N_NEW, max_reference_tokens=N_NEW)
+    df = docs_prompts(tiny_lm.tokenizer, num_examples=8, prompt_tokens=10, tokens=N_NEW)
     return df.with_columns(pl.col("prompt_ids").list.head(pl.lit(pl.Series([10, 7, 10, 5, 10, 8, 9, 10]))))
 
 
