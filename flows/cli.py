@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).addFilter(UserErrorFilter((UserError,)))
     try:
         if args.command == "demo":
-            from entcal.tasks.config import demo_config
+            from entcal.flows.serve import demo_config
 
             return cmd_study(demo_config(args.quick, calibrate=args.calibrate), args)
         if args.command == "run":

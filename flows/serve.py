@@ -21,7 +21,7 @@ from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron, Schedule
 
 from entcal.flows.study import study
-from entcal.tasks.config import ConfigError, StudyConfig, demo_config
+from entcal.tasks.config import ConfigError, StudyConfig
 
 NIGHTLY_CRON = "0 3 * * *"
 NIGHTLY_TIMEZONE = "UTC"  # the schedule's own zone: 03:00 UTC whatever the serving machine's clock says
@@ -48,6 +48,29 @@ class Scheduled:
                               "(a cron expression: minute hour day month weekday, e.g. '0 3 * * *'; a zone "
                               "like UTC or Europe/Paris)") from None
         return Cron(self.cron, timezone=self.timezone)
+
+
+def demo_config(quick: bool = False, calibrate: bool = False) -> dict:
+    """The embedded default study (`entcal demo`, the nightly deployment): SmolLM2-135M on both built-in
+    corpora at three temperatures; with ``calibrate``, a calibration study on the prose corpus. Here, not in
+    tasks/config.py: every stage's cache key covers that module's code, and resizing the demo must not
+    re-key every cached stage of every study."""
+    if quick:
+        size = dict(num_examples=8, prompt_tokens=32, max_new_tokens=48, min_reference_tokens=48,
+                    batch_size=8)
+    else:
+        size = dict(num_examples=24, prompt_tokens=64, max_new_tokens=160, min_reference_tokens=160,
+                    batch_size=12)
+    cfg = {"name": "demo-quick" if quick else "demo", "models": [{"name": "smollm2-135m"}],
+           "datasets": [{"name": "python-docs"}, {"name": "python-stdlib"}],
+           "decodings": [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}], "seed": 0, **size}
+    if calibrate:  # quick: about 9 minutes on 2 cores; full: 24 evaluation prompts, for paired CIs of about ±0.1
+        cfg.update(name=cfg["name"].replace("demo", "demo-calibrate"), datasets=[{"name": "python-docs"}],
+                   decodings=[{"temperature": 1.0}], calibration={"tau_rounds": 4 if quick else 6})
+        if not quick:
+            cfg.update(num_examples=32, max_new_tokens=96, min_reference_tokens=96, batch_size=8)
+            cfg["calibration"].update(fit_fraction=0.25, zero_rounds=3)  # 8 fit prompts (× 4 own generations for f̂)
+    return cfg
 
 
 def nightly_schedule() -> Schedule:

@@ -244,25 +244,3 @@ def load_config(path: str | Path, overrides: dict | None = None) -> StudyConfig:
     if isinstance(data, dict):
         data = {**data, **(overrides or {})}
     return parse_config(data, source=f"config {p}")
-
-
-def demo_config(quick: bool = False, calibrate: bool = False) -> dict:
-    """The embedded default study: SmolLM2-135M on both built-in corpora at three temperatures; with
-    ``calibrate``, a calibration study on the prose corpus."""
-    if quick:
-        size = dict(num_examples=8, prompt_tokens=32, max_new_tokens=48, min_reference_tokens=48,
-                    batch_size=8)
-    else:
-        size = dict(num_examples=24, prompt_tokens=64, max_new_tokens=160, min_reference_tokens=160,
-                    batch_size=12)
-    cfg = {"name": "demo-quick" if quick else "demo", "models": [{"name": "smollm2-135m"}],
-           "datasets": [{"name": "python-docs"}, {"name": "python-stdlib"}],
-           "decodings": [{"temperature": 1.0}, {"temperature": 0.9}, {"temperature": 0.8}], "seed": 0, **size}
-    if calibrate:  # quick: about 9 minutes on 2 cores; full: 24 evaluation prompts, for paired CIs of about ±0.1
-        cfg.update(name=cfg["name"].replace("demo", "demo-calibrate"), datasets=[{"name": "python-docs"}],
-                   decodings=[{"temperature": 1.0}], calibration={"tau_rounds": 4 if quick else 6})
-        if not quick:
-            cfg.update(num_examples=32, max_new_tokens=96, min_reference_tokens=96, batch_size=8)
-            cfg["calibration"].update(fit_fraction=0.25, zero_rounds=3)  # 8 fit prompts (× 4 own generations for f̂)
-    return cfg
-

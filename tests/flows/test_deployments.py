@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_prefect_yaml_matches_served_deployments():
     from entcal.flows.serve import NIGHTLY_CRON, deployments
-    from entcal.tasks.config import demo_config
+    from entcal.flows.serve import demo_config
 
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in doc["deployments"]}
