@@ -19,6 +19,8 @@ and ε/10 (metrics.logloss_at_epsilon), so a reader sees how far a conclusion mo
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import polars as pl
 
@@ -33,6 +35,13 @@ OFF = {"top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "eta_cutoff": 0.0, "epsilon
 # each recalibration's bracket for the knob where EntCE = 0 on the evaluation split, and the knob's floor
 ZERO_BRACKETS = {"lookahead": ((0.0, 1.0), -1.0), "future_entropy": ((0.0, 0.5), -0.5),
                  "tau_schedule": ((0.7, 1.3), 0.0), "entropy_feedback": ((-1.0, 1.0), None)}
+# future entropy's α is in units of 1/f̂ (q̃ ∝ p̂^{1+α}·e^{−α·f̂}, and φ(EOS) = 0 lifts EOS by e^{α·f̂}): its
+# search stops where α times the largest f̂, the baseline's total entropy of a whole generation, reaches this
+# (e^10: EOS ×22,000 at the first step). A fixed 0.5 ended every generation at its first step (α·f̂ ≈ 160 at T = 96)
+FUTURE_ALPHA_SCALE = 10.0
+# the knob at which a method's rule is τ = 1 itself (q̃ = p̂): its tables ARE the τ = 1 tables, token for token
+# (tests/tasks/test_recalibrate.py), so they are read, not generated again
+IDENTITY = {"lookahead": 0.0, "future_entropy": 0.0}
 Tables = tuple[pl.DataFrame, pl.DataFrame]  # (generations, reference) of one decoding on one split
 
 
@@ -125,7 +134,7 @@ def recalibrate(ex: Executor, sweep: Sweep, model: ModelSpec, train: pl.DataFram
     knob where EntCE = 0 found by the τ* root search and what it costs; every point it evaluates goes on
     the sweep (the Pareto front)."""
     fitted = ex.fit(method, model, train, before)
-    after = ex.calibrated(model, evaluate, fitted)
+    after = tables(ex, sweep, model, evaluate, fitted)
     zero, note = zero_entce(ex, sweep, model, evaluate, fitted, after)
     comparison = metrics.comparison(sweep.base, after, ex.knobs.summary)
     ex.logger.info("%s: %s %g, EntCE %+.3f -> %+.3f (Δ %+.3f [%+.3f, %+.3f]%s), L̄ %.3f -> %.3f", method,
@@ -145,10 +154,13 @@ def zero_entce(ex: Executor, sweep: Sweep, model: ModelSpec, evaluate: pl.DataFr
     generations ended by EOS there (a knob that lifts EOS can zero EntCE by stopping early)."""
     sweep.record(fitted.method, fitted.knob, after, fitted=True)
     (lo, hi), floor = ZERO_BRACKETS[fitted.method]
+    if fitted.method == "future_entropy" and max(fitted.params.get("baseline", ()), default=0.0) > 0:
+        hi = min(hi, FUTURE_ALPHA_SCALE / max(fitted.params["baseline"]))
+    digits = max(4, 3 - math.floor(math.log10(hi - lo)))  # knobs rounded (cache keys) to ≤ 1e-3 of the bracket
 
     def entce_at(knob: float) -> tuple[float, float, float]:
-        knob = round(knob, 4)
-        r = sweep.record(fitted.method, knob, ex.calibrated(model, evaluate, fitted.at(knob)))
+        knob = round(knob, digits)
+        r = sweep.record(fitted.method, knob, tables(ex, sweep, model, evaluate, fitted.at(knob)))
         return r["entce"], r["entce_ci_low"], r["entce_ci_high"]
     try:
         found = fronts.tau_star(entce_at, lo, hi, tol=(hi - lo) / 50, max_rounds=ex.config.calibration.zero_rounds,
@@ -160,6 +172,11 @@ def zero_entce(ex: Executor, sweep: Sweep, model: ModelSpec, evaluate: pl.DataFr
     r = sweep.rows[-1]
     return {"knob": r["param"], "entce": r["entce"], "logloss": r["logloss"], "delta_logloss": r["delta_logloss"],
             "delta_logloss_ci": r["delta_logloss_ci"], "eos_share": r["eos_share"], "converged": found["converged"]}, None
+
+
+def tables(ex: Executor, sweep: Sweep, model: ModelSpec, evaluate: pl.DataFrame, rw: Reweighting) -> Tables:
+    """``rw``'s tables on the evaluation split: τ = 1's own where ``rw`` is the identity (IDENTITY)."""
+    return sweep.base if rw.knob == IDENTITY.get(rw.method) else ex.calibrated(model, evaluate, rw)
 
 
 def _eps_lerp(rows: list[dict], method: str, param: float, col: str) -> float | None:

@@ -44,7 +44,7 @@ def holder(device: str) -> dict | None:
 @contextlib.contextmanager
 def hold(devices: list[str], study: str, log):
     """Hold the locks of ``devices`` (in sorted order, so two studies never wait on each other) for the
-    block. A device another study holds: say so once on ``log`` ("waiting for this machine's GPU"), then
+    block. A device another study holds: say so once on ``log`` ("waiting for cuda:0 on this machine"), then
     wait until the kernel hands the lock over."""
     with contextlib.ExitStack() as held:
         for device in sorted(set(devices)):
@@ -55,7 +55,7 @@ def hold(devices: list[str], study: str, log):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 other = holder(device) or {}
-                log.info("waiting for this machine's GPU (%s): study %s (pid %s) is using it", device,
+                log.info("waiting for %s on this machine: study %s (pid %s) is using it", device,
                          other.get("study", "?"), other.get("pid", "?"))
                 fcntl.flock(fd, fcntl.LOCK_EX)  # a signal (SIGTERM, Ctrl-C) interrupts the wait
             held.callback(fcntl.flock, fd, fcntl.LOCK_UN)
@@ -63,5 +63,5 @@ def hold(devices: list[str], study: str, log):
             os.pwrite(fd, json.dumps({"study": study, "pid": os.getpid(), "host": socket.gethostname(),
                                       "since": time.time()}).encode(), 0)
             held.callback(os.ftruncate, fd, 0)  # (runs before the unlock: callbacks run last-in first-out)
-            log.info("holding this machine's GPU (%s)", device)
+            log.info("holding %s on this machine", device)
         yield

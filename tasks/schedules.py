@@ -290,8 +290,7 @@ def fit_tau_schedule(lm: LoadedModel, train: pl.DataFrame, before: BeforeTables,
     fit |= _report(gens1, human.table(rule, "fit"), knobs, bounds, "fit_after")
     for row, g0, g1 in zip(rows, fit.pop("bucket_gap_fit_before"), fit.pop("bucket_gap_fit_after")):
         row.update(gap_before=g0, gap_after=g1)
-    fit.update(buckets=rows, bracket=[lo, hi], tol=tol, generated_steps=generated, examples=train.height,
-               seconds=time.perf_counter() - start)
+    fit.update(buckets=rows, bracket=[lo, hi], tol=tol, generated_steps=generated, seconds=time.perf_counter() - start)
     return dataclasses.replace(rw, fit=_jsonable(fit))
 
 
@@ -331,7 +330,7 @@ def fit_entropy_feedback(lm: LoadedModel, train: pl.DataFrame, before: BeforeTab
     fit = {k: v for k, v in fit.items() if not k.startswith("bucket_gap")}
     fit.update(logloss_curve=raw, smoothing=smoothing, tau_mean_human=float(tau.mean()),
                tau_clamped_share_human=float(clamped.double().mean()), target_miss_generation=float(np.mean(miss)),
-               generated_steps=horizon, examples=train.height, seconds=time.perf_counter() - start)
+               generated_steps=horizon, seconds=time.perf_counter() - start)
     return dataclasses.replace(rw, fit=_jsonable(fit))
 
 

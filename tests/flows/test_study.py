@@ -133,6 +133,7 @@ def test_prefect_artifacts_summarise_the_run(first_run):
 
 
 def test_calibration_study_writes_calibration_json(tiny_spec, stack, prefect_harness, tmp_path):
+    from entcal.flows import calibration
     from entcal.flows.study import study
 
     cfg = StudyConfig.model_validate({
@@ -141,13 +142,14 @@ def test_calibration_study_writes_calibration_json(tiny_spec, stack, prefect_har
         "min_reference_tokens": 10, "horizon": 10, "batch_size": 4, "bootstrap": 30,
         "calibration": {"tau_bracket": [0.3, 3.0], "tau_rounds": 3, "top_k": [3, 30], "top_p": [0.5, 0.9], "min_p": [],
                         "top_nsigma": [], "typical_p": [], "eta_cutoff": [], "epsilon_cutoff": [], "candidates": 4,
-                        "tau_schedule": False, "entropy_feedback": False, "regressor_samples": 1, "zero_rounds": 2},
+                        "regressor_samples": 1, "zero_rounds": 2},
     })
     result = study(cfg, out=str(tmp_path))
     doc = json.loads((tmp_path / "calibration.json").read_text())
-    assert {"tau_star", "tau_star_ci", "truncation", "lookahead", "future_entropy", "splits"} <= set(doc)
+    assert {"tau_star", "tau_star_ci", "truncation", "lookahead", "future_entropy", "tau_schedule", "entropy_feedback",
+            "splits"} <= set(doc)
     t1 = next(r for r in doc["sweep"] if r["decoding"] == "t1")
-    for name in ("lookahead", "future_entropy"):
+    for name in ("lookahead", "future_entropy", "tau_schedule", "entropy_feedback"):
         entry = doc[name]
         assert {"alpha", "delta_entce", "delta_entce_ci", "delta_logloss_ci", "alpha_zero_entce",
                 "zero_entce_converged"} <= set(entry)
@@ -155,6 +157,10 @@ def test_calibration_study_writes_calibration_json(tiny_spec, stack, prefect_har
         assert (entry["entce_before"], entry["logloss_before"]) == (t1["entce"], t1["logloss"])
         lo, hi = entry["delta_entce_ci"]
         assert lo <= entry["delta_entce"] <= hi
+        # the zero search's α = 0 end is τ = 1 itself: read from its tables, not generated again
+        ident = [r for r in doc["sweep"] if r["method"] == name and r["param"] == 0.0]
+        assert name not in calibration.IDENTITY or ident and all(r["decoding"] == "t1" and r["delta_entce"] == 0.0
+                                                                  for r in ident)
     methods = {r["method"] for r in doc["sweep"]}
     assert {"temperature", "top_k", "top_p"} <= methods
     assert (tmp_path / "pareto__tiny__python-docs.png").stat().st_size > 1000
