@@ -46,14 +46,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
-    # the longest files first (those that load the bundled model, then those that start services), each file's
-    # tests kept together and in order: `make test` hands whole files to its 2 workers in this order, so the
-    # last files to finish are short ones and no worker idles through a long tail
-    weight = {}
-    for item in items:
-        w = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("services") else 2
-        weight[item.path] = min(w, weight.get(item.path, w))
-    items.sort(key=lambda item: weight[item.path])  # stable: the files' and tests' own order otherwise
 VOCAB = 384
 
 
