@@ -46,7 +46,7 @@ test: setup
 
 # the edit loop: no service, no entcal subprocess, no bundled model (under 3 minutes on 2 cores)
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not services and not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 -m "not services and not slow" $(ARGS)
 
 bench: setup
 	$(BIN)/entcal bench kernels --json
