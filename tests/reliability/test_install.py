@@ -62,15 +62,15 @@ def test_beside_hugging_face_kernels_both_work_in_one_interpreter(tmp_path, tiny
     config.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, name="beside-hf-kernels")))
     code = f"""
 import sys
-import kernels
-assert kernels.__file__.startswith({str(HF_KERNELS)!r}), kernels.__file__
+import kernels as hf_kernels  # Hugging Face's distribution, on purpose: entcal's is entcal.kernels
+assert hf_kernels.__file__.startswith({str(HF_KERNELS)!r}), hf_kernels.__file__
 from transformers.integrations import hub_kernels
 from transformers.utils import is_kernels_available
 assert is_kernels_available()
 from entcal.flows.cli import main
 rc = main(["run", "--config", {str(config)!r}])
 assert rc == 0, rc
-assert sys.modules["kernels"] is kernels and "get_kernel" in dir(kernels)
+assert sys.modules["kernels"] is hf_kernels and "get_kernel" in dir(hf_kernels)
 print("ok")
 """
     proc = python(code, tmp_path, path=[str(HF_KERNELS)])
