@@ -131,8 +131,14 @@ class Tracker:
         try:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
-                self.experiment_id = self.client.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-            else:
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment,
+                                                                       tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                except MlflowException:  # a study of the same name, started at the same moment, made it first
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+            if exp is not None:
                 self.experiment_id = exp.experiment_id
                 if not exp.tags.get(EXPERIMENT_KIND_TAG):  # made before kinds existed: opens on traces
                     self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)

@@ -87,6 +87,26 @@ def test_experiments_open_on_their_runs_new_and_old(stack):
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
+def test_two_studies_of_one_name_starting_at_once_share_its_experiment(stack, monkeypatch):
+    """The other study creates the experiment between this one's lookup and its create: this one adopts it
+    (the server's RESOURCE_ALREADY_EXISTS is not an error here). The lookup is made to miss once, the way
+    it does in that race; the server and both creates are real."""
+    client = MlflowClient(stack.mlflow_uri)
+    name = f"entcal/race-{uuid.uuid4().hex[:8]}"
+    theirs = client.create_experiment(name)
+    lookup = MlflowClient.get_experiment_by_name
+    missed = []
+
+    def miss_once(self, experiment_name):
+        if not missed:
+            missed.append(experiment_name)
+            return None  # what this study read before the other created it
+        return lookup(self, experiment_name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", miss_once)
+    assert _tracker(stack, name).experiment_id == theirs and missed == [name]
+
+
 def test_runs_carry_the_standard_tags_and_a_description(stack):
     tracker = _tracker(stack, source="flows/study.py:study")
     parent = tracker.start("p", description="EntCE of nothing")
