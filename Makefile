@@ -42,7 +42,7 @@ demo-quick: setup
 
 # everything, as CI runs it: two workers, each test file on one of them (its module fixtures shared)
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # the edit loop: no service, no entcal subprocess, no bundled model (under 3 minutes on 2 cores)
 test-fast: setup

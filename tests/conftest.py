@@ -5,6 +5,7 @@ saved to disk and loaded back through the same loaders users hit.
 """
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -42,10 +43,22 @@ SERVICE_FIXTURES = {"stack", "prefect_harness", "prefect_server", "browser", "pa
                     "gpu_ray_cluster"}
 
 
+# The files that take a minute or more (measured on 2 cores), longest first. `make test` hands whole files to
+# its 2 workers in the order below (--no-loadscope-reorder): these first, then the others with the most tests
+# first (xdist's own order), so no long file starts last while the other worker runs out of work.
+LONG_FILES = ("tests/reliability/test_faults.py", "tests/reliability/test_reproducible.py", "tests/flows/test_ray.py",
+              "tests/reliability/test_kill.py", "tests/flows/test_schedule.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
+    files = [item.nodeid.split("::")[0] for item in items]
+    tests = collections.Counter(files)
+    first = {f: LONG_FILES.index(f) if f in LONG_FILES else len(LONG_FILES) for f in tests}
+    order = {id(item): (first[f], -tests[f]) for item, f in zip(items, files)}
+    items.sort(key=lambda item: order[id(item)])  # stable: each file's tests stay together, in order
 VOCAB = 384
 
 
