@@ -159,11 +159,13 @@ def cmd_study(cfg_dict: dict | None, args) -> int:
         config = load_config(args.config, overrides)
     else:
         config = parse_config({**cfg_dict, **overrides}, source="demo config")
-    from entcal.flows.study import preflight, study
+    from entcal.flows.preflight import preflight
+
+    preflight(config)  # before the flow's imports (Prefect, MLflow): a mistake fails in seconds
+    from entcal.flows.study import study
     from entcal.storage.stack import ensure
     from entcal.storage.tracking import check_server
 
-    preflight(config)
     check_prefect(os.environ.get("PREFECT_API_URL"))
     if not os.environ.get("PREFECT_API_URL"):
         stop_orphan_prefect_servers(os.environ.get("PREFECT_HOME"))

@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import replace
-from urllib.parse import urlparse
 
 import polars as pl
 
+from entcal.flows.preflight import ray_address
 from entcal.flows.results import result_storage
 from entcal.flows.stages import (STAGES, calibrated_task, corpus_alpha_task, fit_task, generate_task,
                                  model_params_task, prepare_task, score_task)
@@ -41,18 +41,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class PartError(UserError, RuntimeError):
     """A generation part cannot be read back even after regenerating it."""
-
-
-def ray_address() -> tuple[str | None, str | None, int | None]:
-    """(RAY_ADDRESS or None, its host, its port): ``host:port`` (GCS) or ``ray://host:port`` (Ray Client)."""
-    address = os.environ.get("RAY_ADDRESS") or None
-    if address is None or address == "auto":
-        return address, None, None
-    parsed = urlparse(address if "://" in address else f"ray://{address}")
-    try:
-        return address, parsed.hostname, parsed.port
-    except ValueError:
-        return address, parsed.hostname, None
 
 
 def merge_agreement(shards: list[dict]) -> dict:

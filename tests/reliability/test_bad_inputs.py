@@ -22,7 +22,7 @@ def _write(tmp_path, cfg: dict) -> str:
 @pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c.id for c in BAD_CONFIGS])
 def test_bad_config(tmp_path, tiny_model_dir, case):
     """What `entcal run` does before any service starts: load the file, then preflight every input."""
-    from entcal.flows.study import preflight
+    from entcal.flows.preflight import preflight
     from entcal.tasks.config import load_config
 
     path = case.write(tmp_path, tiny_model_dir)
@@ -30,6 +30,18 @@ def test_bad_config(tmp_path, tiny_model_dir, case):
         preflight(load_config(path))
     message = str(err.value)
     assert case.expected_in(tmp_path) in message and "\n" not in message, message
+
+
+def test_preflight_imports_neither_prefect_nor_mlflow():
+    """The CLI checks a config before it imports the flow: preflight's imports stay light, so a mistake fails
+    in seconds (a fresh interpreter: this one has imported both already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, entcal.flows.preflight; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'ray', 'vllm'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
 def _dead_url():
