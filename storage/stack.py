@@ -198,7 +198,10 @@ class Stack:
                        "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                        "--artifacts-destination", f"s3://{st['bucket']}/mlflow", "--workers", "1"]
                 cfg = Settings(self.root, st["s3"], st["access_key"], st["secret_key"], bucket=st["bucket"])
-                env = cfg.s3_env()
+                # without MLflow's job runner (GenAI scorers and trace jobs; entcal tracks runs): it is 8 more
+                # Python processes, ~40 s of CPU at every start and ~1 GB of memory
+                env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+                                                                           "false"), **cfg.s3_env()}
                 timeout = float(os.environ.get("ENTCAL_MLFLOW_START_TIMEOUT_S", 300))  # more on a busy machine
             else:
                 st["prefect"] = f"http://127.0.0.1:{port}/api"

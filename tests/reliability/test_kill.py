@@ -178,7 +178,7 @@ def test_kill9_mid_run_then_rerun_ends_the_orphans_and_leaves_no_server(tiny_mod
     root = tmp_path / "state"
     env = {"ENTCAL_STATE_DIR": str(root), "PREFECT_HOME": str(root / "prefect"), "ENTCAL_BUCKET": "entcal",
            "ENTCAL_MLFLOW_START_TIMEOUT_S": "600", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
-    # (MLflow takes 30 s to start on 2 idle cores, Prefect 10 s; far more on a busy machine)
+    # (MLflow takes ~10 s to start on 2 idle cores, Prefect 10 s; far more on a busy machine)
     cfg = _write(tmp_path, tiny_config(tiny_model_dir, **{**STUDY, "name": "kill9"}))
     # SIGKILL to the entcal process only, after its first stage: its servers live in their own sessions
     cli = Cli("run", "--config", cfg, env={**env, **fault("kill", after=f"prepare {TAG}")}, stdout=tmp_path / "killed.out")
