@@ -54,11 +54,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
-    files = [item.nodeid.split("::")[0] for item in items]
-    tests = collections.Counter(files)
-    first = {f: LONG_FILES.index(f) if f in LONG_FILES else len(LONG_FILES) for f in tests}
-    order = {id(item): (first[f], -tests[f]) for item, f in zip(items, files)}
-    items.sort(key=lambda item: order[id(item)])  # stable: each file's tests stay together, in order
+    tests = collections.Counter(item.path for item in items)
+    long = {REPO / f: i for i, f in enumerate(LONG_FILES)}
+    # stable: each file's tests stay together, in their order
+    items.sort(key=lambda item: (long.get(item.path, len(long)), -tests[item.path]))
+
+
 VOCAB = 384
 
 
