@@ -1,5 +1,6 @@
-"""The numbers a newcomer reproduces: `entcal demo --quick`, and beside it at the same time the same demo
-with another batch size, print the same EntCE table to the last digit. Each is the other's CPU load: they
+"""The numbers a newcomer reproduces: `entcal demo --quick` (4 prompts per corpus, 24 new tokens: the demo's
+code and model on a quarter of its tokens), and beside it at the same time the same demo with another batch
+size, print the same EntCE table to the last digit. Each is the other's CPU load: they
 run at once on this machine's cores (the second takes its device locks from another folder, as a study on
 another machine would, so neither waits for the other). A row's draws are a function of its seed, step and
 token (Gumbel-max with hashed noise: kernels/sampling.py), not of which rows share its batch or of how busy
@@ -12,6 +13,7 @@ import pytest
 from tests.conftest import start_cli
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
+SMALLER = ("--num-examples", "4", "--max-new-tokens", "24")  # batches of 4 rows, against 3 + 1 beside it
 
 
 def _table(stdout: str) -> list[str]:
@@ -24,8 +26,8 @@ def _table(stdout: str) -> list[str]:
 def test_demo_quick_prints_the_same_table_beside_another_demo_with_another_batch_size(stack, prefect_server,
                                                                                        tmp_path):
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = start_cli("demo", "--quick", "--out", str(tmp_path / "a"), **pipes)
-    second = start_cli("demo", "--quick", "--batch-size", "3", "--out", str(tmp_path / "b"),
+    first = start_cli("demo", "--quick", *SMALLER, "--out", str(tmp_path / "a"), **pipes)
+    second = start_cli("demo", "--quick", *SMALLER, "--batch-size", "3", "--out", str(tmp_path / "b"),
                        env={"ENTCAL_LOCK_DIR": str(tmp_path / "other-locks")}, **pipes)
     try:
         (out_a, err_a), (out_b, err_b) = first.communicate(timeout=1200), second.communicate(timeout=1200)
