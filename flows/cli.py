@@ -162,15 +162,17 @@ def cmd_study(cfg_dict: dict | None, args) -> int:
     from entcal.flows.preflight import preflight
 
     preflight(config)  # before the flow's imports (Prefect, MLflow): a mistake fails in seconds
-    from entcal.flows.study import study
     from entcal.storage.stack import ensure
-    from entcal.storage.tracking import check_server
 
-    check_prefect(os.environ.get("PREFECT_API_URL"))
+    check_prefect(os.environ.get("PREFECT_API_URL"))  # every service answers before Prefect and MLflow load too
     if not os.environ.get("PREFECT_API_URL"):
         stop_orphan_prefect_servers(os.environ.get("PREFECT_HOME"))
     with ensure(("s3", "mlflow")) as settings:
+        from entcal.storage.tracking import check_server
+
         check_server(settings.mlflow_uri)
+        from entcal.flows.study import study
+
         result = study(config, out=args.out)
     print_result(result)
     return 0
