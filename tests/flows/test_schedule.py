@@ -5,9 +5,10 @@ the served study runs it to completion.
 With SQLAlchemy 2.1 (Prefect 3.8.8) the scheduler fails on every loop with "Can't evaluate bulk DML
 statement" and no run is ever created: this test then times out waiting for one.
 
-Timing: the cron "* * * * *" is due at the next minute; the scheduler's "recent deployments" loop (every
-5 s) schedules a deployment updated in the last few seconds; the runner polls for due runs every 2 s here
-(PREFECT_RUNNER_POLL_FREQUENCY).
+Timing: the cron is due every 10 s (CRON: croniter's sixth field is the second, which Prefect accepts; the
+minute's "* * * * *" made the test wait 0 to 60 s for the next minute); the scheduler's "recent
+deployments" loop (every 5 s) schedules a deployment updated in the last few seconds; the runner polls for
+due runs every 2 s here (PREFECT_RUNNER_POLL_FREQUENCY). The test stops serving once the first run ends.
 """
 import re
 import subprocess
@@ -20,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import run_cli, start_cli, tiny_config
 
 pytestmark = pytest.mark.services
+CRON = "* * * * * */10"  # every 10 s
 
 
 def test_your_study_on_a_cron_fires_and_completes(prefect_server, stack, tiny_model_dir, tmp_path):
@@ -33,7 +35,7 @@ def test_your_study_on_a_cron_fires_and_completes(prefect_server, stack, tiny_mo
     log_path = tmp_path / "serve.log"
     log = open(log_path, "w")
     started = time.time()
-    proc = start_cli("serve", "--config", str(study), "--cron", "* * * * *", "--timezone", "Europe/Paris",
+    proc = start_cli("serve", "--config", str(study), "--cron", CRON, "--timezone", "Europe/Paris",
                      env={"PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
                      stdout=log, stderr=subprocess.STDOUT)
     tail = lambda: log_path.read_text()[-4000:]  # noqa: E731
@@ -54,7 +56,7 @@ def test_your_study_on_a_cron_fires_and_completes(prefect_server, stack, tiny_mo
                 run = ours[0] if ours else None
             # the schedule as given, zone included; the on-demand form's defaults are this study
             (schedule,) = dep.schedules
-            assert (schedule.schedule.cron, schedule.schedule.timezone) == ("* * * * *", "Europe/Paris")
+            assert (schedule.schedule.cron, schedule.schedule.timezone) == (CRON, "Europe/Paris")
             on_demand = client.read_deployment_by_name("entcal-study/on-demand")
             assert on_demand.parameters["config"]["name"] == "scheduled"
             # the scheduler made it (not a manual run), for the schedule's time, with the study's config
@@ -77,7 +79,7 @@ def test_your_study_on_a_cron_fires_and_completes(prefect_server, stack, tiny_mo
         proc.terminate()
         proc.wait(30)
         with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
-            # a schedule due every minute, and an on-demand form with this study's defaults: later tests (the
+            # a schedule due every 10 s, and an on-demand form with this study's defaults: later tests (the
             # Prefect UI's) serve the demo's on this server, and must not find these beside them
             for name in ("entcal-study/scheduled", "entcal-study/on-demand"):
                 client.delete_deployment(client.read_deployment_by_name(name).id)
