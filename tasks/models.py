@@ -7,6 +7,7 @@ hub load reads the commit its revision names when it starts (``pinned``): key an
 """
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.metadata
 import importlib.util
@@ -184,7 +185,7 @@ def _load_tokenizer(spec_json: str):
     src, gguf = source_of(spec)
     try:
         return AutoTokenizer.from_pretrained(src, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(
-            src, **hub_kwargs(spec))
+            src, config=_config(spec_json), **hub_kwargs(spec))  # a GGUF's tokenizer reads its own metadata
     except (OSError, ValueError) as err:
         raise _cannot(spec, "load its tokenizer", src, err) from None
 
@@ -202,18 +203,22 @@ def max_positions(spec: ModelSpec) -> int | None:
     return _max_positions(pinned(spec, "read its config").model_dump_json())
 
 
-@functools.lru_cache(maxsize=8)
 def _max_positions(spec_json: str) -> int | None:
+    return getattr(_config(spec_json), "max_position_embeddings", None)
+
+
+@functools.lru_cache(maxsize=8)
+def _config(spec_json: str):
+    """The model's config, read once per process (a GGUF's is parsed from the whole file: seconds)."""
     from transformers import AutoConfig
 
     spec = ModelSpec.model_validate_json(spec_json)
     src, gguf = source_of(spec)
     try:
-        cfg = AutoConfig.from_pretrained(src, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(src, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(
             src, **hub_kwargs(spec))
     except (OSError, ValueError) as err:
         raise _cannot(spec, "read its config", src, err) from None
-    return getattr(cfg, "max_position_embeddings", None)
 
 
 def pad_id(tokenizer) -> int:
@@ -247,7 +252,8 @@ def _load_model(spec_json: str) -> LoadedModel:
         kw = {"gguf_file": gguf} if gguf else hub_kwargs(spec)
         if spec.spread:  # accelerate places the weights (GPUs, then CPU memory): no .to(device) after it
             kw["device_map"] = "auto"
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+        config = copy.deepcopy(_config(spec_json))  # parsed once (preflight read it); from_pretrained edits it
+        model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=dtype, **kw)
     except (OSError, ValueError) as err:
         raise _cannot(spec, "load it", src, err) from None
     if spec.spread:
