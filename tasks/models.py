@@ -200,11 +200,7 @@ def tokenizer_and_context(spec: ModelSpec) -> tuple:
 
 def max_positions(spec: ModelSpec) -> int | None:
     """The model's context length, read from its config without loading weights."""
-    return _max_positions(pinned(spec, "read its config").model_dump_json())
-
-
-def _max_positions(spec_json: str) -> int | None:
-    return getattr(_config(spec_json), "max_position_embeddings", None)
+    return getattr(_config(pinned(spec, "read its config").model_dump_json()), "max_position_embeddings", None)
 
 
 @functools.lru_cache(maxsize=8)
